@@ -1,0 +1,309 @@
+"""The `sdfeat` command line. Commands parse and validate their arguments and delegate to the library; heavy
+modules (torch, diffusers, ray) are imported inside the commands. A domain error prints one line and exits 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sdfeat.errors import SdfeatError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Extract Stable Diffusion U-Net features into Zarr stores; measure and report them.")
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def domain_errors(func: F) -> F:
+    """Turn an `SdfeatError` into one line on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SdfeatError as err:
+            err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _load(job: Path, output: Optional[str]):
+    from sdfeat.spec import load_spec
+
+    return load_spec(job, output=output)
+
+
+JobArg = Annotated[Path, typer.Argument(help="YAML job spec.")]
+OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Override the spec's output.")]
+StoreArg = Annotated[str, typer.Argument(help="Store directory or URL (the job's output).")]
+
+
+@app.command()
+@domain_errors
+def extract(
+    job: JobArg,
+    output: OutputOpt = None,
+    local: Annotated[bool, typer.Option("--local", help="Run in this process, without Ray.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a store made by another spec.")] = False,
+    address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Join this Ray cluster.")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Number of actors (default: one per GPU).")] = None,
+    gpus_per_worker: Annotated[Optional[float], typer.Option(min=0, help="GPUs per actor.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="--local only: cpu, cuda, cuda:1 (default: auto).")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="--local only: torch threads.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Run a job: images -> hooked U-Net -> Zarr store. Resumes where a previous run stopped."""
+    spec = _load(job, output)
+    if local:
+        from sdfeat.extract import run_local
+
+        summary = run_local(spec, overwrite=overwrite, progress=not quiet, device=device, threads=threads)
+    else:
+        from sdfeat.cluster import run_on_ray
+
+        summary = run_on_ray(spec, address=address, workers=workers, gpus_per_worker=gpus_per_worker,
+                             overwrite=overwrite, progress=not quiet)
+    _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    seconds = ", ".join(f"{k} {v:.1f}s" for k, v in summary["seconds"].items())
+    rate = f", {summary['images_per_second']:.2f} img/s" if "images_per_second" in summary else ""
+    console.print(f"{summary['ok']}/{summary['rows']} images extracted, {summary['failures']} failed, "
+                  f"{summary['units']} units{rate}; stages: {seconds}", highlight=False)
+    console.print(f"store: {summary['output']}", highlight=False)
+
+
+@app.command()
+@domain_errors
+def plan(
+    job: JobArg,
+    output: OutputOpt = None,
+    images_per_second: Annotated[Optional[float], typer.Option(help="Throughput for the time estimate.")] = None,
+    samples: Annotated[Optional[int], typer.Option(min=1, help="Image count, for a source not reachable here.")] = None,
+) -> None:
+    """Print units, rows, bytes per block and in total, and hours, before anything runs."""
+    from sdfeat.plan import estimate_job, render_estimate
+
+    console.print(render_estimate(estimate_job(_load(job, output), images_per_second, samples)))
+
+
+@app.command()
+@domain_errors
+def blocks(
+    model: Annotated[str, typer.Argument(help="sd15, sd21, sdturbo, tiny, a hub id or a local diffusers dir.")],
+    preset: Annotated[str, typer.Option(help="paper (45 positions) or all (46).")] = "paper",
+    resolution: Annotated[int, typer.Option(min=64, help="Image side in pixels.")] = 512,
+) -> None:
+    """List hookable positions with shapes, from the model's config on the meta device (no weights)."""
+    from sdfeat.blocks import resolve_blocks
+    from sdfeat.models import unet_config
+
+    if preset not in ("paper", "all"):
+        raise typer.BadParameter("must be 'paper' or 'all'", param_hint="--preset")
+    table = Table("#", "name", "paper name", "channels", "y×x", title=f"{model} at {resolution}px ({preset})")
+    for i, b in enumerate(resolve_blocks(unet_config(model), preset, resolution)):
+        table.add_row(str(i), b.name, b.paper_name, str(b.channels), f"{b.height}×{b.width}")
+    console.print(table)
+
+
+@app.command()
+@domain_errors
+def info(path: StoreArg, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Blocks, shapes, samples, completeness, bytes and compression ratio of a store."""
+    from sdfeat.query import open_store
+
+    summary = open_store(path).info()
+    if as_json:
+        console.print_json(json.dumps(summary))
+        return
+    console.print(f"{summary['path']}: model {summary['model']}, protocol {summary['protocol']}, "
+                  f"spec {summary['spec_hash']}", highlight=False)
+    console.print(f"samples {summary['samples']} ({summary['ok']} ok), timesteps {summary['timesteps']}, "
+                  f"seeds {summary['seeds']}, units {summary['units_done']}/{summary['units']} done", highlight=False)
+    table = Table("array", "shape", "dtype")
+    for b in summary["blocks"]:
+        table.add_row(b["name"], "×".join(map(str, b["shape"])), b["dtype"])
+    console.print(table)
+    console.print(f"{summary['bytes_stored'] / 2**20:.1f} MiB stored, {summary['bytes_raw'] / 2**20:.1f} MiB raw, "
+                  f"compression {summary['compression_ratio']:.2f}×", highlight=False)
+
+
+def _parse_yx(at: Optional[str]) -> Optional[tuple[int, int]]:
+    if at is None:
+        return None
+    try:
+        y, x = (int(v) for v in at.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"expected 'y,x' (two integers), got {at!r}", param_hint="--at") from None
+    return y, x
+
+
+@app.command()
+@domain_errors
+def query(
+    path: StoreArg,
+    block: Annotated[str, typer.Option(help="Block name (dotted or bracket form).")],
+    sample: Annotated[list[str], typer.Option(help="Sample id or row index; repeatable.")],
+    timestep: Annotated[Optional[int], typer.Option()] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write a .npy file.")] = None,
+) -> None:
+    """Read activations of samples at a block; print their shape and statistics or save them as .npy."""
+    import numpy as np
+
+    from sdfeat.query import open_store
+
+    samples = [int(s) if s.lstrip("-").isdigit() else s for s in sample]
+    values = open_store(path).read(block, samples, timestep=timestep, seed=seed)
+    if out is not None:
+        np.save(out, values)
+        console.print(f"wrote {out} {values.shape} float32", highlight=False)
+    else:
+        console.print(f"shape {values.shape}, mean {values.mean():.4g}, std {values.std():.4g}, "
+                      f"min {values.min():.4g}, max {values.max():.4g}", highlight=False)
+
+
+@app.command()
+@domain_errors
+def show(
+    path: StoreArg,
+    block: Annotated[str, typer.Option(help="Block name.")],
+    sample: Annotated[str, typer.Option(help="Sample id or row index.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")],
+    kind: Annotated[str, typer.Option(help="norm or similarity.")] = "norm",
+    at: Annotated[Optional[str], typer.Option(help="Token y,x for --kind similarity (default: centre).")] = None,
+    timestep: Annotated[Optional[int], typer.Option()] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+) -> None:
+    """Draw a token-norm map or the cosine similarity of every token to one token (the paper's Figure 1)."""
+    from sdfeat.maps import norm_map, render_map, similarity_map
+    from sdfeat.query import open_store
+
+    if kind not in ("norm", "similarity"):
+        raise typer.BadParameter("must be 'norm' or 'similarity'", param_hint="--kind")
+    fs = open_store(path)
+    key: int | str = int(sample) if sample.lstrip("-").isdigit() else sample
+    t = timestep if timestep is not None else fs.timesteps[0]
+    s = seed if seed is not None else fs.seeds[0]
+    acts = fs.read(block, [key], timestep=t, seed=s)[0]  # (C, H, W)
+    if kind == "norm":
+        values, mark = norm_map(acts), None
+    else:
+        mark = _parse_yx(at) or (acts.shape[1] // 2, acts.shape[2] // 2)
+        if not (0 <= mark[0] < acts.shape[1] and 0 <= mark[1] < acts.shape[2]):
+            raise typer.BadParameter(f"token {mark} is outside the {acts.shape[1]}×{acts.shape[2]} map",
+                                     param_hint="--at")
+        values = similarity_map(acts, *mark)
+    render_map(values, out, title=f"{block} · {sample} · {kind} · t={t}", mark=mark)
+    console.print(f"wrote {out}", highlight=False)
+
+
+@app.command()
+@domain_errors
+def verify(path: StoreArg) -> None:
+    """Check a store: every unit done, no NaN/Inf, counts and spec hash agree. Exit 1 on problems."""
+    from sdfeat.query import open_store
+
+    problems = open_store(path).verify()
+    for p in problems:
+        err_console.print(f"[red]problem:[/red] {p}", highlight=False)
+    if problems:
+        raise typer.Exit(1)
+    console.print(f"{path}: ok", highlight=False)
+
+
+AddressOpt = Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Ray dashboard URL, http://HEAD:8265.")]
+
+
+@app.command()
+@domain_errors
+def submit(
+    job: JobArg,
+    address: AddressOpt = None,
+    output: OutputOpt = None,
+    workers: Annotated[Optional[int], typer.Option(min=1)] = None,
+    gpus_per_worker: Annotated[Optional[float], typer.Option(min=0)] = None,
+    overwrite: Annotated[bool, typer.Option()] = False,
+) -> None:
+    """Submit a job to a Ray cluster through the Ray Jobs API (spec validated here first)."""
+    from sdfeat.submit import submit_job
+
+    sub = submit_job(job, address, workers=workers, gpus_per_worker=gpus_per_worker, overwrite=overwrite,
+                     output=output)
+    console.print(f"submitted {sub.submission_id} to {sub.address}", highlight=False)
+    console.print(f"follow: sdfeat logs {sub.submission_id} --address {sub.address}   "
+                  f"(or: ray job logs --follow {sub.submission_id} --address {sub.address})", highlight=False)
+
+
+@app.command()
+@domain_errors
+def status(submission_id: str, address: AddressOpt = None) -> None:
+    """State of a submitted job: PENDING, RUNNING, STOPPED, SUCCEEDED or FAILED."""
+    from sdfeat.submit import status as job_status
+
+    console.print(job_status(submission_id, address), highlight=False)
+
+
+@app.command()
+@domain_errors
+def logs(submission_id: str, address: AddressOpt = None) -> None:
+    """Everything a submitted job has printed so far."""
+    from sdfeat.submit import logs as job_logs
+
+    console.out(job_logs(submission_id, address), highlight=False)
+
+
+@app.command()
+@domain_errors
+def report(
+    stores: Annotated[list[str], typer.Argument(help="One or more stores with results/ (run `sdfeat metrics`).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for figures and summary.md.")],
+    reference: Annotated[Optional[str], typer.Option(help="Overlay the published curves: sd15, sd21, sdturbo.")] = None,
+) -> None:
+    """Draw the paper's figures (Figure 2 layout, cross-model, token maps) and a Markdown summary."""
+    from sdfeat.report import write_report
+
+    if reference not in (None, "sd15", "sd21", "sdturbo"):
+        raise typer.BadParameter("must be sd15, sd21 or sdturbo", param_hint="--reference")
+    console.print(f"wrote {write_report(stores, str(out), reference)}", highlight=False)
+
+
+@app.command("imagenet-subset")
+@domain_errors
+def imagenet_subset(
+    source: Annotated[str, typer.Option(help="A local imagenet-1k copy: Parquet, ILSVRC folders or tars.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (Parquet shard + manifest.csv).")],
+    per_class: Annotated[int, typer.Option(min=1)] = 100,
+    min_side: Annotated[int, typer.Option(min=1)] = 350,
+    total: Annotated[int, typer.Option(min=1)] = 500,
+) -> None:
+    """Rebuild the paper's 500-image subset (5 classes, min side 350, dataset order)."""
+    from sdfeat.imagenet_subset import build_paper_subset
+
+    path = build_paper_subset(source, out, per_class=per_class, min_side=min_side, total=total)
+    console.print(f"wrote {path}", highlight=False)
+
+
+@app.command("save-tiny")
+@domain_errors
+def save_tiny(out: Annotated[Path, typer.Argument(help="Folder for a diffusers pipeline directory.")]) -> None:
+    """Save the offline tiny SD-shaped model as a normal diffusers directory (safetensors)."""
+    from sdfeat.models import save_tiny_pipeline
+
+    console.print(f"wrote {save_tiny_pipeline(out)}", highlight=False)

@@ -1,0 +1,287 @@
+"""The Ray runtime for `sdfeat extract`: the driver and the extraction actors. The only extraction module that
+imports Ray; a work unit itself is `extract.UnitRunner.run`, unchanged.
+
+Driver (`run_on_ray`): joins a Ray cluster (or starts a local one), writes the store template (`prepare_job`)
+before any actor exists, skips units that already have a done marker (resume), and keeps every actor busy with one
+unit in flight plus one queued. A unit whose actor died (killed, node lost) or which raised is queued again, up to
+`max_retries` times; a dead actor is replaced. A unit that still fails is named in a `UnitFailedError` once the
+other units are done (they are kept; running again redoes only the missing ones). Unit reports feed the progress
+bar; `finalize_job` checks every marker and returns the summary.
+
+Actors (`ExtractionWorker`): load the model once; write activations straight into the store; only the small unit
+report travels back through Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from sdfeat.errors import SdfeatError, UnitFailedError
+from sdfeat.extract import JobPlan, UnitRunner, finalize_job, pending_units, prepare_job
+from sdfeat.plan import Unit
+from sdfeat.progress import UnitProgress
+from sdfeat.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+UNITS_PER_ACTOR = 2          # one running, one queued behind it, so an actor never waits for the driver
+MAX_FAILED_STARTS = 3        # actors that die while loading the model, before the job gives up
+WAIT_S = 2.0                 # ray.wait timeout; bounds how late the "waiting for resources" warning comes
+STARVED_WARN_S = 60.0
+
+
+class ExtractionWorker:
+    """Body of one extraction actor: a `UnitRunner` (model loaded once, store opened once).
+
+    A domain error while loading (missing weights, store of another spec) is kept and re-raised by `ready()`,
+    so the driver can report it as such instead of as an anonymous actor death.
+    """
+
+    def __init__(self, spec: JobSpec, output: str, device: str | None, threads: int | None) -> None:
+        self.error: SdfeatError | None = None
+        try:
+            self.runner = UnitRunner(spec, output, device, threads)
+        except SdfeatError as err:
+            self.error = err
+
+    def ready(self) -> str:
+        if self.error is not None:
+            raise self.error
+        return self.runner.worker
+
+    def run(self, unit: Unit) -> dict:
+        return self.runner.run(unit)
+
+
+@dataclass(frozen=True)
+class ActorLayout:
+    count: int
+    num_cpus: float       # Ray resource request per actor
+    num_gpus: float
+    threads: int          # torch intra-op threads per actor
+    device: str           # "cuda" or "cpu"
+
+
+def plan_actors(cluster_cpus: float, cluster_gpus: float, cpu_nodes: int, workers: int | None = None,
+                gpus_per_worker: float | None = None) -> ActorLayout:
+    """How many actors and what each asks Ray for.
+
+    GPU clusters: one actor per `gpus_per_worker` GPUs (default 1), 1 CPU each. CPU-only: one actor per node by
+    default, torch threads = cores / actors, and fractional CPU requests that leave one core unclaimed so Ray tasks
+    (file listing, metrics) can still be scheduled (1-CPU actors filling every core deadlock them).
+    """
+    if workers is not None and workers < 1:
+        raise SdfeatError(f"--workers must be at least 1, got {workers}")
+    if gpus_per_worker is not None and gpus_per_worker < 0:
+        raise SdfeatError(f"--gpus-per-worker must be non-negative, got {gpus_per_worker}")
+    use_gpu = gpus_per_worker > 0 if gpus_per_worker is not None else cluster_gpus > 0
+    if use_gpu:
+        per_actor = gpus_per_worker or 1.0
+        count = workers or max(1, int(cluster_gpus // per_actor))
+        threads = max(1, min(8, int(cluster_cpus // count)))
+        return ActorLayout(count, min(1.0, cluster_cpus / count) if cluster_cpus else 0.0, per_actor, threads, "cuda")
+    count = workers or max(1, cpu_nodes)
+    threads = max(1, int(cluster_cpus // count))
+    share = (cluster_cpus - 1) / count if cluster_cpus > 1 else cluster_cpus / (2 * count)
+    num_cpus = max(0.01, math.floor(min(threads, share) * 100) / 100)
+    return ActorLayout(count, num_cpus, 0.0, threads, "cpu")
+
+
+def _connect(address: str | None) -> bool:
+    """Join the cluster at `address` / RAY_ADDRESS, reuse an existing connection, or start a local Ray
+    (dashboard on 127.0.0.1). True when this call connected (and so should disconnect)."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(dashboard_host="127.0.0.1")
+    return True
+
+
+def _cluster_layout(workers: int | None, gpus_per_worker: float | None) -> ActorLayout:
+    resources = ray.cluster_resources()
+    cpu_nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
+    return plan_actors(resources.get("CPU", 0.0), resources.get("GPU", 0.0), cpu_nodes, workers, gpus_per_worker)
+
+
+@dataclass
+class _Slot:
+    """One actor position; its actor is replaced when it dies."""
+
+    index: int
+    actor: Any
+    ready_ref: Any | None       # ObjectRef of actor.ready() until it resolves
+    inflight: int = 0
+    name: str = ""
+    alive: bool = True
+
+
+@dataclass
+class _Outcome:
+    reports: list[dict] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)     # unit -> last error, after all retries
+    retries: int = 0
+    actor_restarts: int = 0
+
+
+class _Driver:
+    def __init__(self, plan: JobPlan, layout: ActorLayout, max_retries: int, runtime_env: dict | None,
+                 worker_class: type) -> None:
+        self.plan = plan
+        self.layout = layout
+        self.max_retries = max_retries
+        options: dict[str, Any] = {"num_cpus": layout.num_cpus, "num_gpus": layout.num_gpus, "max_restarts": 0,
+                                   "max_task_retries": 0, "scheduling_strategy": "SPREAD"}
+        if runtime_env:
+            options["runtime_env"] = runtime_env
+        self.actor_class = ray.remote(worker_class).options(**options)
+        self.failed_starts = 0
+
+    def _start(self, index: int) -> _Slot:
+        actor = self.actor_class.remote(self.plan.spec, self.plan.output, self.layout.device, self.layout.threads)
+        return _Slot(index, actor, actor.ready.remote())
+
+    def run(self, todo: list[Unit], bar: UnitProgress) -> _Outcome:
+        out = _Outcome()
+        queue: deque[Unit] = deque(todo)
+        attempts: Counter[int] = Counter()
+        slots = [self._start(i) for i in range(min(self.layout.count, len(todo)))]
+        tasks: dict[Any, tuple[_Slot, Unit]] = {}     # ObjectRef -> (slot whose actor runs it, unit)
+        last_progress = time.monotonic()
+
+        def retry_or_fail(unit: Unit, reason: str) -> None:
+            attempts[unit.index] += 1
+            if attempts[unit.index] > self.max_retries:
+                out.failed[unit.index] = reason
+                log.error("unit %d failed after %d attempts: %s", unit.index, attempts[unit.index], reason)
+            else:
+                out.retries += 1
+                log.warning("unit %d: %s; queued again (retry %d of %d)", unit.index, reason,
+                            attempts[unit.index], self.max_retries)
+                queue.append(unit)
+
+        def replace(slot: _Slot, reason: str) -> None:
+            ray.kill(slot.actor, no_restart=True)
+            if self.failed_starts >= MAX_FAILED_STARTS:
+                slot.alive = False
+                return
+            log.warning("actor %d (%s) died: %s; starting a new one", slot.index, slot.name or "starting", reason)
+            out.actor_restarts += 1
+            slots[slot.index] = self._start(slot.index)
+
+        try:
+            while queue or tasks:
+                for slot in slots:
+                    while slot.alive and slot.ready_ref is None and slot.inflight < UNITS_PER_ACTOR and queue:
+                        unit = queue.popleft()
+                        tasks[slot.actor.run.remote(unit)] = (slot, unit)
+                        slot.inflight += 1
+                starting = {s.ready_ref: s for s in slots if s.alive and s.ready_ref is not None}
+                if not tasks and not starting:
+                    for unit in queue:
+                        out.failed[unit.index] = "no extraction actor could be started"
+                    break
+                done, _ = ray.wait([*tasks, *starting], num_returns=1, timeout=WAIT_S)
+                if not done:
+                    if time.monotonic() - last_progress > STARVED_WARN_S and starting and not tasks:
+                        log.warning("%d actor(s) wait for resources (num_cpus=%s, num_gpus=%s each; cluster: %s)",
+                                    len(starting), self.layout.num_cpus, self.layout.num_gpus,
+                                    ray.cluster_resources())
+                        last_progress = time.monotonic()
+                    continue
+                last_progress = time.monotonic()
+                ref = done[0]
+                if ref in starting:
+                    slot = starting[ref]
+                    try:
+                        slot.name = ray.get(ref)
+                        slot.ready_ref = None
+                        self.failed_starts = 0
+                    except RayTaskError as err:           # a domain error while loading: the same on every actor
+                        raise err.cause if isinstance(err.cause, SdfeatError) else err
+                    except RayActorError as err:
+                        self.failed_starts += 1
+                        replace(slot, _first_line(err))
+                    continue
+                slot, unit = tasks.pop(ref)
+                try:
+                    report = ray.get(ref)
+                except RayActorError as err:              # the actor (or its node) died with this unit on it
+                    retry_or_fail(unit, f"actor died ({_first_line(err)})")
+                    if slots[slot.index] is slot:          # not yet replaced
+                        replace(slot, _first_line(err))
+                    continue
+                except RayTaskError as err:               # the unit raised; the actor is fine
+                    slot.inflight -= 1
+                    retry_or_fail(unit, f"{type(err.cause).__name__}: {err.cause}")
+                    continue
+                slot.inflight -= 1
+                out.reports.append(report)
+                bar.update(report)
+        finally:
+            for slot in slots:
+                ray.kill(slot.actor, no_restart=True)
+        return out
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def run_on_ray(spec: JobSpec, address: str | None = None, workers: int | None = None,
+               gpus_per_worker: float | None = None, overwrite: bool = False, progress: bool = True, *,
+               max_retries: int = 3, runtime_env: dict | None = None,
+               worker_class: type[ExtractionWorker] = ExtractionWorker) -> dict:
+    """Extract `spec` on Ray and return the job summary (`finalize_job`'s, plus a `ray` section).
+
+    address: a Ray address (`HEAD:6379`, `ray://…`, `auto`); None = RAY_ADDRESS, else a new local instance.
+    workers / gpus_per_worker: see `plan_actors`. runtime_env: given to the actors (e.g. env_vars for an S3
+    endpoint). worker_class: the actor body; a test seam for fault injection, production uses the default.
+    Raises UnitFailedError naming the unit(s) that failed `max_retries` + 1 times; finished units are kept.
+    """
+    connected_here = _connect(address)
+    try:
+        start = time.perf_counter()
+        plan = prepare_job(spec, overwrite)          # store template complete before any actor exists
+        todo = pending_units(plan)
+        layout = _cluster_layout(workers, gpus_per_worker)
+        log.info("%d of %d units to run on %d actor(s) (%s, %s CPU / %s GPU each, %d threads)", len(todo),
+                 len(plan.units), min(layout.count, len(todo)), layout.device, layout.num_cpus, layout.num_gpus,
+                 layout.threads)
+        driver = _Driver(plan, layout, max_retries, runtime_env, worker_class)
+        with UnitProgress(plan.n_samples, plan.n_samples - sum(u.rows for u in todo), enabled=progress) as bar:
+            outcome = driver.run(todo, bar) if todo else _Outcome()
+        if outcome.failed:
+            units = {u.index: u for u in plan.units}
+            first, reason = next(iter(sorted(outcome.failed.items())))
+            others = ", ".join(str(i) for i in sorted(outcome.failed)[1:11])
+            raise UnitFailedError(
+                f"unit {first} (rows {units[first].start}–{units[first].stop - 1}) failed after "
+                f"{max_retries + 1} attempts: {reason}"
+                + (f"; also failed: units {others}" if others else "")
+                + f"; the {len(plan.units) - len(outcome.failed)} other units are kept; run again to redo the rest")
+        summary = finalize_job(plan)
+        wall = time.perf_counter() - start
+        new_rows = sum(r["rows"] for r in outcome.reports)
+        summary["wall_seconds"] = round(wall, 2)
+        summary["images_per_second"] = round(new_rows / wall, 3)
+        summary["ray"] = {"actors": min(layout.count, len(todo)), "device": layout.device,
+                          "num_cpus": layout.num_cpus, "num_gpus": layout.num_gpus, "threads": layout.threads,
+                          "units_run": len(outcome.reports), "units_skipped": len(plan.units) - len(todo),
+                          "retries": outcome.retries, "actor_restarts": outcome.actor_restarts}
+        return summary
+    finally:
+        if connected_here:
+            ray.shutdown()

@@ -1,0 +1,39 @@
+"""Domain errors. Every error a user can cause is an `SdfeatError`; the CLI prints its message on one line
+and exits with code 2. Each also subclasses the builtin a Python caller would expect to catch."""
+
+from __future__ import annotations
+
+
+class SdfeatError(Exception):
+    """Base of every error sdfeat raises for bad input or a failed job."""
+
+
+class SpecError(SdfeatError, ValueError):
+    """The job spec is invalid; the message names the field."""
+
+
+class UnknownBlockError(SdfeatError, KeyError):
+    """A block name that the model does not have; the message lists the closest valid names."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ModelNotFoundError(SdfeatError, FileNotFoundError):
+    """Weights or configs for a model are not available locally and cannot be fetched."""
+
+
+class SourceError(SdfeatError, ValueError):
+    """An image source cannot be planned or read (unknown layout, unreadable shard)."""
+
+
+class SourceNotFoundError(SourceError, FileNotFoundError):
+    """An image source path, glob or URL matches nothing."""
+
+
+class StoreError(SdfeatError, ValueError):
+    """A feature store is missing, incomplete, inconsistent, or belongs to another spec."""
+
+
+class UnitFailedError(SdfeatError, RuntimeError):
+    """A work unit failed (after its retries); the message names the unit."""

@@ -1,0 +1,282 @@
+"""One work unit end to end, and the single-process runner.
+
+A unit is a fixed row range of the store. `UnitRunner.run(unit)`:
+  1. reads the unit's rows of the manifest and decodes its images (in a background thread),
+  2. VAE-encodes each batch once,
+  3. for every seed draws the latent sample and noise, for every timestep runs the U-Net with hooks on the
+     requested blocks (stopping after the deepest), and repeats that on cropped images for the crop variants,
+  4. writes the unit's whole shards into the store, then its done marker.
+The Ray actors (`cluster.py`) call `UnitRunner.run` unchanged; this module never imports Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from sdfeat import store
+from sdfeat.errors import SourceError, StoreError, UnitFailedError
+from sdfeat.hooks import capture
+from sdfeat.models import LoadedModel, load_model
+from sdfeat.plan import Layout, Unit, job_layout, plan_units, unit_size
+from sdfeat.protocol import encode, noisy_latents
+from sdfeat.sources import DecodedImage, SampleRef, plan_samples, read_images
+from sdfeat.spec import JobSpec, spec_hash
+
+log = logging.getLogger(__name__)
+STAGES = ("read", "encode", "unet", "write")
+
+
+@dataclass
+class JobPlan:
+    spec: JobSpec
+    output: str
+    layout: Layout
+    units: list[Unit]
+    n_samples: int
+
+
+def _library_versions() -> dict[str, str]:
+    import diffusers
+    import zarr
+
+    import sdfeat
+    return {"sdfeat": sdfeat.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "zarr": zarr.__version__}
+
+
+def prepare_job(spec: JobSpec, overwrite: bool = False) -> JobPlan:
+    """Plan the samples and units and write the store template; reuse a store made by the same spec (resume)."""
+    output = spec.output
+    digest = spec_hash(spec)
+    layout = job_layout(spec)
+    existing = _existing_hash(output)
+    if existing is not None and existing != digest and not overwrite:
+        raise StoreError(f"{output} holds a store of another spec (hash {existing}, this spec {digest}); "
+                         "choose another output or pass --overwrite")
+    if existing == digest and not overwrite:
+        attrs = store.read_attrs(output)
+        return JobPlan(spec, output, layout, plan_units(attrs["n_samples"], attrs["unit_size"]), attrs["n_samples"])
+
+    samples = plan_samples(spec.source, spec.source_format, spec.limit, spec.classes)
+    n = len(samples.refs)
+    if n == 0:
+        raise SourceError(f"source {spec.source} has no images after the filters (limit, classes)")
+    size = unit_size(spec, layout.bytes_per_sample())
+    if overwrite:
+        store.remove_store(output)
+    store.write_manifest(output, _manifest_table(samples.refs))
+    attrs = {
+        "spec": spec.model_dump(mode="json"), "spec_hash": digest, "protocol": spec.protocol,
+        "model": spec.model, "revision": spec.revision, "n_samples": n, "unit_size": size,
+        "blocks": [b.name for b in layout.blocks], "crops": sorted(layout.crop_blocks),
+        "class_names": samples.class_names, "source_format": samples.format, "versions": _library_versions(),
+    }
+    store.create_template(output, layout.arrays, n, size, [r.sample_id for r in samples.refs],
+                          [r.label for r in samples.refs], spec.timesteps, spec.seeds, attrs, spec.codec)
+    log.info("store template written: %s (%d samples, %d units of %d)", output, n, -(-n // size), size)
+    return JobPlan(spec, output, layout, plan_units(n, size), n)
+
+
+def _existing_hash(output: str) -> str | None:
+    try:
+        return store.read_attrs(output)["spec_hash"]
+    except StoreError:
+        return None
+
+
+def _manifest_table(refs: list[SampleRef]) -> pa.Table:
+    return pa.table({
+        "sample_id": [r.sample_id for r in refs], "label": pa.array([r.label for r in refs], pa.int64()),
+        "file": [r.file for r in refs], "member": [r.member for r in refs],
+        "offset": pa.array([r.offset for r in refs], pa.int64()), "size": pa.array([r.size for r in refs], pa.int64()),
+    })
+
+
+def pending_units(plan: JobPlan) -> list[Unit]:
+    done = store.done_units(plan.output)
+    return [u for u in plan.units if u.index not in done]
+
+
+def _prefetch(items: Iterator[DecodedImage], depth: int) -> Iterator[DecodedImage]:
+    """Run `items` in a background thread, `depth` ahead, so decoding overlaps the forward passes."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                q.put(item)
+        except BaseException as err:  # re-raised in the consumer
+            q.put(err)
+        q.put(done)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+class UnitRunner:
+    """Holds the loaded model and the open store; runs units one after another. One per process or actor."""
+
+    def __init__(self, spec: JobSpec, output: str | None = None, device: str | None = None,
+                 threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.spec = spec
+        self.output = output or spec.output
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.decode_threads = max(1, min(8, (threads or torch.get_num_threads())))
+        self.layout = job_layout(spec)
+        attrs = store.read_attrs(self.output)
+        if attrs["spec_hash"] != spec_hash(spec):
+            raise StoreError(f"{self.output} was made by another spec; run prepare_job first")
+        self.class_names: list[str] | None = attrs.get("class_names")
+        self.manifest = store.read_manifest(self.output)  # one row per store row; read once per worker
+        self.group = store.open_features(self.output, mode="r+")
+        self.model: LoadedModel = load_model(spec.model, self.device, self._compute_dtype(), spec.revision,
+                                             fp16_rounded_weights=spec.protocol == "paper")
+        self.worker = f"{socket.gethostname()}:{self.device}"
+
+    def _compute_dtype(self) -> torch.dtype:
+        if self.spec.compute_dtype == "auto":
+            return torch.float16 if self.device.type == "cuda" else torch.float32
+        return getattr(torch, self.spec.compute_dtype)
+
+    def _prompts(self, labels: list[int]) -> list[str]:
+        if "{class_name}" not in self.spec.prompt:
+            return [self.spec.prompt] * len(labels)
+        if not self.class_names:
+            raise SourceError("field 'prompt' uses {class_name} but the source has no class names")
+        return [self.spec.prompt.format(class_name=self.class_names[y] if y >= 0 else "") for y in labels]
+
+    @torch.inference_mode()
+    def run(self, unit: Unit) -> dict:
+        seconds = dict.fromkeys(STAGES, 0.0)
+        t0 = time.perf_counter()
+        refs = [SampleRef(**row) for row in self.manifest.slice(unit.start, unit.rows).to_pylist()]
+        buffers = {a.path: np.zeros((unit.rows, *a.sample_shape), dtype=a.dtype) for a in self.layout.arrays}
+        ok = np.zeros(unit.rows, dtype=bool)
+        failures: list[dict] = []
+        images = _prefetch(read_images(refs, self.spec.resolution, threads=self.decode_threads),
+                           depth=2 * self.spec.batch_size)
+        batch: list[DecodedImage] = []
+        seconds["read"] += time.perf_counter() - t0
+        while True:
+            t = time.perf_counter()
+            item = next(images, None)
+            seconds["read"] += time.perf_counter() - t
+            if item is not None:
+                if item.pixels is None:
+                    failures.append({"sample_id": refs[item.index].sample_id, "reason": item.error,
+                                     "unit": unit.index})
+                else:
+                    batch.append(item)
+            if batch and (item is None or len(batch) == self.spec.batch_size):
+                self._run_batch(batch, refs, buffers, seconds)
+                ok[[b.index for b in batch]] = True
+                batch = []
+            if item is None:
+                break
+        t = time.perf_counter()
+        store.write_unit(self.group, unit.start, unit.stop, buffers, ok)
+        seconds["write"] = time.perf_counter() - t
+        report = {"unit": unit.index, "rows": unit.rows, "ok": int(ok.sum()), "failures": failures,
+                  "seconds": {k: round(v, 4) for k, v in seconds.items()}, "worker": self.worker}
+        store.write_marker(self.output, unit.index, report)
+        return report
+
+    def _run_batch(self, batch: list[DecodedImage], refs: list[SampleRef], buffers: dict[str, np.ndarray],
+                   seconds: dict[str, float]) -> None:
+        rows = [b.index for b in batch]
+        sample_ids = [refs[i].sample_id for i in rows]
+        emb = self.model.prompt_embeddings(self._prompts([refs[i].label for i in rows]))  # (B, 77, D)
+        pixels = torch.from_numpy(np.stack([b.pixels for b in batch])).to(self.device)  # (B, H, W, 3) uint8
+        self._forward(pixels, sample_ids, emb, self.layout.blocks, "", rows, buffers, seconds)
+        for margin, blocks in self.layout.crop_blocks.items():
+            cropped = pixels[:, margin:-margin, margin:-margin]  # (B, H-2m, W-2m, 3)
+            self._forward(cropped, sample_ids, emb, blocks, f"crops/{margin}/", rows, buffers, seconds)
+
+    def _forward(self, pixels: torch.Tensor, sample_ids: list[str], emb: torch.Tensor, blocks: list, prefix: str,
+                 rows: list[int], buffers: dict[str, np.ndarray], seconds: dict[str, float]) -> None:
+        if not blocks:
+            return
+        t = time.perf_counter()
+        dist = encode(self.model, pixels, self.spec.protocol)
+        self._sync()
+        seconds["encode"] += time.perf_counter() - t
+        names = [b.name for b in blocks]
+        with capture(self.model.unet, names) as hooked:
+            for si, seed in enumerate(self.spec.seeds):
+                t = time.perf_counter()
+                latents = noisy_latents(self.model, dist, self.spec.protocol, seed, sample_ids, self.spec.timesteps)
+                seconds["encode"] += time.perf_counter() - t
+                for ti, step in enumerate(self.spec.timesteps):
+                    t = time.perf_counter()
+                    acts = hooked.run(latents[step], step, encoder_hidden_states=emb)  # {name: (B, C, h, w)}
+                    for name in names:
+                        target = buffers[prefix + name]
+                        values = acts[name].to("cpu", torch.float32 if target.dtype == np.float32 else torch.float16)
+                        if values.shape[1:] != target.shape[3:]:
+                            raise StoreError(f"block {name}: captured shape {tuple(values.shape[1:])} differs "
+                                             f"from the store's {target.shape[3:]}")
+                        target[rows, ti, si] = values.numpy()
+                    seconds["unet"] += time.perf_counter() - t
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def finalize_job(plan: JobPlan) -> dict:
+    """Check every unit has its marker, merge the failure table, and return the job summary."""
+    done = store.done_units(plan.output)
+    missing = [u.index for u in plan.units if u.index not in done]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" …" if len(missing) > 10 else "")
+        raise UnitFailedError(f"{len(missing)} of {len(plan.units)} units have no done marker: {shown}")
+    reports = store.read_markers(plan.output, [u.index for u in plan.units])
+    failures = [f for r in reports for f in r["failures"]]
+    store.write_failures(plan.output, failures)
+    seconds = {k: round(sum(r["seconds"].get(k, 0.0) for r in reports), 3) for k in STAGES}
+    return {"output": plan.output, "units": len(plan.units), "rows": plan.n_samples,
+            "ok": sum(r["ok"] for r in reports), "failures": len(failures), "seconds": seconds}
+
+
+def run_local(spec: JobSpec, overwrite: bool = False, progress: bool = True, device: str | None = None,
+              threads: int | None = None) -> dict:
+    """Prepare, run every pending unit in this process, finalize. A failing unit is named; others are kept."""
+    from sdfeat.progress import UnitProgress
+
+    plan = prepare_job(spec, overwrite)
+    todo = pending_units(plan)
+    failed: dict[int, str] = {}
+    start = time.perf_counter()
+    with UnitProgress(plan.n_samples, plan.n_samples - sum(u.rows for u in todo), enabled=progress) as bar:
+        if todo:
+            runner = UnitRunner(spec, plan.output, device, threads)
+            for unit in todo:
+                try:
+                    bar.update(runner.run(unit))
+                except SourceError as err:
+                    failed[unit.index] = str(err)
+                    log.error("unit %d failed: %s", unit.index, err)
+    if failed:
+        first = next(iter(failed.items()))
+        raise UnitFailedError(f"{len(failed)} unit(s) failed, e.g. unit {first[0]}: {first[1]}; "
+                              "the other units are kept; fix the input and run again to resume")
+    summary = finalize_job(plan)
+    summary["wall_seconds"] = round(time.perf_counter() - start, 2)
+    summary["images_per_second"] = round(sum(u.rows for u in todo) / summary["wall_seconds"], 3)
+    return summary

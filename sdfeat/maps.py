@@ -1,0 +1,64 @@
+"""Figure-1-style token maps of one image at one block: the per-token norm and the cosine similarity of every
+token to a marked token. Pure numpy in, PNG/SVG out (matplotlib's Agg canvas, no pyplot state).
+
+`sdfeat show STORE --block B --sample ID --kind norm|similarity [--at y,x]` reads one (C, H, W) activation from
+the store (query.py) and calls `norm_map` / `similarity_map`, then `render_map`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from sdfeat.errors import SdfeatError
+
+
+def _check_acts(acts: np.ndarray) -> np.ndarray:
+    if acts.ndim != 3:
+        raise SdfeatError(f"acts: expected one image's activations (C, H, W), got shape {tuple(acts.shape)}")
+    return np.asarray(acts, dtype=np.float32)
+
+
+def norm_map(acts: np.ndarray) -> np.ndarray:
+    """(C, H, W) -> (H, W): the L2 norm of every token's channel vector."""
+    return np.linalg.norm(_check_acts(acts), axis=0)
+
+
+def similarity_map(acts: np.ndarray, y: int, x: int) -> np.ndarray:
+    """(C, H, W) -> (H, W): cosine similarity of every token to the token at row `y`, column `x`.
+
+    Tokens with zero norm get similarity 0 (instead of NaN).
+    """
+    acts = _check_acts(acts)
+    _, height, width = acts.shape
+    if not (0 <= y < height and 0 <= x < width):
+        raise SdfeatError(f"at: token (y={y}, x={x}) lies outside the {height}x{width} map")
+    norms = np.linalg.norm(acts, axis=0)  # (H, W)
+    unit = np.divide(acts, norms, out=np.zeros_like(acts), where=norms > 0)  # (C, H, W)
+    return np.einsum("chw,c->hw", unit, unit[:, y, x])
+
+
+def render_map(values: np.ndarray, path: str | Path, title: str, mark: tuple[int, int] | None = None) -> Path:
+    """Draw an (H, W) map with a colour bar; `mark` = (y, x) outlines that token. The suffix of `path` picks the
+    format (.png, .svg). Returns the path written."""
+    if values.ndim != 2:
+        raise SdfeatError(f"values: expected an (H, W) map, got shape {tuple(values.shape)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(4.6, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(values, cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, shrink=0.85)
+    if mark is not None:
+        y, x = mark
+        ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("x (token column)")
+    ax.set_ylabel("y (token row)")
+    fig.savefig(path, dpi=150)
+    return path

@@ -1,0 +1,287 @@
+"""Run the metrics over a feature store: one task per (metric, block), tidy tables in `<store>/results/`.
+
+Each task opens the store itself and reads its block in chunks of `chunk_images` images (the probe in `paper`
+mode loads its block's train tokens whole when they fit `ProbeSettings.memory_budget_bytes`), so memory does not
+grow with the number of images; only small tables travel back. With `local=True` the same task functions run
+in this process; otherwise each is a Ray task (`num_cpus=1`; `address` passed to `ray.init` when Ray is not yet
+initialised). The driver writes `<store>/results/<metric>.parquet` (write to a temporary name, then rename), so
+re-running replaces the table with the same rows: idempotent.
+
+Blocks stored only as per-image summaries (`summaries/<block>/...`) run from those: probe on the sampled tokens,
+corners from the group sums, anomalies from the norm maps.
+
+Paper-mode probe seeding: a block's task replays the RNG draws of the paper's earlier blocks (module docstring
+of `position`), with their shapes from `blocks.block_shapes` for the store's model and resolution; where those are
+unavailable, the store's own earlier blocks stand in (then the state is the one of a loop over the stored blocks).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from sdfeat import store as store_layout
+from sdfeat.errors import SdfeatError, StoreError
+from sdfeat.metrics import anomalies, corners, position
+from sdfeat.metrics.labels import read_labels, write_labels
+from sdfeat.query import FeatureStore, open_store
+
+log = logging.getLogger(__name__)
+
+METRICS: tuple[str, ...] = ("position", "corners", "anomalies")
+DETECT_BLOCK = "up_blocks.1.upsamplers.0"
+LEAD_COLUMNS = ["model", "block", "order", "metric", "statistic", "value"]
+
+
+@dataclass(frozen=True)
+class MetricOptions:
+    protocol: str | None = None  # None: the store's protocol
+    probe: position.ProbeSettings = field(default_factory=position.ProbeSettings)
+    paper_counts: bool = False  # also emit the corner means with the reference's n-based counts (Q3)
+    chunk_images: int = 16
+    timestep: int | None = None  # None: the store's first
+    seed: int | None = None
+    detect_block: str = DETECT_BLOCK
+    detect_k: float = 6.0
+    detect_min_ratio: float = 1.5
+    match_tolerance: int = 2
+
+
+class _Block:
+    """One block of an open store: reads full tensors or summaries, ok rows only, in store-row terms."""
+
+    def __init__(self, fs: FeatureStore, block: str, opts: MetricOptions) -> None:
+        self.fs, self.name, self.opts = fs, block, opts
+        self.t = opts.timestep if opts.timestep is not None else fs.timesteps[0]
+        self.s = opts.seed if opts.seed is not None else fs.seeds[0]
+        self.rows = np.flatnonzero(fs.ok)  # images that extracted
+        self.full = block in fs.blocks
+
+    def read(self, rows: np.ndarray, crop: int | None = None) -> np.ndarray:  # (k, C, H, W) stored dtype
+        return self.fs.read(self.name, samples=rows, timestep=self.t, seed=self.s, crop=crop, raw=True)
+
+    def summary(self, name: str, rows: np.ndarray) -> np.ndarray:  # (k, *shape)
+        arr = self.fs.group[f"summaries/{self.name}/{name}"]
+        return np.asarray(arr.get_orthogonal_selection((rows,)))[:, self.fs.timesteps.index(self.t),
+                                                                   self.fs.seeds.index(self.s)]
+
+    def chunks(self, rows: np.ndarray) -> list[np.ndarray]:
+        return [rows[i:i + self.opts.chunk_images] for i in range(0, len(rows), self.opts.chunk_images)]
+
+    def norm_maps(self, rows: np.ndarray) -> np.ndarray:  # (k, H, W) float32
+        if not self.full:
+            return np.concatenate([self.summary("norms", c) for c in self.chunks(rows)]).astype(np.float32)
+        return np.concatenate([anomalies.token_norms(self.read(c)).numpy() for c in self.chunks(rows)])
+
+    def height(self) -> int:
+        return self.fs.shape(self.name)[-2] if self.full else self.fs.group[f"summaries/{self.name}/norms"].shape[-2]
+
+
+def _order(fs: FeatureStore, block: str) -> int:
+    from sdfeat.blocks import preset_names
+
+    names = preset_names("all")
+    return names.index(block) if block in names else len(names) + _all_blocks(fs).index(block)
+
+
+def _label(fs: FeatureStore, block: str, rows: list[dict]) -> list[dict]:
+    head = {"model": fs.spec.model, "block": block, "order": _order(fs, block)}
+    return [{**head, **r} for r in rows]
+
+
+def _prior_blocks(fs: FeatureStore, block: str, n_train_images: int) -> list[tuple[int, int, int]]:
+    """(channels, n, n_train_tokens) of the blocks the reference's loop trains before `block`."""
+    try:
+        from sdfeat.blocks import block_shapes, preset_names
+        from sdfeat.models import unet_config
+
+        names = preset_names("paper")
+        if block in names:
+            infos = block_shapes(unet_config(fs.spec.model), fs.spec.resolution, names[:names.index(block)])
+            return [(b.channels, b.height, n_train_images * b.height * b.width) for b in infos]
+    except SdfeatError as err:
+        log.warning("probe: paper block shapes unavailable (%s); replaying the store's earlier blocks", err)
+    earlier = fs.blocks[:fs.blocks.index(block)] if block in fs.blocks else []
+    return [(fs.shape(b)[-3], fs.shape(b)[-2], n_train_images * fs.shape(b)[-2] * fs.shape(b)[-1]) for b in earlier]
+
+
+def position_task(store_path: str, block: str, opts: MetricOptions) -> list[dict]:
+    fs = open_store(store_path)
+    b = _Block(fs, block, opts)
+    protocol = opts.protocol or fs.spec.protocol
+    settings = replace(opts.probe, protocol=protocol, chunk_images=opts.chunk_images)
+    classes = fs.labels[b.rows] if (fs.labels[b.rows] >= 0).all() else None
+    n_train = int(len(b.rows) * settings.train_fraction)
+    prior = _prior_blocks(fs, block, n_train) if protocol == "paper" else ()
+    seed = position.block_seed(settings.seed, block)
+    if b.full:
+        channels, n, width = fs.shape(block)[-3:]
+        if n != width:
+            raise StoreError(f"position probe needs square maps; block '{block}' is {n}x{width}")
+        result = position.probe_block(lambda idx: b.read(b.rows[idx]), len(b.rows), channels, n, settings,
+                                      classes, prior, seed)
+    else:
+        feats = np.concatenate([b.summary("tokens", c) for c in b.chunks(b.rows)])
+        yx = np.concatenate([b.summary("token_yx", c) for c in b.chunks(b.rows)])
+        result = position.probe_tokens(feats, yx, b.height(), settings, classes, prior, seed)
+    rows = position.probe_rows(result, protocol)
+    for r in rows:
+        r["variant"] = "tokens" if b.full else "summary_tokens"
+    return _label(fs, block, rows)
+
+
+def corners_task(store_path: str, block: str, opts: MetricOptions) -> list[dict]:
+    fs = open_store(store_path)
+    b = _Block(fs, block, opts)
+    n = b.height()
+    if n < 5:
+        return []
+    cropped, reprcropped = corners.GroupTotals.empty(n - 2), corners.GroupTotals.empty(n - 2)
+    keys = ("groups", "groups_diag", "corner_groups")
+    margin = fs.spec.resolution // n
+    if b.full:
+        if margin not in fs.crops or f"crops/{margin}/{block}" not in fs.group:
+            log.info("corners: block %s has no crop-%d variant; skipped", block, margin)
+            return []
+        for c in b.chunks(b.rows):
+            reprcropped.add(corners.group_similarity_sums(corners.inner(torch.from_numpy(b.read(c)))))
+            cropped.add(corners.group_similarity_sums(torch.from_numpy(b.read(c, crop=margin))))
+    else:
+        if f"summaries/{block}/crop_groups" not in fs.group:
+            return []
+        for c in b.chunks(b.rows):
+            reprcropped.add({k: b.summary(k, c) for k in keys})
+            cropped.add({k: b.summary("crop_" + k, c) for k in keys})
+    rows = corners.corner_rows(cropped, reprcropped)
+    if opts.paper_counts:
+        rows += [r for r in corners.corner_rows(cropped, reprcropped, paper_counts=True)
+                 if r["statistic"] in ("group_mean", "ratio") and "|" not in r["group"]]
+    return _label(fs, block, rows)
+
+
+def _ref_size(fs: FeatureStore, opts: MetricOptions) -> int:
+    """The labels' map size: the detection block's height (32 at 512 px), else resolution // 16."""
+    if opts.detect_block in _all_blocks(fs):
+        return _Block(fs, opts.detect_block, opts).height()
+    return fs.spec.resolution // 16
+
+
+def anomaly_task(store_path: str, block: str, labels: np.ndarray, source: str, opts: MetricOptions) -> list[dict]:
+    fs = open_store(store_path)
+    b = _Block(fs, block, opts)
+    images = np.unique(labels[:, 0])
+    local = labels.copy()
+    local[:, 0] = np.searchsorted(images, labels[:, 0])
+    vs_mean, vs_median = anomalies.relative_norms(b.norm_maps(images), local, _ref_size(fs, opts))
+    rows = anomalies.anomaly_rows(vs_mean, vs_median)
+    for r in rows:
+        r["labels"] = source
+    return _label(fs, block, rows)
+
+
+def detect_task(store_path: str, opts: MetricOptions) -> np.ndarray:
+    """(M, 4) detections (store row, x, y, peak ratio) on the detection block, label-free."""
+    fs = open_store(store_path)
+    b = _Block(fs, opts.detect_block, opts)
+    pooled = np.concatenate([anomalies.pooled_ratios(b.norm_maps(c)) for c in b.chunks(b.rows)])
+    threshold = anomalies.robust_threshold(pooled, opts.detect_k, opts.detect_min_ratio)
+    found = anomalies.detect(pooled, threshold)
+    found[:, 0] = b.rows[found[:, 0].astype(np.int64)]
+    return found
+
+
+def _all_blocks(fs: FeatureStore) -> list[str]:
+    summary_blocks = list(fs.group["summaries"].group_keys()) if "summaries" in fs.group else []
+    return fs.blocks + [s for s in summary_blocks if s not in fs.blocks]
+
+
+def _execute(calls: list[tuple[Callable[..., Any], tuple]], local: bool, address: str | None) -> list[Any]:
+    if local:
+        return [fn(*args) for fn, args in calls]
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False)
+    remote = {fn: ray.remote(num_cpus=1)(fn) for fn, _ in calls}
+    return ray.get([remote[fn].remote(*args) for fn, args in calls])
+
+
+def _write(fs: FeatureStore, name: str, rows: list[dict]) -> str:
+    filesystem, root = store_layout.filesystem(fs.path)
+    folder = store_layout.join(root, "results")
+    filesystem.makedirs(folder, exist_ok=True)
+    path = store_layout.join(folder, f"{name}.parquet")
+    table = pa.Table.from_pylist(rows)
+    table = table.select(LEAD_COLUMNS + [c for c in table.column_names if c not in LEAD_COLUMNS]) if rows else table
+    with filesystem.open(path + ".tmp", "wb") as f:
+        pq.write_table(table, f)
+    filesystem.mv(path + ".tmp", path)
+    return path
+
+
+def run_metrics(store_path: str, metrics: Sequence[str] = METRICS, blocks: Sequence[str] | None = None,
+                local: bool = False, address: str | None = None, labels: str | None = None,
+                options: MetricOptions | None = None) -> dict[str, str]:
+    """Compute `metrics` for `blocks` (default: every stored block), write the tables; returns {metric: path}.
+
+    labels: anomaly labels (.csv / .npy, store-row image indices); without them the anomaly metric uses the
+    detected anomalies. Detections go to results/anomalies_detected.parquet (+ .csv in the paper's format)."""
+    opts = options or MetricOptions()
+    fs = open_store(store_path)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise StoreError(f"--metric: unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+    names = list(blocks) if blocks else _all_blocks(fs)
+    missing = [n for n in names if n not in _all_blocks(fs)]
+    if missing:
+        raise StoreError(f"block '{missing[0]}' is not in {fs.path}")
+    calls: list[tuple[Callable[..., Any], tuple]] = []
+    tags: list[str] = []
+    for metric, task in (("position", position_task), ("corners", corners_task)):
+        if metric in metrics:
+            calls += [(task, (fs.path, n, opts)) for n in names]
+            tags += [metric] * len(names)
+    detecting = "anomalies" in metrics and opts.detect_block in _all_blocks(fs)
+    if detecting:
+        calls.append((detect_task, (fs.path, opts)))
+        tags.append("detect")
+    results = _execute(calls, local, address)
+    tables: dict[str, list[dict]] = {m: [] for m in metrics}
+    detected = None
+    for tag, result in zip(tags, results):
+        if tag == "detect":
+            detected = result
+        else:
+            tables[tag] += result
+    if "anomalies" in metrics:
+        given = read_labels(labels) if labels else None
+        use, source = (given, "given") if given is not None else (detected, "detected")
+        if use is not None and len(use):
+            runs = _execute([(anomaly_task, (fs.path, n, use[:, :3].astype(np.int64), source, opts))
+                             for n in names], local, address)
+            tables["anomalies"] += [r for rows in runs for r in rows]
+        if detected is not None:
+            tables["anomalies"] += _detection_rows(fs, opts, detected, given)
+            _write(fs, "anomalies_detected", [{"sample": int(d[0]), "sample_id": fs.sample_ids[int(d[0])],
+                                               "x": int(d[1]), "y": int(d[2]), "peak_ratio": float(d[3])}
+                                              for d in detected])
+            if fs.path.find("://") < 0:
+                write_labels(f"{fs.path}/results/anomalies_detected.csv", detected)
+    return {m: _write(fs, m, tables[m]) for m in metrics}
+
+
+def _detection_rows(fs: FeatureStore, opts: MetricOptions, detected: np.ndarray,
+                    given: np.ndarray | None) -> list[dict]:
+    stats = {"n_detected": float(len(detected))}
+    if given is not None:
+        stats = anomalies.match(detected, given, opts.match_tolerance)
+    rows = [{"metric": "anomalies", "statistic": f"detection_{k}", "value": v, "variant": "detection"}
+            for k, v in stats.items()]
+    return _label(fs, opts.detect_block, rows)

@@ -1,0 +1,301 @@
+"""Which model a name means, and loading it for extraction.
+
+Names: `sd15`, `sd21`, `sdturbo` (REGISTRY, hub ids), any hub id (`owner/name`), any local diffusers pipeline
+directory, `tiny` (an offline SD-shaped pipeline built in code, for tests and demos) and `random:<registry name>`
+(the full architecture from the shipped configs with deterministic random weights, for slow tests and benchmarks).
+
+Hub ids and local directories go through the real loading path: each component separately with
+`from_pretrained(..., use_safetensors=True)` (never pickled weights), resolved by huggingface_hub, so HF_HOME,
+HF_HUB_CACHE and HF_HUB_OFFLINE apply. Missing weights raise `ModelNotFoundError` with one line.
+
+For extraction only the U-Net, the VAE's encoder, the schedulers and one prompt embedding are needed: the VAE
+decoder is dropped after loading, the text encoder is loaded when a new prompt is first embedded and freed right
+after. Everything is in eval mode without gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdfeat.errors import ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+REGISTRY = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1",
+            "sdturbo": "stabilityai/sd-turbo"}
+RANDOM_PREFIX = "random:"
+DATA_DIR = Path(__file__).parent / "data"
+
+_SD15_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+_SD15_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+TINY_UNET_CONFIG: dict[str, Any] = {
+    "block_out_channels": [32, 64, 64, 64], "layers_per_block": 2, "down_block_types": _SD15_DOWN,
+    "up_block_types": _SD15_UP, "cross_attention_dim": 32, "attention_head_dim": 8, "norm_num_groups": 32,
+    "sample_size": 32, "in_channels": 4, "out_channels": 4,
+}
+TINY_VAE_CONFIG: dict[str, Any] = {
+    "block_out_channels": [32, 32, 64, 64], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 32,
+    "sample_size": 256, "scaling_factor": 0.18215,
+}
+_TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+              "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 32}
+
+
+def shipped_config(name: str, component: str) -> dict[str, Any]:
+    """The public config of a registry model's component (`unet`, `vae`, `scheduler`, `text_encoder`)."""
+    path = DATA_DIR / f"{name}_{component}.json"
+    if not path.is_file():
+        raise ModelNotFoundError(f"model {name!r}: no shipped {component} config; known: {sorted(REGISTRY)}")
+    return json.loads(path.read_text())
+
+
+def _not_found(model: str, source: str, reason: str) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"model {model!r}: weights for {source!r} are not available locally ({reason}); with network access run "
+        f"`huggingface-cli download {source}` (cached under HF_HOME/HF_HUB_CACHE), or pass a local diffusers "
+        f"pipeline directory as the model")
+
+
+def _locate(model: str) -> tuple[str, str]:
+    """(kind, source): kind is tiny | random | local | hub; source the hub id, directory or registry name."""
+    if model == "tiny":
+        return "tiny", "tiny"
+    if model.startswith(RANDOM_PREFIX):
+        name = model.removeprefix(RANDOM_PREFIX)
+        if name not in REGISTRY:
+            raise ModelNotFoundError(f"model {model!r}: random weights exist for {sorted(REGISTRY)} only")
+        return "random", name
+    if model in REGISTRY:
+        return "hub", REGISTRY[model]
+    if Path(model).is_dir():
+        return "local", str(Path(model).resolve())
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        return "hub", model
+    raise ModelNotFoundError(f"model {model!r}: not a registry name ({', '.join(sorted(REGISTRY))}, tiny, "
+                             f"random:<name>), a hub id owner/name, or an existing local diffusers directory")
+
+
+def unet_config(model: str) -> dict[str, Any]:
+    """The U-Net config without loading weights: shipped JSON, the tiny config, a local dir's or the HF cache's."""
+    kind, source = _locate(model)
+    if kind == "tiny":
+        return json.loads(json.dumps(TINY_UNET_CONFIG))
+    if kind == "random" or model in REGISTRY:
+        return shipped_config(model.removeprefix(RANDOM_PREFIX), "unet")
+    if kind == "local":
+        path = Path(source) / "unet" / "config.json"
+        if not path.is_file():
+            raise ModelNotFoundError(f"model {model!r}: {path} is missing (not a diffusers pipeline directory)")
+        return json.loads(path.read_text())
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return json.loads(Path(hf_hub_download(source, "config.json", subfolder="unet",
+                                               local_files_only=True)).read_text())
+    except (OSError, HFValidationError) as err:
+        raise _not_found(model, source, type(err).__name__) from None
+
+
+TextLoader = Callable[[], tuple[Any, torch.nn.Module]]  # -> (tokenizer, text encoder on device)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for extraction. `scheduler` is the pipeline's own (for `scale_model_input`),
+    `noise_scheduler` a DDIM scheduler from its config (for `add_noise`)."""
+
+    name: str
+    source: str
+    revision: str | None
+    unet: Any  # UNet2DConditionModel
+    vae: Any  # AutoencoderKL without its decoder
+    scheduler: Any
+    noise_scheduler: Any
+    device: torch.device
+    dtype: torch.dtype
+    scaling_factor: float
+    _text_loader: TextLoader = field(repr=False)
+    _prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def prompt_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(B, 77, D) last hidden states of the text encoder, one row per prompt; each distinct prompt is encoded
+        once (the encoder is loaded for new prompts and freed after). One repeated prompt gives an expanded view."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if new:
+            tokenizer, text_encoder = self._text_loader()
+            ids = tokenizer(new, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids  # (n, 77)
+            with torch.inference_mode():
+                hidden = text_encoder(ids.to(text_encoder.device))[0]  # (n, 77, D)
+            for prompt, row in zip(new, hidden):
+                self._prompt_cache[prompt] = row.to(self.device, self.dtype)
+            del text_encoder
+        if len(set(prompts)) == 1:
+            return self._prompt_cache[prompts[0]].expand(len(prompts), -1, -1)
+        return torch.stack([self._prompt_cache[p] for p in prompts])
+
+
+def _prepare(module: torch.nn.Module, device: torch.device, dtype: torch.dtype, fp16_rounded: bool,
+             channels_last: bool = False) -> torch.nn.Module:
+    """eval, no grad, weights optionally rounded through fp16 (sdhelper's loading), then on device in dtype."""
+    module.eval().requires_grad_(False)
+    # torch's own `to`: diffusers' ModelMixin.to warns on every dtype cast (about modules it keeps in fp32: none here)
+    if fp16_rounded:
+        torch.nn.Module.to(module, torch.float16)
+    torch.nn.Module.to(module, device=device, dtype=dtype)
+    if channels_last:
+        torch.nn.Module.to(module, memory_format=torch.channels_last)
+    return module
+
+
+def _tiny_tokenizer(max_length: int = 77) -> Any:
+    """A CLIP BPE tokenizer over lower-case letters, digits and a few marks, built in code (no files)."""
+    from transformers import CLIPTokenizer
+
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
+    tokens = chars + [c + "</w>" for c in chars] + ["th", "the</w>", "<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    # transformers 5: CLIPTokenizer(vocab_file=..., merges_file=...) silently ignores its files (FACTS.md)
+    return CLIPTokenizer(vocab=vocab, merges=[("t", "h"), ("th", "e</w>")], model_max_length=max_length)
+
+
+def _text_encoder_from_config(config: dict[str, Any], tokenizer: Any, seed: int) -> torch.nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIPTextModel(CLIPTextConfig(**{**config, **ids}))
+
+
+def build_tiny_pipeline(seed: int = 0) -> Any:
+    """An SD-1.5-shaped StableDiffusionPipeline small enough for tests: same U-Net block types and nesting (46
+    positions), a factor-8 VAE, a CLIP text encoder of width 32, the SD-1.5 PNDM scheduler. Deterministic: the same
+    `seed` gives the same weight bytes on every build."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    tokenizer = _tiny_tokenizer()
+    text_config = {**_TINY_TEXT, "vocab_size": len(tokenizer.get_vocab())}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel.from_config(TINY_UNET_CONFIG)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL.from_config(TINY_VAE_CONFIG)
+    text_encoder = _text_encoder_from_config(text_config, tokenizer, seed + 2)
+    scheduler = PNDMScheduler.from_config(shipped_config("sd15", "scheduler"))
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def save_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """Write the tiny pipeline as a normal diffusers directory (safetensors) that `load_model(str(path))` loads."""
+    path = Path(path)
+    build_tiny_pipeline(seed).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _scheduler_from_config(config: dict[str, Any]) -> Any:
+    import diffusers
+
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise ModelNotFoundError(f"scheduler config: unknown scheduler class {config.get('_class_name')!r}")
+    return cls.from_config(config)
+
+
+def _components_random(name: str) -> tuple[Any, Any, Any, TextLoader]:
+    """Full architecture from the shipped configs, deterministic random weights (seeds 0, 1, 2).
+
+    The text encoder is built from the real config too, but with random weights prompt text means nothing, so
+    the tokenizer is the tiny in-code one (its token ids are valid for any CLIP vocabulary size)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel.from_config(shipped_config(name, "unet"))
+        torch.manual_seed(1)
+        vae = AutoencoderKL.from_config(shipped_config(name, "vae"))
+
+    def text_loader() -> tuple[Any, torch.nn.Module]:
+        tokenizer = _tiny_tokenizer()
+        return tokenizer, _text_encoder_from_config(shipped_config(name, "text_encoder"), tokenizer, 2)
+
+    return unet, vae, _scheduler_from_config(shipped_config(name, "scheduler")), text_loader
+
+
+def _components_pretrained(model: str, source: str, revision: str | None,
+                           load_dtype: torch.dtype) -> tuple[Any, Any, Any, TextLoader]:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from huggingface_hub.errors import HFValidationError
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    common = {"revision": revision, "use_safetensors": True}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=load_dtype, **common)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=load_dtype, **common)
+        scheduler = _scheduler_from_config(DDIMScheduler.load_config(source, subfolder="scheduler",
+                                                                     revision=revision))
+    except (OSError, HFValidationError) as err:
+        raise _not_found(model, source, type(err).__name__) from None
+
+    def text_loader() -> tuple[Any, torch.nn.Module]:
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
+            text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=load_dtype,
+                                                         **common)
+        except (OSError, HFValidationError) as err:
+            raise _not_found(model, source, type(err).__name__) from None
+        return tokenizer, text_encoder
+
+    return unet, vae, scheduler, text_loader
+
+
+def _components_tiny() -> tuple[Any, Any, Any, TextLoader]:
+    pipe = build_tiny_pipeline()
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    return pipe.unet, pipe.vae, pipe.scheduler, lambda: (tokenizer, text_encoder)
+
+
+def load_model(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               revision: str | None = None, fp16_rounded_weights: bool = False) -> LoadedModel:
+    """Load `model` for extraction on `device` in `dtype`.
+
+    `fp16_rounded_weights=True` rounds every weight through float16 before casting to `dtype`, as sdhelper 1.0.0
+    does on CPU (it loads with torch_dtype=float16, then `.to(cpu, float32)`); `protocol: paper` uses it."""
+    from diffusers import DDIMScheduler
+
+    device = torch.device(device)
+    kind, source = _locate(model)
+    if kind == "tiny":
+        unet, vae, scheduler, raw_text_loader = _components_tiny()
+    elif kind == "random":
+        unet, vae, scheduler, raw_text_loader = _components_random(source)
+        source = model
+    else:
+        load_dtype = torch.float16 if fp16_rounded_weights else dtype
+        unet, vae, scheduler, raw_text_loader = _components_pretrained(model, source, revision, load_dtype)
+    vae.decoder = None  # extraction never decodes; keeps one copy of weights only
+    vae.post_quant_conv = None
+    channels_last = device.type == "cuda"
+    _prepare(unet, device, dtype, fp16_rounded_weights, channels_last)
+    _prepare(vae, device, dtype, fp16_rounded_weights, channels_last)
+
+    def text_loader() -> tuple[Any, torch.nn.Module]:
+        tokenizer, text_encoder = raw_text_loader()
+        return tokenizer, _prepare(text_encoder, device, dtype, fp16_rounded_weights)
+
+    log.info("loaded %s from %s on %s (%s)", model, source, device, dtype)
+    return LoadedModel(name=model, source=source, revision=revision, unet=unet, vae=vae, scheduler=scheduler,
+                       noise_scheduler=DDIMScheduler.from_config(scheduler.config), device=device, dtype=dtype,
+                       scaling_factor=float(vae.config.scaling_factor), _text_loader=text_loader)

@@ -1,0 +1,143 @@
+"""What a job will store and how it is cut into work units, computed from the spec and the model's config alone
+(no weights, no images decoded). `extract` builds the store template from this; `sdfeat plan` prints it.
+
+A unit is a fixed row range of the store that covers whole shards of every array, so no two workers ever write
+the same shard. Its size is bounded by a memory budget because a worker buffers its whole unit before writing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sdfeat.blocks import BlockInfo, resolve_blocks
+from sdfeat.errors import SpecError
+from sdfeat.models import unet_config
+from sdfeat.spec import JobSpec
+from sdfeat.store import ArrayLayout, activation_layout
+
+UNIT_BUFFER_BYTES = 512 * 2**20   # a worker buffers one unit of activations in host memory before writing it
+MAX_UNIT_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Unit:
+    index: int
+    start: int   # first store row (inclusive)
+    stop: int    # last store row (exclusive)
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class Layout:
+    """Every array a job stores, grouped by the forward pass that produces it."""
+
+    blocks: list[BlockInfo]                                   # full-size activations, execution order
+    crop_blocks: dict[int, list[BlockInfo]] = field(default_factory=dict)  # margin px -> blocks stored cropped
+    arrays: list[ArrayLayout] = field(default_factory=list)
+
+    def bytes_per_sample(self) -> int:
+        return sum(a.bytes_per_sample() for a in self.arrays)
+
+
+def crop_margins(spec: JobSpec, blocks: list[BlockInfo]) -> dict[int, list[BlockInfo]]:
+    """Crop margin (px) -> the blocks whose tokens are exactly one margin wide (the paper's corner metric)."""
+    sizes = sorted({b.height for b in blocks if b.height >= 3 and spec.resolution % b.height == 0}, reverse=True)
+    if spec.variants.crops == "auto":
+        margins = [spec.resolution // n for n in sizes]
+    else:
+        margins = list(spec.variants.crops)
+    out: dict[int, list[BlockInfo]] = {}
+    for margin in margins:
+        matching = [b for b in blocks if b.height * margin == spec.resolution and b.height >= 3]
+        if not matching:
+            raise SpecError(
+                f"field 'variants.crops': margin {margin} px is one token of no requested block at resolution "
+                f"{spec.resolution} (token sizes: {sorted({spec.resolution // n for n in sizes})})")
+        out[margin] = matching
+    return out
+
+
+def job_layout(spec: JobSpec) -> Layout:
+    config = unet_config(spec.model)
+    blocks = resolve_blocks(config, spec.blocks, spec.resolution)
+    nt, ns = len(spec.timesteps), len(spec.seeds)
+    arrays = [activation_layout(b.name, nt, ns, b.channels, b.height, b.width, spec.dtype) for b in blocks]
+    crops = crop_margins(spec, blocks) if spec.variants.crops else {}
+    for margin, crop_blocks in crops.items():
+        arrays += [activation_layout(f"crops/{margin}/{b.name}", nt, ns, b.channels, b.height - 2, b.width - 2,
+                                     spec.dtype) for b in crop_blocks]
+    return Layout(blocks=blocks, crop_blocks=crops, arrays=arrays)
+
+
+def unit_size(spec: JobSpec, bytes_per_sample: int) -> int:
+    """Rows per unit: the spec's, else as many whole batches as fit the buffer budget (at most 64, at least one
+    batch). Under `protocol: paper` a unit must hold whole batches, since the paper's noise depends on them."""
+    batch = spec.batch_size
+    if spec.unit_size is not None:
+        if spec.protocol == "paper" and spec.unit_size % batch:
+            raise SpecError(f"field 'unit_size': {spec.unit_size} is not a multiple of batch_size {batch}; "
+                            "protocol 'paper' draws one noise field per batch, so units must hold whole batches")
+        return spec.unit_size
+    fits = max(1, min(MAX_UNIT_SIZE, UNIT_BUFFER_BYTES // max(1, bytes_per_sample)))
+    return max(batch, fits // batch * batch)
+
+
+def plan_units(n_samples: int, size: int) -> list[Unit]:
+    return [Unit(i, start, min(start + size, n_samples)) for i, start in enumerate(range(0, n_samples, size))]
+
+
+@dataclass
+class Estimate:
+    spec: JobSpec
+    layout: Layout
+    n_samples: int
+    unit_size: int
+    images_per_second: float | None
+
+    @property
+    def n_units(self) -> int:
+        return -(-self.n_samples // self.unit_size)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.layout.bytes_per_sample() * self.n_samples
+
+    @property
+    def hours(self) -> float | None:
+        return None if not self.images_per_second else self.n_samples / self.images_per_second / 3600
+
+
+def estimate_job(spec: JobSpec, images_per_second: float | None = None, samples: int | None = None) -> Estimate:
+    """Sizes and time of a job before it runs; `samples` stands in for a source not reachable from here."""
+    from sdfeat.sources import plan_samples
+
+    layout = job_layout(spec)
+    n = samples if samples is not None else len(plan_samples(spec.source, spec.source_format, spec.limit,
+                                                             spec.classes).refs)
+    return Estimate(spec, layout, n, unit_size(spec, layout.bytes_per_sample()), images_per_second)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def render_estimate(est: Estimate):  # -> rich.table.Table
+    from rich.table import Table
+
+    spec = est.spec
+    hours = f"{est.hours:.1f} h at {est.images_per_second:g} img/s" if est.hours is not None else \
+        "pass --images-per-second (measure it with a short run)"
+    table = Table("array", "per image", "total", title=(
+        f"{spec.model} · {spec.protocol} · {est.n_samples:,} images · {len(spec.timesteps)} timestep(s) × "
+        f"{len(spec.seeds)} seed(s) · {est.n_units:,} units of {est.unit_size} · {hours}"))
+    for a in est.layout.arrays:
+        table.add_row(a.path, _human(a.bytes_per_sample()), _human(a.bytes_per_sample() * est.n_samples))
+    table.add_row("[bold]total", _human(est.layout.bytes_per_sample()), f"[bold]{_human(est.total_bytes)}")
+    return table

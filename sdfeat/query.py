@@ -1,0 +1,201 @@
+"""Read a feature store: blocks, samples, activations as numpy, an xarray view, a summary, and a verification.
+
+    >>> fs = open_store("out/demo")
+    >>> fs.read("up_blocks.1.upsamplers.0", samples=["synthetic#00003"], timestep=50)  # (1, seed, C, y, x)
+
+Only numpy, zarr and xarray: a store can be queried on a machine without torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import zarr
+
+from sdfeat import store
+from sdfeat.errors import StoreError, UnknownBlockError
+from sdfeat.spec import JobSpec, parse_spec, spec_hash
+
+Samples = None | slice | int | str | Sequence[int] | Sequence[str]
+
+
+@dataclass
+class FeatureStore:
+    path: str
+
+    @cached_property
+    def attrs(self) -> dict:
+        return store.read_attrs(self.path)
+
+    @cached_property
+    def group(self) -> zarr.Group:
+        return store.open_features(self.path)
+
+    @cached_property
+    def spec(self) -> JobSpec:
+        return parse_spec(self.attrs["spec"], origin=f"{self.path} (stored spec)")
+
+    @property
+    def blocks(self) -> list[str]:
+        return list(self.attrs["blocks"])
+
+    @property
+    def crops(self) -> list[int]:
+        return list(self.attrs.get("crops", []))
+
+    @cached_property
+    def sample_ids(self) -> list[str]:
+        return [str(s) for s in self.group["sample_id"][:]]
+
+    @cached_property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.group["label"][:])
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.asarray(self.group["ok"][:])
+
+    @property
+    def timesteps(self) -> list[int]:
+        return [int(t) for t in self.group["timestep"][:]]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [int(s) for s in self.group["seed"][:]]
+
+    def __len__(self) -> int:
+        return int(self.attrs["n_samples"])
+
+    def array(self, block: str, crop: int | None = None) -> zarr.Array:
+        from sdfeat.blocks import canonical_name
+
+        name = canonical_name(block)
+        if name not in self.blocks:
+            raise UnknownBlockError(f"block '{block}' is not in {self.path}; stored blocks: {', '.join(self.blocks)}")
+        if crop is None:
+            return self.group[name]
+        if crop not in self.crops:
+            raise StoreError(f"no crop variant {crop} in {self.path} (stored: {self.crops or 'none'})")
+        key = f"crops/{crop}/{name}"
+        if key not in self.group:
+            raise StoreError(f"block '{name}' has no crop-{crop} variant (its tokens are not {crop} px wide)")
+        return self.group[key]
+
+    def shape(self, block: str, crop: int | None = None) -> tuple[int, ...]:
+        return tuple(self.array(block, crop).shape)
+
+    def _rows(self, samples: Samples) -> slice | np.ndarray:
+        if samples is None:
+            return slice(None)
+        if isinstance(samples, slice):
+            return samples
+        items = [samples] if isinstance(samples, (int, str)) else list(samples)
+        index = {sid: i for i, sid in enumerate(self.sample_ids)} if any(isinstance(s, str) for s in items) else {}
+        rows = []
+        for s in items:
+            if isinstance(s, str):
+                if s not in index:
+                    raise StoreError(f"sample '{s}' is not in {self.path}")
+                rows.append(index[s])
+            elif not -len(self) <= int(s) < len(self):
+                raise StoreError(f"sample index {s} is out of range for {len(self)} samples")
+            else:
+                rows.append(int(s) % len(self))
+        return np.asarray(rows, dtype=np.int64)
+
+    def _axis_index(self, values: list[int], wanted: int | None, what: str) -> slice | int:
+        if wanted is None:
+            return slice(None)
+        if wanted not in values:
+            raise StoreError(f"{what} {wanted} is not in {self.path} (stored: {values})")
+        return values.index(wanted)
+
+    def read(self, block: str, samples: Samples = None, timestep: int | None = None, seed: int | None = None,
+             crop: int | None = None, raw: bool = False) -> np.ndarray:
+        """Activations (sample, [timestep], [seed], channel, y, x); a given timestep/seed drops its axis.
+        float32 unless `raw` (the stored dtype)."""
+        arr = self.array(block, crop)
+        rows = self._rows(samples)
+        t = self._axis_index(self.timesteps, timestep, "timestep")
+        s = self._axis_index(self.seeds, seed, "seed")
+        if isinstance(rows, np.ndarray):
+            order = np.argsort(rows)  # zarr wants increasing coordinates; restore the caller's order after
+            data = arr.get_orthogonal_selection((rows[order],))[np.argsort(order)]
+        else:
+            data = arr[rows]
+        data = data[:, t][:, :, s] if isinstance(t, slice) else data[:, t][:, s]
+        return data if raw else data.astype(np.float32)
+
+    def iter_samples(self, block: str, batch: int | None = None, timestep: int | None = None,
+                     seed: int | None = None, crop: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
+        """Read a block in row batches (default: one shard) so memory does not grow with the sample count."""
+        step = batch or int(self.attrs["unit_size"])
+        for start in range(0, len(self), step):
+            rows = slice(start, min(start + step, len(self)))
+            yield rows, self.read(block, rows, timestep, seed, crop)
+
+    def to_xarray(self, crop: int | None = None):  # -> xarray.Dataset
+        import xarray as xr
+
+        group = "" if crop is None else f"crops/{crop}"
+        ds = xr.open_zarr(store.join(self.path, store.FEATURES), group=group or None, consolidated=None)
+        if crop is None:
+            ds = ds.set_coords(["sample_id", "label", "ok"])
+        return ds
+
+    def verify(self) -> list[str]:
+        """Problems found (empty = sound): missing units, spec hash, counts, NaN/Inf in rows marked ok."""
+        problems = []
+        if spec_hash(self.spec) != self.attrs["spec_hash"]:
+            problems.append("stored spec does not match its spec hash")
+        size = int(self.attrs["unit_size"])
+        n_units = -(-len(self) // size)
+        done = store.done_units(self.path)
+        missing = sorted(set(range(n_units)) - done)
+        if missing:
+            problems.append(f"{len(missing)} of {n_units} units have no done marker (first: {missing[0]})")
+        reports = store.read_markers(self.path, sorted(done & set(range(n_units))))
+        ok = self.ok
+        if sum(r["ok"] for r in reports) != int(ok.sum()):
+            problems.append(f"unit reports count {sum(r['ok'] for r in reports)} ok rows, the store {int(ok.sum())}")
+        for name in self._all_array_paths():
+            arr = self.group[name]
+            for start in range(0, len(self), size):
+                rows = slice(start, min(start + size, len(self)))
+                values = np.asarray(arr[rows])[ok[rows]]
+                if not np.isfinite(values).all():
+                    problems.append(f"{name}: NaN or Inf in rows {rows.start}..{rows.stop - 1}")
+                    break
+        return problems
+
+    def _all_array_paths(self) -> list[str]:
+        paths = list(self.blocks)
+        for margin in self.crops:
+            paths += [f"crops/{margin}/{name}" for name in self.group[f"crops/{margin}"].array_keys()]
+        return paths
+
+    def info(self) -> dict:
+        """Blocks with shapes, samples, completeness, bytes on disk and the compression ratio."""
+        fs, root = store.filesystem(self.path)
+        stored = fs.du(store.join(root, store.FEATURES))
+        arrays = [self.group[p] for p in self._all_array_paths()]
+        raw = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in arrays)
+        n_units = -(-len(self) // int(self.attrs["unit_size"]))
+        return {
+            "path": self.path, "model": self.attrs["model"], "protocol": self.attrs["protocol"],
+            "spec_hash": self.attrs["spec_hash"], "samples": len(self), "ok": int(self.ok.sum()),
+            "timesteps": self.timesteps, "seeds": self.seeds, "crops": self.crops,
+            "units_done": len(store.done_units(self.path) & set(range(n_units))), "units": n_units,
+            "blocks": [{"name": p, "shape": list(a.shape), "dtype": str(a.dtype)}
+                       for p, a in zip(self._all_array_paths(), arrays)],
+            "bytes_raw": raw, "bytes_stored": int(stored), "compression_ratio": round(raw / max(1, stored), 3),
+        }
+
+
+def open_store(path: str) -> FeatureStore:
+    fs = FeatureStore(str(path))
+    fs.attrs  # noqa: B018  (fails early with StoreError when there is no store)
+    return fs

@@ -1,0 +1,432 @@
+"""Metric tables -> the paper's figures and a Markdown summary.
+
+Input: the tidy tables the metrics write to `<store>/results/{position,corners,anomalies}.parquet` (columns
+`model, block, order, metric, statistic, value, epoch, scale, group, variant`), and optionally the published
+numbers of Loos & Linhardt (2025) shipped in `sdfeat/data/reference/`, converted by `load_reference` into the
+same tidy form so that one plotting path draws both. The `Series` constants below are the exact rows read; they
+are listed in docs/INTERNALS.md ("Metric table vocabulary"). A metric that is absent is drawn as "not computed".
+
+Output (`write_report`): per store `figure2_<name>.{png,svg}` (the paper's Figure 2 layout), with several stores
+`cross_model.{png,svg}`, and `summary.md`. Matplotlib is used through its Agg canvas only (no pyplot state).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+from sdfeat.errors import SdfeatError, StoreError
+
+log = logging.getLogger(__name__)
+
+REFERENCE_DIR = Path(__file__).parent / "data" / "reference"
+REFERENCE_MODELS = ("sd15", "sd21", "sdturbo")
+PUBLISHED_LABEL = "published (Loos & Linhardt 2025)"
+STORE_LABEL = "this store"
+RESULT_TABLES = ("position", "corners", "anomalies")
+PROBE_SCALES = (8, 16, 32, 64)
+PAPER_PROBE_EPOCHS = 5
+# The paper's 45-block list omits up_blocks.0.resnets.2, which is index 23 of the `all` (execution order) list.
+PAPER_OMITTED_ORDER = 23
+DPI = 150
+CORNERS_EXCLUDED = frozenset({"conv_out"})  # the paper plots corners over the first 44 blocks (negative ratios)
+
+TIDY_SCHEMA = pa.schema(
+    [
+        ("model", pa.string()),
+        ("block", pa.string()),  # canonical dotted name
+        ("order", pa.int64()),  # index in the `all` preset (execution order)
+        ("metric", pa.string()),
+        ("statistic", pa.string()),
+        ("value", pa.float64()),
+        ("epoch", pa.int64()),
+        ("scale", pa.int64()),
+        ("group", pa.string()),
+        ("variant", pa.string()),
+        ("paper_counts", pa.bool_()),  # corners: the reference's n-based pair counts (quirk Q3)
+    ]
+)
+REQUIRED_COLUMNS = ("model", "block", "order", "metric", "statistic", "value")
+
+
+@dataclass(frozen=True)
+class Series:
+    """The rows of a tidy table that give one number per block."""
+
+    table: str  # results/<table>.parquet
+    metric: str
+    statistic: str
+    scale: int | None = None
+    group: str | None = None
+
+
+PROBE = {s: Series("position", "position", "accuracy", scale=s) for s in PROBE_SCALES}
+RATIO = {g: Series("corners", "corners", "ratio", group=g) for g in ("corner", "border")}
+ANOMALY_MEAN = Series("anomalies", "anomalies", "rel_norm_mean")
+ANOMALY_STD = Series("anomalies", "anomalies", "rel_norm_std")
+# Where a table holds several variants of a series, the report plots this one (else the alphabetically first);
+# corner rows with paper_counts=True come after the fixed ones. The anomaly ratio to the map mean is the paper's.
+PREFERRED_VARIANT = {"position": None, "corners": "cropped/reprcropped", "anomalies": "vs_mean"}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of Figure 2."""
+
+    ylabel: str
+    curves: tuple[tuple[str, Series, str], ...]  # (legend label, series, colour)
+    log: bool
+
+
+FIGURE2_ROWS = (
+    Row(
+        "probe accuracy",
+        tuple((f"S={s}", PROBE[s], c) for s, c in zip(PROBE_SCALES, ("#1b9e77", "#d95f02", "#7570b3", "#e7298a"))),
+        log=False,
+    ),
+    Row(
+        "relative similarity\n(cropped / repr-cropped)",
+        (("corner", RATIO["corner"], "#d62728"), ("border", RATIO["border"], "#1f77b4")),
+        log=True,
+    ),
+    Row("anomaly relative norm", (("mean ± std", ANOMALY_MEAN, "#9467bd"),), log=True),
+)
+CROSS_MODEL_ROWS = (
+    ("probe accuracy (S=8)", PROBE[8], False),
+    ("corner relative\nsimilarity", RATIO["corner"], True),
+    ("border relative\nsimilarity", RATIO["border"], True),
+    ("anomaly relative\nnorm (mean)", ANOMALY_MEAN, True),
+)
+
+
+def dotted_name(name: str) -> str:
+    """The paper's bracket form `down_blocks[0].resnets[1]` -> `down_blocks.0.resnets.1` (as
+    `sdfeat.blocks.canonical_name`, which would pull torch into the report)."""
+    return re.sub(r"\[(\d+)\]", r".\1", name)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def load_reference(model: str) -> pa.Table:
+    """The paper's per-block numbers for `model` (sd15 | sd21 | sdturbo) as a tidy table (TIDY_SCHEMA)."""
+    if model not in REFERENCE_MODELS:
+        raise SdfeatError(f"reference: no published numbers for '{model}' (choose from {', '.join(REFERENCE_MODELS)})")
+    rows: list[dict] = []
+    with (REFERENCE_DIR / f"{model}_per_block.csv").open(newline="") as f:
+        for record in csv.DictReader(f):
+            index = int(record["index"])
+            base = {
+                "model": model,
+                "block": dotted_name(record["block"]),
+                "order": index + (index >= PAPER_OMITTED_ORDER),
+            }
+
+            def add(series: Series, column: str, **extra: object) -> None:
+                rows.append({**base, "metric": series.metric, "statistic": series.statistic, "scale": series.scale,
+                             "group": series.group, "variant": PREFERRED_VARIANT[series.table],
+                             "value": float(record[column]), **extra})
+
+            for s in PROBE_SCALES:
+                add(PROBE[s], f"probe_acc_{s}", epoch=PAPER_PROBE_EPOCHS)
+            for group in ("corner", "border", "other"):
+                for variant in ("cropped", "reprcropped"):
+                    add(Series("corners", "corners", "group_mean", group=group), f"{group}_{variant}",
+                        variant=variant, paper_counts=True)
+            for group, series in RATIO.items():
+                add(series, f"{group}_ratio", paper_counts=True)
+            add(ANOMALY_MEAN, "anomaly_rel_norm_mean")
+            add(ANOMALY_STD, "anomaly_rel_norm_std")
+    return pa.Table.from_pylist(rows, schema=TIDY_SCHEMA)
+
+
+
+def _conform(table: pa.Table, path: Path) -> pa.Table:
+    """Missing optional columns become nulls; types are cast to TIDY_SCHEMA; block names made dotted."""
+    for column in REQUIRED_COLUMNS:
+        if column not in table.column_names:
+            raise StoreError(f"{path}: metric table lacks column '{column}'")
+    columns = {}
+    for field in TIDY_SCHEMA:
+        column = table[field.name] if field.name in table.column_names else pa.nulls(len(table), field.type)
+        try:
+            columns[field.name] = column.cast(field.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+            raise StoreError(f"{path}: column '{field.name}' cannot be read as {field.type}: {err}") from None
+    columns["block"] = pa.array([dotted_name(b) for b in columns["block"].to_pylist()], pa.string())
+    return pa.table(columns, schema=TIDY_SCHEMA)
+
+
+def load_results(store: str | Path) -> pa.Table:
+    """All metric tables of a store, concatenated (TIDY_SCHEMA); absent tables are skipped, none at all is an error."""
+    results = Path(store) / "results"
+    tables = {path: pq.read_table(path) for path in (results / f"{n}.parquet" for n in RESULT_TABLES) if path.exists()}
+    parts = [_conform(table, path) for path, table in tables.items() if table.num_rows]  # a metric with no rows
+    if not parts:
+        raise StoreError(f"{results}: no metric tables ({', '.join(RESULT_TABLES)}.parquet); run `sdfeat metrics` first")
+    return pa.concat_tables(parts)
+
+
+def select(table: pa.Table, series: Series) -> dict[str, float]:
+    """{block: value} of one series: the preferred variant, and the last epoch where there are several."""
+    preferred = PREFERRED_VARIANT.get(series.table)
+    best: dict[str, tuple[tuple, float]] = {}
+    for row in table.to_pylist():
+        if (row["metric"], row["statistic"], row["scale"], row["group"]) != (
+            series.metric, series.statistic, series.scale, series.group
+        ):
+            continue
+        variant, epoch = row["variant"], row["epoch"]
+        rank = (variant not in (None, preferred), bool(row["paper_counts"]), variant or "",
+                -(epoch if epoch is not None else float("inf")))
+        if row["block"] not in best or rank < best[row["block"]][0]:
+            best[row["block"]] = (rank, row["value"])
+    return {block: value for block, (_, value) in best.items()}
+
+
+def block_axis(*tables: pa.Table) -> list[str]:
+    """The union of the tables' blocks, in execution order (`order` column)."""
+    order: dict[str, int] = {}
+    for table in tables:
+        for block, position in zip(table["block"].to_pylist(), table["order"].to_pylist()):
+            order.setdefault(block, position)
+    return sorted(order, key=lambda b: (order[b], b))
+
+
+def _on_axis(values: Mapping[str, float], blocks: Sequence[str], log_scale: bool, exclude=frozenset()) -> np.ndarray:
+    """(len(blocks),) values with NaN where a block has none, is excluded, or (log axis) is not positive."""
+    out = np.array([values.get(b, np.nan) if b not in exclude else np.nan for b in blocks], dtype=float)
+    if log_scale:
+        out[out <= 0] = np.nan
+    return out
+
+
+# --------------------------------------------------------------------------------------------- figures
+
+
+def _new_figure(n_rows: int, n_blocks: int, height: float) -> tuple[Figure, np.ndarray]:
+    fig = Figure(figsize=(max(10.0, 0.24 * n_blocks + 4.5), height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n_rows, 1, sharex=True, squeeze=False)[:, 0]
+    return fig, axes
+
+
+def _style_axis(ax: Axes, ylabel: str, log_scale: bool) -> None:
+    ax.set_ylabel(ylabel, fontsize=9)
+    ax.grid(True, which="major", alpha=0.3)
+    if log_scale:
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.set_ylim(0, 1)
+
+
+def _block_ticks(ax: Axes, blocks: Sequence[str]) -> None:
+    ax.set_xticks(np.arange(len(blocks)), blocks, rotation=90, fontsize=7)
+    ax.set_xlim(-0.5, len(blocks) - 0.5)
+
+
+def _plot(ax: Axes, x: np.ndarray, y: np.ndarray, **style: object) -> None:
+    """A curve through the blocks that have a value (a block missing from one table does not break the line)."""
+    have = ~np.isnan(y)
+    ax.plot(x[have], y[have], marker=".", markersize=4, linewidth=1.4, **style)
+
+
+def _legend(ax: Axes, handles: list[Line2D]) -> None:
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False)
+
+
+def _not_computed(ax: Axes, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=12, color="0.4")
+
+
+def figure_2(table: pa.Table, reference: pa.Table | None = None, title: str = "", label: str = STORE_LABEL) -> Figure:
+    """The paper's Figure 2 for one model: probe accuracy, corner/border relative similarity, anomaly relative norm
+    over the blocks; `reference` (a tidy table, e.g. `load_reference("sd15")`) is drawn dashed underneath."""
+    blocks = block_axis(table, *([reference] if reference is not None else []))
+    fig, axes = _new_figure(3, len(blocks), 9.5)
+    x = np.arange(len(blocks))
+    sources = [(table, "-", 1.0, label)] + ([(reference, "--", 0.6, PUBLISHED_LABEL)] if reference is not None else [])
+    for ax, row in zip(axes, FIGURE2_ROWS):
+        _style_axis(ax, row.ylabel, row.log)
+        exclude = CORNERS_EXCLUDED if row.curves[0][1].table == "corners" else frozenset()
+        drawn = {src_label: False for *_, src_label in sources}
+        for src_table, linestyle, alpha, src_label in sources:
+            for curve_label, series, colour in row.curves:
+                y = _on_axis(select(src_table, series), blocks, row.log, exclude)
+                if np.isnan(y).all():
+                    continue
+                drawn[src_label] = True
+                if src_label == PUBLISHED_LABEL and len(row.curves) == 1:
+                    colour = "0.45"
+                _plot(ax, x, y, linestyle=linestyle, color=colour, alpha=alpha)
+                if series == ANOMALY_MEAN:
+                    std = _on_axis(select(src_table, ANOMALY_STD), blocks, False, exclude)
+                    have = ~np.isnan(y) & ~np.isnan(std)
+                    low = np.maximum(y - std, 0.25 * np.nanmin(y))  # a log axis cannot show <= 0
+                    ax.fill_between(x[have], low[have], (y + std)[have], color=colour, alpha=0.15, linewidth=0)
+        if not drawn[label]:
+            _not_computed(ax, "not computed" if reference is None else f"not computed ({label})")
+        handles = [Line2D([], [], color=c, label=lab) for lab, _, c in row.curves]
+        handles += [Line2D([], [], color="0.2", linestyle=ls, alpha=a, label=src) for _, ls, a, src in sources]
+        _legend(ax, handles)
+    _block_ticks(axes[-1], blocks)
+    fig.suptitle(title or "Figure 2 layout", fontsize=11)
+    return fig
+
+
+def figure_cross_model(tables: Mapping[str, pa.Table], reference: tuple[str, pa.Table] | None = None) -> Figure:
+    """One line per store (label -> tidy table) per metric; `reference` = (label, table) drawn dashed grey."""
+    all_tables = list(tables.values()) + ([reference[1]] if reference else [])
+    blocks = block_axis(*all_tables)
+    fig, axes = _new_figure(len(CROSS_MODEL_ROWS), len(blocks), 11.0)
+    x = np.arange(len(blocks))
+    colours = [f"C{i}" for i in range(len(tables))]
+    lines = [(name, t, "-", c) for (name, t), c in zip(tables.items(), colours)]
+    if reference:
+        lines.append((reference[0], reference[1], "--", "0.45"))
+    for ax, (ylabel, series, log_scale) in zip(axes, CROSS_MODEL_ROWS):
+        _style_axis(ax, ylabel, log_scale)
+        exclude = CORNERS_EXCLUDED if series.table == "corners" else frozenset()
+        handles = []
+        for name, table, linestyle, colour in lines:
+            y = _on_axis(select(table, series), blocks, log_scale, exclude)
+            if np.isnan(y).all():
+                name = f"{name}: not computed"
+            else:
+                _plot(ax, x, y, linestyle=linestyle, color=colour)
+            handles.append(Line2D([], [], color=colour, linestyle=linestyle, label=name))
+        _legend(ax, handles)
+    _block_ticks(axes[-1], blocks)
+    fig.suptitle("Across models", fontsize=11)
+    return fig
+
+
+def save_figure(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
+    """Write `<stem>.png` and `<stem>.svg`; returns both paths. The layout, which dominates the cost, is computed
+    by the PNG save and then kept for the SVG."""
+    png, svg = out_dir / f"{stem}.png", out_dir / f"{stem}.svg"
+    fig.savefig(png, dpi=DPI)
+    fig.set_layout_engine("none")
+    fig.savefig(svg)
+    return [png, svg]
+
+
+# --------------------------------------------------------------------------------------------- summary
+
+
+def _store_attrs(store: Path) -> dict:
+    """The store's `sdfeat` attributes (features.zarr/zarr.json), {} where there is no feature array."""
+    meta = store / "features.zarr" / "zarr.json"
+    if not meta.exists():
+        return {}
+    return json.loads(meta.read_text()).get("attributes", {}).get("sdfeat", {})
+
+
+def weights_note(model: str, attrs: Mapping) -> str | None:
+    """A warning when the numbers cannot be the paper's: a model other than the paper's three, or weights marked
+    as random in the store's attributes (`sdfeat.model.weights`)."""
+    recorded = attrs.get("model")
+    weights = recorded.get("weights") if isinstance(recorded, dict) else None
+    if model in REFERENCE_MODELS and weights in (None, "pretrained"):
+        return None
+    why = "random weights" if weights == "random" else f"the `{model}` model (tiny/random weights)"
+    return (f"**These numbers are not the paper's.** This store was extracted with {why}; they only show that the "
+            "pipeline runs. Real results need the real Stable Diffusion weights.")
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None or np.isnan(value) else f"{value:.3f}"
+
+
+def _peak(values: Mapping[str, float], exclude=frozenset()) -> tuple[str, float] | None:
+    usable = {b: v for b, v in values.items() if b not in exclude and not np.isnan(v)}
+    return max(usable.items(), key=lambda kv: kv[1]) if usable else None
+
+
+PEAKS = (
+    ("largest anomaly relative norm", ANOMALY_MEAN),
+    ("largest corner relative similarity", RATIO["corner"]),
+    ("largest border relative similarity", RATIO["border"]),
+    ("best probe accuracy at S=8", PROBE[8]),
+    ("best probe accuracy at S=64", PROBE[64]),
+)
+
+
+def _model_section(name: str, store: Path, table: pa.Table, reference: pa.Table | None, figure: str) -> list[str]:
+    models = sorted(set(table["model"].to_pylist())) or [str(_store_attrs(store).get("model", "unknown"))]
+    model = ", ".join(models)
+    lines = [f"## {name}", "", f"Store: `{store}` — model `{model}`", ""]
+    note = weights_note(model, _store_attrs(store))
+    if note:
+        lines += [f"> ⚠ {note}", ""]
+    lines += [f"![Figure 2 — {name}]({figure}.png)", "", "Peaks:", ""]
+    for text, series in PEAKS:
+        exclude = CORNERS_EXCLUDED if series.table == "corners" else frozenset()
+        peak = _peak(select(table, series), exclude)
+        line = f"- {text}: " + (f"{peak[1]:.3f} at `{peak[0]}`" if peak else "not computed")
+        published = _peak(select(reference, series), exclude) if reference is not None else None
+        if published:
+            line += f" (published: {published[1]:.3f} at `{published[0]}`)"
+        lines.append(line)
+    columns = [*(PROBE[s] for s in PROBE_SCALES), RATIO["corner"], RATIO["border"], ANOMALY_MEAN, ANOMALY_STD]
+    values = [select(table, s) for s in columns]
+    lines += ["", "| block | probe S=8 | S=16 | S=32 | S=64 | corner ratio | border ratio | anomaly mean | anomaly std |",
+              "|---|" + "---:|" * len(columns)]
+    for block in block_axis(table):
+        lines.append(f"| `{block}` | " + " | ".join(_fmt(v.get(block)) for v in values) + " |")
+    return lines + [""]
+
+
+def _unique_names(stores: Sequence[Path], tables: Sequence[pa.Table]) -> list[str]:
+    names = []
+    for store, table in zip(stores, tables):
+        models = sorted(set(table["model"].to_pylist()))
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{'+'.join(models) or 'store'}-{store.resolve().name}")
+        names.append(base if base not in names else f"{base}-{len(names)}")
+    return names
+
+
+def write_report(stores: list[str], out_dir: str, reference: str | None = None) -> Path:
+    """Figures (PNG + SVG) and `summary.md` for one or more stores' metric tables; returns the summary's path."""
+    if not stores:
+        raise SdfeatError("stores: give at least one store")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [Path(s) for s in stores]
+    tables = [load_results(p) for p in paths]
+    ref_table = load_reference(reference) if reference else None
+    names = _unique_names(paths, tables)
+    lines = ["# sdfeat report", ""]
+    if reference:
+        lines += [f"Dashed curves: {PUBLISHED_LABEL}, model `{reference}` (read from the authors' released data).", ""]
+    if len(tables) > 1:
+        fig = figure_cross_model(dict(zip(names, tables)),
+                                 (f"{PUBLISHED_LABEL}: {reference}", ref_table) if ref_table is not None else None)
+        save_figure(fig, out, "cross_model")
+        lines += ["![Across models](cross_model.png)", ""]
+    for name, store, table in zip(names, paths, tables):
+        stem = f"figure2_{name}"
+        save_figure(figure_2(table, ref_table, title=f"{name} — Figure 2 layout"), out, stem)
+        lines += _model_section(name, store, table, ref_table, stem)
+    summary = out / "summary.md"
+    summary.write_text("\n".join(lines))
+    log.info("report written to %s", summary)
+    return summary

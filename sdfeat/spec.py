@@ -1,0 +1,169 @@
+"""The job spec: one YAML file names the model, the images, the blocks, timesteps, seeds and the output store.
+
+Everything downstream (planning, the store template, the workers, the metrics) reads a validated `JobSpec`.
+Validation is strict (unknown keys are errors) and happens before any model is loaded. `spec_hash` identifies
+the work a spec describes; it ignores `output`, so the same job written elsewhere keeps its identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sdfeat.errors import SpecError
+
+SPEC_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Variants(_Strict):
+    """Extra extractions of each image, stored beside the full-size arrays.
+
+    `crops`: margins in pixels; every image is cropped by the margin on each side (no resize) and extracted again.
+    `auto` takes, for every block size n among the requested blocks, the paper's one-token margin resolution // n.
+    """
+
+    crops: list[int] | Literal["auto"] = Field(default_factory=list)
+
+    @field_validator("crops")
+    @classmethod
+    def _positive_margins(cls, v: list[int] | str) -> list[int] | str:
+        if isinstance(v, list):
+            if any(m <= 0 for m in v):
+                raise ValueError("crop margins must be positive pixel counts")
+            if len(set(v)) != len(v):
+                raise ValueError("crop margins must be unique")
+        return v
+
+
+class Summaries(_Strict):
+    """Small per-image summaries computed on the device for every summary block (full-ImageNet jobs).
+
+    Full tensors are then stored only for `JobSpec.blocks`; the metrics run on the summaries.
+    """
+
+    blocks: list[str] | Literal["paper", "all"] = "paper"
+    tokens_per_image: int = Field(default=16, ge=1, le=4096)
+
+
+class JobSpec(_Strict):
+    spec_version: Literal[1] = SPEC_VERSION
+    model: str = "tiny"
+    revision: str | None = None
+    protocol: Literal["paper", "standard"] = "standard"
+    source: str
+    source_format: Literal["auto", "parquet", "folder", "webdataset", "synthetic"] = "auto"
+    limit: int | None = Field(default=None, ge=1)
+    classes: list[int] | None = None
+    resolution: int = Field(default=512, ge=64, le=2048)
+    blocks: list[str] | Literal["paper", "all"] = "paper"
+    timesteps: list[int] = Field(default_factory=lambda: [50], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
+    batch_size: int = Field(default=20, ge=1, le=4096)
+    prompt: str = ""
+    dtype: Literal["float16", "float32"] = "float16"
+    compute_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    codec: Literal["none", "zstd"] = "none"
+    unit_size: int | None = Field(default=None, ge=1)
+    variants: Variants = Field(default_factory=Variants)
+    summaries: Summaries | None = None
+    output: str
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_multiple_of_64(cls, v: int) -> int:
+        if v % 64:
+            raise ValueError(f"must be a multiple of 64 (the U-Net halves the latent three times), got {v}")
+        return v
+
+    @field_validator("timesteps")
+    @classmethod
+    def _timesteps_in_range(cls, v: list[int]) -> list[int]:
+        if any(not 0 <= t <= 999 for t in v):
+            raise ValueError("every timestep must lie in 0..999")
+        if len(set(v)) != len(v):
+            raise ValueError("timesteps must be unique")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_unique(cls, v: list[int]) -> list[int]:
+        if any(s < 0 for s in v):
+            raise ValueError("seeds must be non-negative")
+        if len(set(v)) != len(v):
+            raise ValueError("seeds must be unique")
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_non_negative(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or any(c < 0 for c in v)):
+            raise ValueError("must be a non-empty list of non-negative class indices")
+        return v
+
+    @field_validator("blocks")
+    @classmethod
+    def _blocks_unique(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, list) and len(set(v)) != len(v):
+            raise ValueError("block names must be unique")
+        return v
+
+    @model_validator(mode="after")
+    def _needs_something_to_store(self) -> "JobSpec":
+        if self.blocks == [] and self.summaries is None:
+            raise ValueError("blocks is empty and no summaries are asked for: nothing would be stored")
+        return self
+
+
+def spec_hash(spec: JobSpec) -> str:
+    """16 hex digits identifying the work (every field except `output`)."""
+    payload = spec.model_dump(mode="json", exclude={"output"})
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{origin}: field '{field}': {msg}{more}"
+
+
+def parse_spec(data: Any, origin: str = "job spec", **overrides: Any) -> JobSpec:
+    """Validate a mapping (already parsed YAML) into a `JobSpec`; `overrides` replace keys (None = keep)."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{origin}: expected a mapping of keys to values, got {type(data).__name__}")
+    merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return JobSpec.model_validate(merged)
+    except ValidationError as err:
+        raise SpecError(_format_validation_error(err, origin)) from None
+
+
+def load_spec(path: str | Path, **overrides: Any) -> JobSpec:
+    """Read a YAML job spec with `yaml.safe_load`; errors name the file and the field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"job spec not found: {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    return parse_spec(data, origin=str(path), **overrides)
+
+
+def spec_to_yaml(spec: JobSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

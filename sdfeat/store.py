@@ -1,0 +1,210 @@
+"""The feature store's on-disk layout: a Zarr v3 group plus plain files beside it.
+
+The driver writes the template (every array at its final shape, metadata only) before any worker starts; each
+work unit then writes whole shards along `sample` (its own row range) and, last, its done marker. No two
+processes ever write the same shard, arrays are never resized, and a unit without a marker is simply redone.
+
+    <output>/features.zarr       arrays: <block> (sample, timestep, seed, channel_C, y_H, x_W), crops/<m>/<block>,
+                                 summaries/<block>/<name>; coordinates sample_id, label, ok, timestep, seed
+    <output>/manifest.parquet    the sample plan (which file and row every store row came from)
+    <output>/progress/unit-<k>.json  a finished unit's report; its existence means "done"
+    <output>/failures.parquet    images that could not be used, with the reason
+
+Works on local paths and fsspec URLs (s3://…). Imports numpy and zarr only: no torch, no diffusers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from sdfeat.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+FEATURES = "features.zarr"
+MANIFEST = "manifest.parquet"
+PROGRESS = "progress"
+FAILURES = "failures.parquet"
+ATTRS_KEY = "sdfeat"
+
+# Zarr v3 consolidated metadata is not in the spec yet; we rely on it only as an optimisation for opening.
+warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", category=UserWarning)
+
+
+@dataclass(frozen=True)
+class ArrayLayout:
+    """One per-sample array of the store: `path` inside features.zarr and the shape of one sample's slice."""
+
+    path: str                    # "up_blocks.1.upsamplers.0", "crops/16/conv_in", "summaries/conv_in/norms"
+    sample_shape: tuple[int, ...]  # e.g. (timestep, seed, channel, y, x)
+    dims: tuple[str, ...]          # names of the sample_shape axes
+    dtype: str
+    chunk_sample_shape: tuple[int, ...] | None = None  # inner chunk of one sample; None = the whole slice
+
+    def bytes_per_sample(self) -> int:
+        return int(np.prod(self.sample_shape)) * np.dtype(self.dtype).itemsize
+
+
+def activation_layout(path: str, n_timesteps: int, n_seeds: int, channels: int, height: int, width: int,
+                      dtype: str) -> ArrayLayout:
+    """A block's activations: one chunk per (sample, timestep, seed); dims named by size so that all blocks
+    fit one xarray Dataset."""
+    return ArrayLayout(
+        path=path,
+        sample_shape=(n_timesteps, n_seeds, channels, height, width),
+        dims=("timestep", "seed", f"channel_{channels}", f"y_{height}", f"x_{width}"),
+        dtype=dtype,
+        chunk_sample_shape=(1, 1, channels, height, width),
+    )
+
+
+def join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def filesystem(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(output)
+    return fs, path
+
+
+def _group_path(group: zarr.Group, path: str) -> tuple[zarr.Group, str]:
+    """Create the intermediate groups of `path` ("crops/16/conv_in") and return (parent, leaf name)."""
+    *parents, leaf = path.split("/")
+    for part in parents:
+        group = group.require_group(part)
+    return group, leaf
+
+
+def create_template(output: str, arrays: Sequence[ArrayLayout], n_samples: int, unit_size: int,
+                    sample_ids: Sequence[str], labels: Sequence[int], timesteps: Sequence[int],
+                    seeds: Sequence[int], attrs: dict, codec: str = "none") -> None:
+    """Write features.zarr with every array at its final shape (no activation data) and consolidate metadata.
+
+    Shards along `sample` are exactly `unit_size` long for every array, so a unit owns whole shards.
+    """
+    compressors = None if codec == "none" else zarr.codecs.ZstdCodec(level=1)
+    root = zarr.open_group(join(output, FEATURES), mode="w", attributes={ATTRS_KEY: attrs})
+    chunk = (unit_size,)
+    sid = root.create_array("sample_id", shape=(n_samples,), chunks=chunk, dtype=str, dimension_names=["sample"])
+    sid[:] = np.asarray(sample_ids, dtype=str)
+    lab = root.create_array("label", shape=(n_samples,), chunks=chunk, dtype="int64", dimension_names=["sample"])
+    lab[:] = np.asarray(labels, dtype=np.int64)
+    root.create_array("ok", shape=(n_samples,), chunks=chunk, dtype="bool", fill_value=False,
+                      dimension_names=["sample"])
+    root.create_array("timestep", shape=(len(timesteps),), dtype="int64", dimension_names=["timestep"])[:] = timesteps
+    root.create_array("seed", shape=(len(seeds),), dtype="int64", dimension_names=["seed"])[:] = seeds
+    for layout in arrays:
+        parent, name = _group_path(root, layout.path)
+        inner = layout.chunk_sample_shape or layout.sample_shape
+        parent.create_array(
+            name,
+            shape=(n_samples, *layout.sample_shape),
+            chunks=(1, *inner),
+            shards=(unit_size, *layout.sample_shape),
+            dtype=layout.dtype,
+            compressors=compressors,
+            fill_value=0,
+            dimension_names=["sample", *layout.dims],
+        )
+    zarr.consolidate_metadata(join(output, FEATURES))
+
+
+def open_features(output: str, mode: str = "r") -> zarr.Group:
+    try:
+        return zarr.open_group(join(output, FEATURES), mode=mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        raise StoreError(f"no feature store at {output} (expected {join(output, FEATURES)})") from None
+
+
+def read_attrs(output: str) -> dict:
+    attrs = open_features(output).attrs.asdict()
+    if ATTRS_KEY not in attrs:
+        raise StoreError(f"{join(output, FEATURES)} is a Zarr group but not an sdfeat store (no '{ATTRS_KEY}' attrs)")
+    return attrs[ATTRS_KEY]
+
+
+def write_unit(group: zarr.Group, start: int, stop: int, data: dict[str, np.ndarray], ok: np.ndarray) -> None:
+    """Write one unit's rows [start, stop) of every array (whole shards), then its `ok` flags."""
+    for path, values in data.items():
+        group[path][start:stop] = values
+    group["ok"][start:stop] = ok
+
+
+# -- manifest, markers, failures ----------------------------------------------------------------------------
+
+def write_manifest(output: str, table: pa.Table) -> None:
+    fs, root = filesystem(output)
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(join(root, MANIFEST), "wb") as f:
+        pq.write_table(table, f)
+
+
+def read_manifest(output: str) -> pa.Table:
+    fs, root = filesystem(output)
+    with fs.open(join(root, MANIFEST), "rb") as f:
+        return pq.read_table(f)
+
+
+def marker_path(output: str, unit: int) -> str:
+    return join(output, PROGRESS, f"unit-{unit:06d}.json")
+
+
+def write_marker(output: str, unit: int, report: dict) -> None:
+    """Written after the unit's data: its existence says the unit is done."""
+    fs, _ = filesystem(output)
+    path = marker_path(output, unit)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as f:
+        json.dump(report, f)
+
+
+def done_units(output: str) -> set[int]:
+    fs, root = filesystem(output)
+    folder = join(root, PROGRESS)
+    if not fs.exists(folder):
+        return set()
+    names = (p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False))
+    return {int(n[5:-5]) for n in names if n.startswith("unit-") and n.endswith(".json")}
+
+
+def read_markers(output: str, units: Iterable[int]) -> list[dict]:
+    fs, _ = filesystem(output)
+    reports = []
+    for unit in units:
+        with fs.open(marker_path(output, unit), "r") as f:
+            reports.append(json.load(f))
+    return reports
+
+
+def clear_markers(output: str) -> None:
+    fs, root = filesystem(output)
+    folder = join(root, PROGRESS)
+    if fs.exists(folder):
+        fs.rm(folder, recursive=True)
+
+
+def write_failures(output: str, failures: Sequence[dict]) -> None:
+    fs, root = filesystem(output)
+    table = pa.table({
+        "sample_id": pa.array([f["sample_id"] for f in failures], pa.string()),
+        "reason": pa.array([f["reason"] for f in failures], pa.string()),
+        "unit": pa.array([f.get("unit", -1) for f in failures], pa.int64()),
+    })
+    with fs.open(join(root, FAILURES), "wb") as f:
+        pq.write_table(table, f)
+
+
+def remove_store(output: str) -> None:
+    fs, root = filesystem(output)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)

@@ -1,0 +1,140 @@
+"""Submit an extraction job to a running Ray cluster through the Ray Jobs API (`sdfeat submit`).
+
+The spec is validated here first (so a typo fails on the laptop, not on the cluster), then shipped together with
+this checkout of the `sdfeat` package as the job's working directory; the job runs `python -m sdfeat.cli extract
+job.yaml` on the head node, which joins the cluster and drives the actors (`cluster.run_on_ray`).
+
+Submission ids are `sdfeat-<spec hash>-<n>`: a resubmission of the same work is recognisable in `ray job list`,
+and a second submission while one for the same spec and output is still running is refused (two drivers would
+write the same shards).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdfeat.errors import SdfeatError, SpecError
+from sdfeat.spec import JobSpec, load_spec, spec_hash, spec_to_yaml
+
+log = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+SHIPPED_SPEC = "job.yaml"
+ACTIVE_STATES = ("PENDING", "RUNNING")
+
+
+@dataclass(frozen=True)
+class Submission:
+    submission_id: str
+    address: str
+    spec_hash: str
+    entrypoint: str
+
+    def how_to_follow(self) -> str:
+        """Lines telling a user how to watch, fetch logs of, and stop the job."""
+        return (f"submitted {self.submission_id} to {self.address}\n"
+                f"  follow:  ray job logs --address {self.address} --follow {self.submission_id}\n"
+                f"  status:  ray job status --address {self.address} {self.submission_id}\n"
+                f"  stop:    ray job stop --address {self.address} {self.submission_id}\n"
+                f"  dashboard: {self.address}/#/jobs/{self.submission_id}")
+
+
+def _client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except ConnectionError as err:
+        raise SdfeatError(f"--address {address}: no Ray Jobs API answers there ({err})") from None
+
+
+def _check_paths_reach_cluster(spec: JobSpec) -> None:
+    """A relative local path would resolve inside the job's temporary working directory on the head node."""
+    for field in ("source", "output"):
+        value = getattr(spec, field)
+        if "://" in value or value.startswith("synthetic:") or Path(value).is_absolute():
+            continue
+        raise SpecError(f"field '{field}': '{value}' is a relative path; a submitted job needs a URL (s3://…) "
+                        "or an absolute path on storage every cluster node can reach")
+
+
+def _stage_working_dir(spec: JobSpec) -> Path:
+    """A temporary directory holding this `sdfeat` package and the validated spec; it becomes the job's cwd."""
+    stage = Path(tempfile.mkdtemp(prefix="sdfeat-submit-"))
+    shutil.copytree(PACKAGE_DIR, stage / "sdfeat", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (stage / SHIPPED_SPEC).write_text(spec_to_yaml(spec))
+    return stage
+
+
+def next_submission_id(digest: str, existing_ids: list[str]) -> str:
+    """`sdfeat-<hash>-<n>` with n one above the highest n already used for this hash (1 for the first)."""
+    pattern = re.compile(rf"sdfeat-{re.escape(digest)}-(\d+)")
+    used = [int(m.group(1)) for i in existing_ids if (m := pattern.fullmatch(i))]
+    return f"sdfeat-{digest}-{max(used, default=0) + 1}"
+
+
+def build_entrypoint(workers: int | None, gpus_per_worker: float | None, overwrite: bool) -> str:
+    parts = ["python", "-m", "sdfeat.cli", "extract", SHIPPED_SPEC]
+    if workers is not None:
+        parts += ["--workers", str(workers)]
+    if gpus_per_worker is not None:
+        parts += ["--gpus-per-worker", str(gpus_per_worker)]
+    if overwrite:
+        parts.append("--overwrite")
+    return " ".join(parts)
+
+
+def submit_job(spec_path: str | Path, address: str | None = None, workers: int | None = None,
+               gpus_per_worker: float | None = None, overwrite: bool = False, **overrides: object) -> Submission:
+    """Validate the spec locally, ship it with this package to the cluster at `address` (the dashboard URL,
+    e.g. http://HEAD:8265; None = RAY_ADDRESS) and start `sdfeat extract` there. Returns the submission."""
+    spec = load_spec(spec_path, **overrides)
+    _check_paths_reach_cluster(spec)
+    digest = spec_hash(spec)
+    client = _client(address)
+    jobs = client.list_jobs()
+    for job in jobs:
+        same_work = (job.metadata or {}).get("sdfeat_spec_hash") == digest
+        if same_work and (job.metadata or {}).get("sdfeat_output") == spec.output and str(job.status) in ACTIVE_STATES:
+            raise SdfeatError(f"{job.submission_id} is still {job.status} for this spec and output; follow it with "
+                              f"`ray job logs --follow {job.submission_id}` or stop it before resubmitting")
+    submission_id = next_submission_id(digest, [j.submission_id for j in jobs if j.submission_id])
+    entrypoint = build_entrypoint(workers, gpus_per_worker, overwrite)
+    stage = _stage_working_dir(spec)
+    try:
+        client.submit_job(
+            entrypoint=entrypoint, submission_id=submission_id,
+            runtime_env={"working_dir": str(stage)},
+            metadata={"sdfeat_spec_hash": digest, "sdfeat_output": spec.output, "sdfeat_spec": Path(spec_path).name},
+        )
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # the working dir is uploaded during submit_job
+    log.info("submitted %s (entrypoint %r)", submission_id, entrypoint)
+    return Submission(submission_id, client.get_address(), digest, entrypoint)
+
+
+def status(submission_id: str, address: str | None = None) -> str:
+    """The job's state: PENDING, RUNNING, STOPPED, SUCCEEDED or FAILED."""
+    return str(_client(address).get_job_status(submission_id))
+
+
+def logs(submission_id: str, address: str | None = None) -> str:
+    """Everything the job's driver has printed so far."""
+    return _client(address).get_job_logs(submission_id)
+
+
+def wait(submission_id: str, address: str | None = None, timeout_s: float = 600.0, poll_s: float = 1.0) -> str:
+    """Block until the job leaves PENDING/RUNNING (or `timeout_s` passes); returns its last state."""
+    client = _client(address)
+    deadline = time.monotonic() + timeout_s
+    state = str(client.get_job_status(submission_id))
+    while state in ACTIVE_STATES and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        state = str(client.get_job_status(submission_id))
+    return state

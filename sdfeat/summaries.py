@@ -1,0 +1,89 @@
+"""Per-image summaries, computed on the device while extracting (full-ImageNet jobs store these, not tensors).
+
+Per (image, timestep, seed) and block:
+- `norms` (H, W) float32: the token-norm map (anomaly metric, detection);
+- `tokens` (K, C) float16 and `token_yx` (K, 2) int16 (row, col): K sampled tokens for the position probe; the
+  positions are a pure function of (seed, sample_id), independent of batch, device and worker;
+- `groups` (3, 3), `groups_diag` (3,), `corner_groups` (4, 3) float64 and `group_pairs` (3, 3) int64: the corner
+  metric's cosine-similarity pair sums on the full map's inner (H-2)×(W-2) region (reprcropped) and, with a crop
+  activation, the same on the crop map under the `crop_` prefix.
+`sdfeat.metrics` turns these into the same numbers as from full tensors (`metrics.runner` reads them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from sdfeat.metrics.anomalies import token_norms
+from sdfeat.metrics.corners import group_similarity_sums, inner, pair_counts
+
+if TYPE_CHECKING:
+    from sdfeat.blocks import BlockInfo
+
+GROUP_KEYS = ("groups", "groups_diag", "corner_groups", "group_pairs")
+
+
+def _n_tokens(block: "BlockInfo", tokens_per_image: int) -> int:
+    return min(tokens_per_image, block.height * block.width)
+
+
+def summary_layout(block: "BlockInfo", tokens_per_image: int,
+                   with_crop: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{name: (per-(image, timestep, seed) shape, numpy dtype)}; group sums only for maps of at least 4×4."""
+    k = _n_tokens(block, tokens_per_image)
+    layout: dict[str, tuple[tuple[int, ...], str]] = {
+        "norms": ((block.height, block.width), "float32"),
+        "tokens": ((k, block.channels), "float16"),
+        "token_yx": ((k, 2), "int16"),
+    }
+    if min(block.height, block.width) >= 4:
+        prefixes = ("", "crop_") if with_crop else ("",)
+        for p in prefixes:
+            layout[f"{p}groups"] = ((3, 3), "float64")
+            layout[f"{p}groups_diag"] = ((3,), "float64")
+            layout[f"{p}corner_groups"] = ((4, 3), "float64")
+            layout[f"{p}group_pairs"] = ((3, 3), "int64")
+    return layout
+
+
+def token_positions(seed: int, sample_id: str, height: int, width: int, k: int) -> np.ndarray:
+    """(k, 2) int64 (row, col), distinct, sorted in token order; a pure function of its arguments."""
+    digest = hashlib.sha256(f"{seed}\0{sample_id}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    flat = np.sort(rng.choice(height * width, size=min(k, height * width), replace=False))
+    return np.stack([flat // width, flat % width], axis=1)
+
+
+def _group_summaries(acts: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
+    sums = group_similarity_sums(acts)  # acts (B, C, m, m)
+    out = {f"{prefix}{k}": v for k, v in sums.items()}
+    pairs = torch.as_tensor(pair_counts(acts.shape[-1]), device=acts.device)
+    out[f"{prefix}group_pairs"] = pairs.expand(len(acts), 3, 3)
+    return out
+
+
+def summarize(acts: torch.Tensor, block: "BlockInfo", sample_ids: Sequence[str], tokens_per_image: int,
+              seed: int, crop_acts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """acts (B, C, H, W) on any device -> {name: (B, *shape)} on that device, dtypes of `summary_layout`.
+
+    crop_acts: (B, C, H-2, W-2) activations of the one-token crop, or None."""
+    b, c, h, w = acts.shape
+    k = _n_tokens(block, tokens_per_image)
+    yx = np.stack([token_positions(seed, sid, h, w, k) for sid in sample_ids])  # (B, K, 2)
+    flat = torch.as_tensor(yx[..., 0] * w + yx[..., 1], device=acts.device)  # (B, K)
+    picked = torch.gather(acts.flatten(2), 2, flat[:, None, :].expand(b, c, k))  # (B, C, K)
+    out = {
+        "norms": token_norms(acts),
+        "tokens": picked.transpose(1, 2).half(),
+        "token_yx": torch.as_tensor(yx, device=acts.device).short(),
+    }
+    if min(h, w) >= 4:
+        out.update(_group_summaries(inner(acts), ""))
+        if crop_acts is not None:
+            out.update(_group_summaries(crop_acts, "crop_"))
+    return out

@@ -1,0 +1,146 @@
+"""Shared helpers for the Ray tests: one local multi-node cluster per pytest process, a small job spec, a store
+comparison, and test-only actor bodies that inject faults (never used in production code).
+
+The cluster (`ray.cluster_utils.Cluster`: a 1-CPU head with the dashboard / Jobs API on 127.0.0.1 and two 1-CPU
+worker nodes) is a process-wide singleton, so test modules that import the `ray_cluster` fixture share it; the
+test process is connected to it as a driver.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from sdfeat.cluster import ExtractionWorker
+from sdfeat.plan import Unit
+from sdfeat.spec import JobSpec, parse_spec
+
+_CLUSTER = None
+
+JOB = {
+    "model": "tiny", "source": "synthetic:16", "resolution": 128, "timesteps": [50], "batch_size": 2,
+    "unit_size": 4, "blocks": ["down_blocks.0.resnets.0", "down_blocks.1.attentions.0"],
+}
+
+
+def job_spec(output: str | Path, **changes: object) -> JobSpec:
+    return parse_spec({**JOB, **changes, "output": str(output)})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shared_cluster():
+    """Start (once) the local cluster and connect this process to it."""
+    global _CLUSTER
+    if _CLUSTER is None:
+        import ray
+        import ray.cloudpickle
+        from ray.cluster_utils import Cluster
+
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+            "dashboard_port": free_port(), "object_store_memory": 80 * 2**20})
+        for _ in range(2):
+            cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+        _CLUSTER = cluster
+    return _CLUSTER
+
+
+def shutdown_cluster() -> None:
+    global _CLUSTER
+    if _CLUSTER is not None:
+        import ray
+
+        ray.shutdown()
+        _CLUSTER.shutdown()
+        _CLUSTER = None
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    yield shared_cluster()
+    shutdown_cluster()
+
+
+def array_paths(group: zarr.Group) -> list[str]:
+    return sorted(path for path, node in group.members(max_depth=None) if isinstance(node, zarr.Array))
+
+
+def assert_same_store(actual: str | Path, expected: str | Path, skip: tuple[str, ...] = ()) -> None:
+    """Every array of the two `features.zarr` groups equal, value for value (same names, shapes, dtypes)."""
+    got = zarr.open_group(f"{actual}/features.zarr", mode="r")
+    want = zarr.open_group(f"{expected}/features.zarr", mode="r")
+    assert array_paths(got) == array_paths(want)
+    for path in array_paths(want):
+        if path in skip:
+            continue
+        a, b = got[path][...], want[path][...]
+        assert a.dtype == b.dtype, path
+        np.testing.assert_array_equal(a, b, err_msg=path)
+    assert got.attrs["sdfeat"]["spec_hash"] == want.attrs["sdfeat"]["spec_hash"]
+
+
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up after {timeout_s} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+# Test-only actor bodies, configured through env vars given to the actors via runtime_env.
+
+def _claim_once(name: str) -> bool:
+    """True for exactly one caller across all processes (atomic file creation in SDFEAT_TEST_DIR)."""
+    try:
+        fd = os.open(Path(os.environ["SDFEAT_TEST_DIR"]) / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+class DiesMidWrite(ExtractionWorker):
+    """Dies (hard process exit) halfway through writing unit SDFEAT_TEST_UNIT's arrays, once per test."""
+
+    def run(self, unit: Unit) -> dict:
+        if unit.index == int(os.environ["SDFEAT_TEST_UNIT"]) and _claim_once(f"died-{unit.index}"):
+            from sdfeat import store
+
+            real_write = store.write_unit
+
+            def half_then_die(group, start, stop, data, ok):
+                first_half = dict(list(data.items())[: max(1, len(data) // 2)])
+                real_write(group, start, stop, first_half, ok)
+                os._exit(1)
+
+            store.write_unit = half_then_die
+        return super().run(unit)
+
+
+class RecordsNode(ExtractionWorker):
+    """Notes which node starts which unit (files `started-<unit>-<node id>`), then works slowly enough
+    (SDFEAT_TEST_DELAY_S per unit) for a test to act while units are in flight."""
+
+    def run(self, unit: Unit) -> dict:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        (Path(os.environ["SDFEAT_TEST_DIR"]) / f"started-{unit.index}-{node}").touch()
+        time.sleep(float(os.environ.get("SDFEAT_TEST_DELAY_S", "0")))
+        return super().run(unit)

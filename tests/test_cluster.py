@@ -1,0 +1,173 @@
+"""The Ray driver on a real local cluster (a head and two worker nodes): the store equals the one `run_local`
+writes, value for value, also when an actor dies mid-write, a worker node leaves mid-job, or the driver is killed
+and run again; a unit that cannot be read is named and the other units are kept."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from raycluster import (DiesMidWrite, RecordsNode, assert_same_store, job_spec, ray_cluster,  # noqa: F401
+                        wait_for)
+from sdfeat import store
+from sdfeat.cluster import plan_actors, run_on_ray
+from sdfeat.errors import SdfeatError, UnitFailedError
+from sdfeat.extract import prepare_job, run_local
+
+N_UNITS = 4  # synthetic:16 in units of 4
+
+
+# Actor layout (no Ray needed)
+
+def test_cpu_only_actors_leave_a_core_for_tasks() -> None:
+    layout = plan_actors(cluster_cpus=2, cluster_gpus=0, cpu_nodes=1, workers=2)
+    assert (layout.count, layout.threads, layout.num_gpus, layout.device) == (2, 1, 0.0, "cpu")
+    assert layout.count * layout.num_cpus <= 2 - 1
+
+
+def test_cpu_only_default_is_one_actor_per_node_using_its_cores() -> None:
+    layout = plan_actors(cluster_cpus=16, cluster_gpus=0, cpu_nodes=2)
+    assert (layout.count, layout.threads) == (2, 8)
+    assert layout.count * layout.num_cpus <= 15
+
+
+def test_gpu_default_is_one_actor_per_gpu() -> None:
+    layout = plan_actors(cluster_cpus=96, cluster_gpus=8, cpu_nodes=1)
+    assert (layout.count, layout.num_gpus, layout.num_cpus, layout.device) == (8, 1.0, 1.0, "cuda")
+    assert plan_actors(96, 8, 1, gpus_per_worker=2).count == 4
+    assert plan_actors(96, 8, 1, workers=3, gpus_per_worker=0.5).num_gpus == 0.5
+
+
+def test_gpus_per_worker_zero_forces_cpu_actors_and_bad_counts_are_named() -> None:
+    assert plan_actors(8, 2, 1, gpus_per_worker=0).device == "cpu"
+    with pytest.raises(SdfeatError, match="--workers"):
+        plan_actors(8, 0, 1, workers=0)
+
+
+# On the cluster
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """run_local's store, with one torch thread like the actors here (CPU results depend on the thread count)."""
+    import torch
+
+    out = tmp_path_factory.mktemp("reference") / "store"
+    threads = torch.get_num_threads()
+    try:
+        run_local(job_spec(out), progress=False, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _markers(output: Path) -> set[int]:
+    return store.done_units(str(output))
+
+
+def _fault_env(tmp_path: Path, **extra: str) -> dict:
+    return {"env_vars": {"SDFEAT_TEST_DIR": str(tmp_path), **extra}}
+
+
+@pytest.mark.ray
+def test_two_actors_write_the_same_store_as_local(ray_cluster, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "store"
+    summary = run_on_ray(job_spec(out), workers=2, progress=False)
+    assert_same_store(out, reference)
+    assert (summary["ok"], summary["units"], summary["ray"]["units_run"]) == (16, N_UNITS, N_UNITS)
+    assert summary["ray"]["retries"] == 0
+    again = run_on_ray(job_spec(out), workers=2, progress=False)  # everything done: nothing to redo
+    assert (again["ray"]["units_run"], again["ray"]["units_skipped"]) == (0, N_UNITS)
+
+
+@pytest.mark.ray
+def test_actor_dying_mid_write_is_replaced_and_its_unit_redone(ray_cluster, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "store"
+    summary = run_on_ray(job_spec(out), workers=2, progress=False, worker_class=DiesMidWrite,
+                         runtime_env=_fault_env(tmp_path, SDFEAT_TEST_UNIT="1"))
+    assert (tmp_path / "died-1").exists()  # the fault did happen
+    assert summary["ray"]["actor_restarts"] >= 1 and summary["ray"]["retries"] >= 1
+    assert _markers(out) == set(range(N_UNITS))
+    assert_same_store(out, reference)
+
+
+@pytest.mark.ray
+def test_unreadable_shard_names_its_units_and_keeps_the_others(ray_cluster, tmp_path: Path) -> None:
+    from imagegen import write_parquet_shards
+
+    shards = write_parquet_shards(tmp_path / "data", n_files=2, rows_per_file=8)
+    spec = job_spec(tmp_path / "store", source=str(tmp_path / "data"))
+    prepare_job(spec)                                   # planned while both shards were readable
+    shards[1].write_bytes(b"not a parquet file " * 100)
+    with pytest.raises(UnitFailedError, match=r"unit 2 .*unreadable.*also failed: units 3") as err:
+        run_on_ray(spec, workers=2, progress=False, max_retries=1)
+    assert shards[1].name in str(err.value)
+    assert _markers(tmp_path / "store") == {0, 1}
+
+
+DRIVER_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import ray.cloudpickle, raycluster
+ray.cloudpickle.register_pickle_by_value(raycluster)
+from sdfeat.cluster import run_on_ray
+run_on_ray(raycluster.job_spec({out!r}), workers=1, progress=False, worker_class=raycluster.RecordsNode,
+           runtime_env={{"env_vars": {{"SDFEAT_TEST_DIR": {tmp!r}, "SDFEAT_TEST_DELAY_S": "2"}}}})
+"""
+
+
+@pytest.mark.ray
+def test_killed_driver_resumes_where_it_stopped(ray_cluster, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "store"
+    script = DRIVER_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out), tmp=str(tmp_path))
+    driver = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "RAY_ADDRESS": ray_cluster.address})
+    try:
+        wait_for(lambda: bool(_markers(out)) if (out / "progress").exists() else False, 120, "the first done marker")
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    done_before = _markers(out)
+    assert 1 <= len(done_before) < N_UNITS
+    summary = run_on_ray(job_spec(out), workers=2, progress=False)
+    assert summary["ray"]["units_skipped"] == len(done_before)
+    assert summary["ray"]["units_run"] == N_UNITS - len(done_before)
+    assert_same_store(out, reference)
+
+
+@pytest.mark.ray
+def test_worker_node_leaving_mid_job_loses_nothing(ray_cluster, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "store"
+    worker_nodes = {node.node_id: node for node in ray_cluster.worker_nodes}
+    result: dict = {}
+
+    def drive() -> None:
+        try:
+            result["summary"] = run_on_ray(job_spec(out), workers=2, progress=False, worker_class=RecordsNode,
+                                           runtime_env=_fault_env(tmp_path, SDFEAT_TEST_DELAY_S="2"))
+        except BaseException as err:  # re-raised in the test thread below
+            result["error"] = err
+
+    def busy_worker_node() -> str | None:
+        started = [p.name.split("-", 2)[2] for p in tmp_path.glob("started-*")]
+        return next((n for n in started if n in worker_nodes), None)
+
+    thread = threading.Thread(target=drive)
+    thread.start()
+    try:
+        wait_for(lambda: busy_worker_node() is not None, 120, "a unit to start on a worker node")
+        ray_cluster.remove_node(worker_nodes[busy_worker_node()])
+        thread.join(timeout=240)
+    finally:
+        if len(ray_cluster.worker_nodes) < 2:
+            ray_cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
+    assert not thread.is_alive()
+    if "error" in result:
+        raise result["error"]
+    assert result["summary"]["ray"]["retries"] >= 1
+    assert _markers(out) == set(range(N_UNITS))
+    assert_same_store(out, reference)

@@ -1,0 +1,65 @@
+"""Figure-1-style maps: token norms, cosine similarity to a marked token, rendering."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdfeat.errors import SdfeatError
+from sdfeat.maps import norm_map, render_map, similarity_map
+
+
+def _acts(seed: int = 0, shape: tuple[int, int, int] = (16, 8, 12)) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)  # (C, H, W)
+
+
+def test_planted_bright_token_is_the_argmax_of_the_norm_map() -> None:
+    acts = _acts()
+    acts[:, 5, 9] *= 20.0
+    norms = norm_map(acts)
+    assert norms.shape == (8, 12)
+    assert np.unravel_index(np.argmax(norms), norms.shape) == (5, 9)
+    assert norms[2, 3] == pytest.approx(float(np.sqrt((acts[:, 2, 3].astype(np.float64) ** 2).sum())), rel=1e-5)
+
+
+def test_similarity_is_one_at_the_marked_token_and_follows_the_geometry() -> None:
+    acts = _acts(1)
+    acts[:, 0, 0] = -3.0 * acts[:, 4, 7]  # antiparallel to the marked token
+    sim = similarity_map(acts, 4, 7)
+    assert sim.shape == (8, 12)
+    assert sim[4, 7] == pytest.approx(1.0, abs=1e-6)
+    assert sim[0, 0] == pytest.approx(-1.0, abs=1e-6)
+    assert np.all(np.abs(sim) <= 1.0 + 1e-6)
+    a, b = acts[:, 2, 2].astype(np.float64), acts[:, 4, 7].astype(np.float64)
+    assert sim[2, 2] == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b), abs=1e-5)
+
+
+def test_zero_tokens_get_similarity_zero_not_nan() -> None:
+    acts = _acts(2)
+    acts[:, 3, 3] = 0.0
+    sim = similarity_map(acts, 1, 1)
+    assert sim[3, 3] == 0.0
+    assert not np.isnan(sim).any()
+
+
+@pytest.mark.parametrize(("y", "x"), [(8, 0), (0, 12), (-1, 0)])
+def test_similarity_outside_the_map_names_the_argument(y: int, x: int) -> None:
+    with pytest.raises(SdfeatError, match=r"at: token .* outside the 8x12 map"):
+        similarity_map(_acts(), y, x)
+
+
+def test_maps_reject_batched_input() -> None:
+    with pytest.raises(SdfeatError, match=r"acts: expected .*\(C, H, W\)"):
+        norm_map(np.zeros((2, 4, 8, 8), np.float32))
+
+
+def test_render_map_writes_png_and_svg(tmp_path) -> None:
+    sim = similarity_map(_acts(), 4, 7)
+    png = render_map(sim, tmp_path / "sub" / "sim.png", "similarity to (4, 7)", mark=(4, 7))
+    svg = render_map(norm_map(_acts()), tmp_path / "norm.svg", "norm")
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.width > 300
+    assert svg.read_text().lstrip().startswith("<?xml") and "<svg" in svg.read_text()
+    with pytest.raises(SdfeatError, match="values: expected an"):
+        render_map(np.zeros(5), tmp_path / "bad.png", "bad")

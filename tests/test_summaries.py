@@ -1,0 +1,81 @@
+"""Per-image summaries: metrics from summaries equal metrics from full tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from metrics_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
+
+from sdfeat.metrics.anomalies import relative_norms, token_norms
+from sdfeat.metrics.corners import GroupTotals, group_means, group_similarity_sums, inner
+from sdfeat.metrics.position import ProbeSettings, probe_tokens
+from sdfeat.summaries import summarize, summary_layout, token_positions
+
+
+@dataclass(frozen=True)
+class Block:  # the fields of blocks.BlockInfo that summaries use
+    name: str
+    channels: int
+    height: int
+    width: int
+
+
+def planted(n_images: int, n: int, channels: int) -> torch.Tensor:
+    acts = torch.randn(n_images, channels, n, n, generator=torch.Generator().manual_seed(0)) * 0.5
+    eye = torch.eye(n)
+    acts[:, :n] += 20 * eye[:, :, None]
+    acts[:, n:2 * n] += 20 * eye[:, None, :]
+    return acts
+
+
+def test_layout_matches_output() -> None:
+    block = Block("b", 24, 8, 8)
+    acts = torch.randn(3, 24, 8, 8)
+    out = summarize(acts, block, ["a", "b", "c"], 5, seed=1, crop_acts=torch.randn(3, 24, 6, 6))
+    layout = summary_layout(block, 5, with_crop=True)
+    assert set(out) == set(layout)
+    for name, (shape, dtype) in layout.items():
+        assert tuple(out[name].shape) == (3, *shape), name
+        assert str(out[name].dtype).removeprefix("torch.") == dtype, name
+    assert "groups" not in summary_layout(Block("s", 4, 2, 2), 5)
+
+
+def test_positions_depend_only_on_seed_and_sample() -> None:
+    a = token_positions(42, "img#1", 8, 8, 6)
+    assert np.array_equal(a, token_positions(42, "img#1", 8, 8, 6))
+    assert not np.array_equal(a, token_positions(42, "img#2", 8, 8, 6))
+    assert len({tuple(p) for p in a}) == 6 and a.max() < 8
+    acts = torch.randn(2, 4, 8, 8)
+    together = summarize(acts, Block("b", 4, 8, 8), ["x", "y"], 6, seed=42)["tokens"]
+    alone = summarize(acts[1:], Block("b", 4, 8, 8), ["y"], 6, seed=42)["tokens"]
+    assert torch.equal(together[1], alone[0])  # batch-independent
+    rows, cols = token_positions(42, "y", 8, 8, 6).T
+    assert torch.equal(alone[0], acts[1, :, rows, cols].T.half())
+
+
+def test_corners_and_anomalies_from_summaries_equal_full_tensors() -> None:
+    acts = torch.randn(6, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    crop = torch.randn(6, 16, 6, 6, generator=torch.Generator().manual_seed(2))
+    block = Block("b", 16, 8, 8)
+    summ = summarize(acts[:4], block, [str(i) for i in range(4)], 4, 0, crop[:4])
+    summ2 = summarize(acts[4:], block, ["4", "5"], 4, 0, crop[4:])
+    for variant, prefix, full in (("repr", "", inner(acts)), ("crop", "crop_", crop)):
+        from_summ, from_full = GroupTotals.empty(6), GroupTotals.empty(6)
+        for s in (summ, summ2):
+            from_summ.add({k: s[prefix + k] for k in ("groups", "groups_diag", "corner_groups")})
+        from_full.add(group_similarity_sums(full))
+        for paper in (False, True):
+            # equal up to float64 summation order (pooled in two batches vs one)
+            np.testing.assert_allclose(group_means(from_summ, paper), group_means(from_full, paper), rtol=1e-12)
+    labels = np.array([[0, 4, 8], [5, 30, 2]])
+    norms = np.concatenate([summ["norms"].numpy(), summ2["norms"].numpy()])
+    np.testing.assert_array_equal(relative_norms(norms, labels), relative_norms(token_norms(acts).numpy(), labels))
+
+
+def test_probe_on_sampled_tokens_reads_planted_codes() -> None:
+    acts = planted(120, 8, 24)
+    s = summarize(acts, Block("b", 24, 8, 8), [f"s{i}" for i in range(120)], 32, seed=42)
+    res = probe_tokens(s["tokens"].numpy(), s["token_yx"].numpy(), 8, ProbeSettings(lr=2e-2))
+    assert res.epochs[-1].accuracy == {8: 1.0, 16: 1.0, 32: 1.0, 64: 1.0}
