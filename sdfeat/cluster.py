@@ -71,27 +71,30 @@ class ActorLayout:
     device: str           # "cuda" or "cpu"
 
 
-def plan_actors(cluster_cpus: float, cluster_gpus: float, cpu_nodes: int, workers: int | None = None,
+def plan_actors(node_cpus: list[float], cluster_gpus: float, workers: int | None = None,
                 gpus_per_worker: float | None = None) -> ActorLayout:
-    """How many actors and what each asks Ray for.
+    """How many actors and what each asks Ray for, given the CPUs of each alive node and the cluster's GPUs.
 
-    GPU clusters: one actor per `gpus_per_worker` GPUs (default 1), 1 CPU each. CPU-only: one actor per node by
-    default, torch threads = cores / actors, and fractional CPU requests that leave one core unclaimed so Ray tasks
-    (file listing, metrics) can still be scheduled (1-CPU actors filling every core deadlock them).
+    GPU clusters: one actor per `gpus_per_worker` GPUs (default 1), up to 1 CPU each. CPU-only: one actor per node
+    by default, torch threads = cores / actors, and fractional CPU requests that leave one core unclaimed so Ray
+    tasks (file listing, metrics) can still be scheduled (1-CPU actors filling every core deadlock them). No
+    request exceeds the largest node, or the actor could never be placed.
     """
     if workers is not None and workers < 1:
         raise SdfeatError(f"--workers must be at least 1, got {workers}")
     if gpus_per_worker is not None and gpus_per_worker < 0:
         raise SdfeatError(f"--gpus-per-worker must be non-negative, got {gpus_per_worker}")
+    cpus = sum(node_cpus)
+    largest = max(node_cpus, default=0.0)
     use_gpu = gpus_per_worker > 0 if gpus_per_worker is not None else cluster_gpus > 0
     if use_gpu:
         per_actor = gpus_per_worker or 1.0
         count = workers or max(1, int(cluster_gpus // per_actor))
-        threads = max(1, min(8, int(cluster_cpus // count)))
-        return ActorLayout(count, min(1.0, cluster_cpus / count) if cluster_cpus else 0.0, per_actor, threads, "cuda")
-    count = workers or max(1, cpu_nodes)
-    threads = max(1, int(cluster_cpus // count))
-    share = (cluster_cpus - 1) / count if cluster_cpus > 1 else cluster_cpus / (2 * count)
+        threads = max(1, min(8, int(cpus // count)))
+        return ActorLayout(count, min(1.0, cpus / count, largest), per_actor, threads, "cuda")
+    count = workers or max(1, sum(1 for c in node_cpus if c > 0))
+    threads = max(1, int(min(largest, cpus / count)))
+    share = (cpus - 1) / count if cpus > 1 else cpus / (2 * count)
     num_cpus = max(0.01, math.floor(min(threads, share) * 100) / 100)
     return ActorLayout(count, num_cpus, 0.0, threads, "cpu")
 
@@ -110,9 +113,8 @@ def _connect(address: str | None) -> bool:
 
 
 def _cluster_layout(workers: int | None, gpus_per_worker: float | None) -> ActorLayout:
-    resources = ray.cluster_resources()
-    cpu_nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
-    return plan_actors(resources.get("CPU", 0.0), resources.get("GPU", 0.0), cpu_nodes, workers, gpus_per_worker)
+    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return plan_actors(node_cpus, ray.cluster_resources().get("GPU", 0.0), workers, gpus_per_worker)
 
 
 @dataclass

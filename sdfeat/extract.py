@@ -278,5 +278,5 @@ def run_local(spec: JobSpec, overwrite: bool = False, progress: bool = True, dev
                               "the other units are kept; fix the input and run again to resume")
     summary = finalize_job(plan)
     summary["wall_seconds"] = round(time.perf_counter() - start, 2)
-    summary["images_per_second"] = round(sum(u.rows for u in todo) / summary["wall_seconds"], 3)
+    summary["images_per_second"] = round(sum(u.rows for u in todo) / max(summary["wall_seconds"], 1e-9), 3)
     return summary

@@ -2,14 +2,17 @@
 token to a marked token. Pure numpy in, PNG/SVG out (matplotlib's Agg canvas, no pyplot state).
 
 `sdfeat show STORE --block B --sample ID --kind norm|similarity [--at y,x]` reads one (C, H, W) activation from
-the store (query.py) and calls `norm_map` / `similarity_map`, then `render_map`.
+the store (query.py) and calls `norm_map` / `similarity_map`, then `render_map`; the report draws `figure_1` grids
+for a few samples and blocks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -42,6 +45,15 @@ def similarity_map(acts: np.ndarray, y: int, x: int) -> np.ndarray:
     return np.einsum("chw,c->hw", unit, unit[:, y, x])
 
 
+def _draw(fig: Figure, ax: Axes, values: np.ndarray, title: str, mark: tuple[int, int] | None) -> None:
+    image = ax.imshow(values, cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, shrink=0.85)
+    if mark is not None:
+        y, x = mark
+        ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    ax.set_title(title, fontsize=9)
+
+
 def render_map(values: np.ndarray, path: str | Path, title: str, mark: tuple[int, int] | None = None) -> Path:
     """Draw an (H, W) map with a colour bar; `mark` = (y, x) outlines that token. The suffix of `path` picks the
     format (.png, .svg). Returns the path written."""
@@ -52,13 +64,26 @@ def render_map(values: np.ndarray, path: str | Path, title: str, mark: tuple[int
     fig = Figure(figsize=(4.6, 4.0), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    image = ax.imshow(values, cmap="viridis", interpolation="nearest")
-    fig.colorbar(image, ax=ax, shrink=0.85)
-    if mark is not None:
-        y, x = mark
-        ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-    ax.set_title(title, fontsize=9)
+    _draw(fig, ax, values, title, mark)
     ax.set_xlabel("x (token column)")
     ax.set_ylabel("y (token row)")
     fig.savefig(path, dpi=150)
     return path
+
+
+def figure_1(panels: Sequence[tuple[str, np.ndarray]], title: str = "") -> Figure:
+    """One row per (label, acts (C, H, W)): the token-norm map, and the cosine similarity of every token to the
+    highest-norm token (marked) — the paper's Figure 1 story: anomalous tokens are bright and alike."""
+    if not panels:
+        raise SdfeatError("panels: give at least one (label, activations) pair")
+    fig = Figure(figsize=(8.0, 3.3 * len(panels)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(panels), 2, squeeze=False)
+    for (label, acts), (ax_norm, ax_sim) in zip(panels, axes):
+        norms = norm_map(acts)
+        peak = tuple(int(i) for i in np.unravel_index(np.argmax(norms), norms.shape))
+        _draw(fig, ax_norm, norms, f"{label}\ntoken norm", None)
+        _draw(fig, ax_sim, similarity_map(acts, *peak), f"{label}\nsimilarity to token y={peak[0]}, x={peak[1]}", peak)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig

@@ -13,7 +13,6 @@ Output (`write_report`): per store `figure2_<name>.{png,svg}` (the paper's Figur
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -43,6 +42,8 @@ PAPER_PROBE_EPOCHS = 5
 # The paper's 45-block list omits up_blocks.0.resnets.2, which is index 23 of the `all` (execution order) list.
 PAPER_OMITTED_ORDER = 23
 DPI = 150
+MAP_BLOCKS = ("up_blocks.1.upsamplers.0", "up_blocks.1.resnets.2", "down_blocks.1.attentions.0")  # Figure-1 maps
+MAP_SAMPLES = 2
 CORNERS_EXCLUDED = frozenset({"conv_out"})  # the paper plots corners over the first 44 blocks (negative ratios)
 
 TIDY_SCHEMA = pa.schema(
@@ -329,25 +330,35 @@ def save_figure(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
     return [png, svg]
 
 
+def token_maps(store: Path, n_samples: int = MAP_SAMPLES, blocks: Sequence[str] = MAP_BLOCKS) -> Figure | None:
+    """Figure-1 maps of the first `n_samples` usable images at the `blocks` the store holds in full (else its first
+    two), first timestep and seed; None for a store without full activations."""
+    if not (store / "features.zarr").exists():
+        return None
+    from sdfeat.maps import figure_1
+    from sdfeat.query import open_store
+
+    fs = open_store(str(store))
+    chosen = [b for b in blocks if b in fs.blocks] or fs.blocks[:2]
+    rows = [int(r) for r in np.flatnonzero(fs.ok)[:n_samples]]
+    if not chosen or not rows:
+        return None
+    panels = [(f"{fs.sample_ids[r]} · {b}", fs.read(b, [r], timestep=fs.timesteps[0], seed=fs.seeds[0])[0])
+              for r in rows for b in chosen]  # each (C, H, W)
+    return figure_1(panels, title=f"token maps (timestep {fs.timesteps[0]}, seed {fs.seeds[0]})")
+
+
 # --------------------------------------------------------------------------------------------- summary
 
 
-def _store_attrs(store: Path) -> dict:
-    """The store's `sdfeat` attributes (features.zarr/zarr.json), {} where there is no feature array."""
-    meta = store / "features.zarr" / "zarr.json"
-    if not meta.exists():
-        return {}
-    return json.loads(meta.read_text()).get("attributes", {}).get("sdfeat", {})
-
-
-def weights_note(model: str, attrs: Mapping) -> str | None:
-    """A warning when the numbers cannot be the paper's: a model other than the paper's three, or weights marked
-    as random in the store's attributes (`sdfeat.model.weights`)."""
-    recorded = attrs.get("model")
-    weights = recorded.get("weights") if isinstance(recorded, dict) else None
-    if model in REFERENCE_MODELS and weights in (None, "pretrained"):
+def weights_note(model: str) -> str | None:
+    """A warning when the numbers cannot be the paper's: models.py's `tiny` and `random:<name>` models."""
+    if model == "tiny":
+        why = "the tiny test model (a few channels, random weights)"
+    elif model.startswith("random:"):
+        why = f"random weights in the {model.removeprefix('random:')} architecture"
+    else:
         return None
-    why = "random weights" if weights == "random" else f"the `{model}` model (tiny/random weights)"
     return (f"**These numbers are not the paper's.** This store was extracted with {why}; they only show that the "
             "pipeline runs. Real results need the real Stable Diffusion weights.")
 
@@ -371,11 +382,10 @@ PEAKS = (
 
 
 def _model_section(name: str, store: Path, table: pa.Table, reference: pa.Table | None, figure: str) -> list[str]:
-    models = sorted(set(table["model"].to_pylist())) or [str(_store_attrs(store).get("model", "unknown"))]
+    models = sorted(set(table["model"].to_pylist()))
     model = ", ".join(models)
     lines = [f"## {name}", "", f"Store: `{store}` — model `{model}`", ""]
-    note = weights_note(model, _store_attrs(store))
-    if note:
+    for note in sorted({n for n in map(weights_note, models) if n}):
         lines += [f"> ⚠ {note}", ""]
     lines += [f"![Figure 2 — {name}]({figure}.png)", "", "Peaks:", ""]
     for text, series in PEAKS:
@@ -426,6 +436,10 @@ def write_report(stores: list[str], out_dir: str, reference: str | None = None) 
         stem = f"figure2_{name}"
         save_figure(figure_2(table, ref_table, title=f"{name} — Figure 2 layout"), out, stem)
         lines += _model_section(name, store, table, ref_table, stem)
+        maps = token_maps(store)
+        if maps is not None:
+            save_figure(maps, out, f"maps_{name}")
+            lines += [f"![Token maps — {name}](maps_{name}.png)", ""]
     summary = out / "summary.md"
     summary.write_text("\n".join(lines))
     log.info("report written to %s", summary)

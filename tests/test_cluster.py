@@ -26,28 +26,33 @@ N_UNITS = 4  # synthetic:16 in units of 4
 # Actor layout (no Ray needed)
 
 def test_cpu_only_actors_leave_a_core_for_tasks() -> None:
-    layout = plan_actors(cluster_cpus=2, cluster_gpus=0, cpu_nodes=1, workers=2)
+    layout = plan_actors([2], cluster_gpus=0, workers=2)
     assert (layout.count, layout.threads, layout.num_gpus, layout.device) == (2, 1, 0.0, "cpu")
     assert layout.count * layout.num_cpus <= 2 - 1
 
 
 def test_cpu_only_default_is_one_actor_per_node_using_its_cores() -> None:
-    layout = plan_actors(cluster_cpus=16, cluster_gpus=0, cpu_nodes=2)
+    layout = plan_actors([8, 8], cluster_gpus=0)
     assert (layout.count, layout.threads) == (2, 8)
     assert layout.count * layout.num_cpus <= 15
 
 
+def test_no_actor_asks_for_more_cpus_than_one_node_has() -> None:
+    layout = plan_actors([1, 1, 1], cluster_gpus=0, workers=1)
+    assert layout.num_cpus <= 1 and layout.threads == 1
+
+
 def test_gpu_default_is_one_actor_per_gpu() -> None:
-    layout = plan_actors(cluster_cpus=96, cluster_gpus=8, cpu_nodes=1)
+    layout = plan_actors([96], cluster_gpus=8)
     assert (layout.count, layout.num_gpus, layout.num_cpus, layout.device) == (8, 1.0, 1.0, "cuda")
-    assert plan_actors(96, 8, 1, gpus_per_worker=2).count == 4
-    assert plan_actors(96, 8, 1, workers=3, gpus_per_worker=0.5).num_gpus == 0.5
+    assert plan_actors([96], 8, gpus_per_worker=2).count == 4
+    assert plan_actors([96], 8, workers=3, gpus_per_worker=0.5).num_gpus == 0.5
 
 
 def test_gpus_per_worker_zero_forces_cpu_actors_and_bad_counts_are_named() -> None:
-    assert plan_actors(8, 2, 1, gpus_per_worker=0).device == "cpu"
+    assert plan_actors([8], 2, gpus_per_worker=0).device == "cpu"
     with pytest.raises(SdfeatError, match="--workers"):
-        plan_actors(8, 0, 1, workers=0)
+        plan_actors([8], 0, workers=0)
 
 
 # On the cluster

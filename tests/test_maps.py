@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from sdfeat.errors import SdfeatError
-from sdfeat.maps import norm_map, render_map, similarity_map
+from sdfeat.maps import figure_1, norm_map, render_map, similarity_map
 
 
 def _acts(seed: int = 0, shape: tuple[int, int, int] = (16, 8, 12)) -> np.ndarray:
@@ -63,3 +63,17 @@ def test_render_map_writes_png_and_svg(tmp_path) -> None:
     assert svg.read_text().lstrip().startswith("<?xml") and "<svg" in svg.read_text()
     with pytest.raises(SdfeatError, match="values: expected an"):
         render_map(np.zeros(5), tmp_path / "bad.png", "bad")
+
+
+def test_figure_1_marks_the_brightest_token_of_each_panel() -> None:
+    bright = _acts(3)
+    bright[:, 6, 2] *= 30.0
+    fig = figure_1([("a", bright), ("b", _acts(4, (8, 4, 4)))], title="maps")
+    image_axes = [ax for ax in fig.axes if ax.images and ax.get_title()]
+    assert len(image_axes) == 4
+    assert image_axes[1].get_title() == "a\nsimilarity to token y=6, x=2"
+    mark = image_axes[1].patches[0]
+    assert (mark.get_x(), mark.get_y()) == (1.5, 5.5) and not image_axes[0].patches
+    assert image_axes[1].images[0].get_array()[6, 2] == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(SdfeatError, match="panels: give at least one"):
+        figure_1([])

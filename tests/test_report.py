@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -68,15 +68,11 @@ def _rows(model: str, tables: tuple[str, ...]) -> dict[str, list[dict]]:
     return out
 
 
-def _store(root: Path, model: str = "tiny", tables=("position", "corners", "anomalies"), attrs=None) -> Path:
-    """A store directory holding only results/<table>.parquet (minimal columns where a table does not need more)."""
+def _store(root: Path, model: str = "tiny", tables=("position", "corners", "anomalies")) -> Path:
+    """A store directory holding only results/<table>.parquet."""
     (root / "results").mkdir(parents=True)
     for name, rows in _rows(model, tables).items():
         pq.write_table(pa.Table.from_pylist(rows), root / "results" / f"{name}.parquet")
-    if attrs is not None:
-        (root / "features.zarr").mkdir()
-        meta = {"zarr_format": 3, "node_type": "group", "attributes": {"sdfeat": attrs}}
-        (root / "features.zarr" / "zarr.json").write_text(json.dumps(meta))
     return root
 
 
@@ -217,10 +213,9 @@ def test_figure_2_of_the_published_numbers_alone() -> None:
 
 
 def test_weights_note() -> None:
-    assert weights_note("sd15", {}) is None
-    assert weights_note("sd15", {"model": {"name": "sd15", "weights": "pretrained"}}) is None
-    assert "random weights" in weights_note("sd21", {"model": {"name": "sd21", "weights": "random"}})
-    assert "not the paper's" in weights_note("tiny", {})
+    assert weights_note("sd15") is None and weights_note("stabilityai/sd-turbo") is None
+    assert "random weights in the sd21 architecture" in weights_note("random:sd21")
+    assert "not the paper's" in weights_note("tiny")
 
 
 def test_write_report_one_store_against_the_published_numbers(tmp_path) -> None:
@@ -243,8 +238,7 @@ def test_write_report_two_stores_one_partial(tmp_path, monkeypatch) -> None:
     saved: dict[str, int] = {}  # stem -> number of axes; rendering is tested above and costs seconds
     monkeypatch.setattr(report, "save_figure", lambda fig, out, stem: saved.setdefault(stem, len(fig.axes)))
     tiny = _store(tmp_path / "tiny-store")
-    partial = _store(tmp_path / "sd15-store", model="sd15", tables=("position", "anomalies"),
-                     attrs={"model": {"name": "sd15", "weights": "pretrained"}})
+    partial = _store(tmp_path / "sd15-store", model="sd15", tables=("position", "anomalies"))
     summary = write_report([str(tiny), str(partial)], str(tmp_path / "report"))
     assert saved == {"cross_model": 4, "figure2_tiny-tiny-store": 3, "figure2_sd15-sd15-store": 3}
     text = summary.read_text()
@@ -268,3 +262,21 @@ def test_cross_model_figure_has_one_line_per_store_and_metric(tmp_path) -> None:
 def test_write_report_without_stores_is_an_error(tmp_path) -> None:
     with pytest.raises(SdfeatError, match="stores: give at least one store"):
         write_report([], str(tmp_path))
+
+
+def test_token_maps_of_an_extracted_store(tiny_store: str, tmp_path) -> None:
+    """The lead's session store (tiny model, 12 images, 5 blocks): maps at the 3 stored MAP_BLOCKS, 2 images."""
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    fig = report.token_maps(store)
+    assert len(fig.axes) == (2 * 3) * 2 * 2  # (2 images x 3 blocks) rows x (norm, similarity), each + colour bar
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert any("up_blocks.1.upsamplers.0" in t and "similarity to token" in t for t in titles)
+    assert not any("mid_block" in t for t in titles)  # stored, but not a map block
+    (store / "results").mkdir(exist_ok=True)
+    for name, rows in _rows("tiny", ("anomalies",)).items():
+        pq.write_table(pa.Table.from_pylist(rows), store / "results" / f"{name}.parquet")
+    summary = write_report([str(store)], str(tmp_path / "report"))
+    assert (summary.parent / "maps_tiny-store.png").exists() and (summary.parent / "maps_tiny-store.svg").exists()
+    assert "![Token maps — tiny-store](maps_tiny-store.png)" in summary.read_text()
+    assert report.token_maps(tmp_path / "report") is None  # no features.zarr

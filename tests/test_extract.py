@@ -1,0 +1,157 @@
+"""The extraction core end to end on the tiny model: store values, failures, resume, spec identity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from conftest import small_spec
+from sdfeat import store
+from sdfeat.errors import StoreError, UnitFailedError
+from sdfeat.extract import UnitRunner, pending_units, prepare_job, run_local
+from sdfeat.query import open_store
+
+
+def _all_arrays(output: str) -> dict[str, np.ndarray]:
+    group = zarr.open_group(f"{output}/features.zarr", mode="r")
+    out = {}
+    for name, arr in group.arrays():
+        out[name] = arr[:]
+    for margin_name, margin_group in group.groups():
+        for sub_name, sub in margin_group.groups():
+            for name, arr in sub.arrays():
+                out[f"{margin_name}/{sub_name}/{name}"] = arr[:]
+    return out
+
+
+def test_store_holds_what_a_plain_hooked_forward_gives(tiny_store: str) -> None:
+    """Independent expectation: load the model, encode one image, add noise, run the U-Net with a plain
+    forward hook (not sdfeat.hooks) and compare with the store's row."""
+    from sdfeat.models import load_model
+    from sdfeat.protocol import encode, noisy_latents
+    from sdfeat.decode import center_crop_resize
+    from sdfeat.synthetic import synthetic_image
+
+    fs = open_store(tiny_store)
+    row = 5
+    model = load_model("tiny")
+    pixels = torch.from_numpy(np.array(center_crop_resize(synthetic_image(row), 128)))[None]  # (1, 128, 128, 3)
+    dist = encode(model, pixels, "standard")
+    latents = noisy_latents(model, dist, "standard", 42, [fs.sample_ids[row]], [200])[200]
+    got: dict[str, torch.Tensor] = {}
+    module = model.unet.get_submodule("up_blocks.1.resnets.2")
+    handle = module.register_forward_hook(lambda m, i, o: got.__setitem__("x", o))
+    try:
+        with torch.inference_mode():
+            model.unet(latents, 200, encoder_hidden_states=model.prompt_embeddings([""]))
+    finally:
+        handle.remove()
+    stored = fs.read("up_blocks.1.resnets.2", [row], timestep=200, seed=42)[0]
+    np.testing.assert_allclose(stored, got["x"][0].float().numpy(), rtol=2e-3, atol=2e-3)
+    assert fs.read("up_blocks.1.resnets.2", [row], timestep=50, seed=42).shape == (1, *stored.shape)
+
+
+def test_store_layout_and_markers(tiny_store: str) -> None:
+    fs = open_store(tiny_store)
+    assert len(fs) == 12 and fs.ok.all() and fs.timesteps == [50, 200] and fs.seeds == [42]
+    assert fs.blocks[0] == "conv_in" and fs.blocks[-1] == "up_blocks.1.upsamplers.0"
+    arr = fs.array("up_blocks.1.upsamplers.0")
+    assert arr.shape == (12, 2, 1, 64, 8, 8) and arr.dtype == np.float16
+    assert arr.shards == (4, 2, 1, 64, 8, 8) and arr.chunks == (1, 1, 1, 64, 8, 8)
+    assert arr.metadata.dimension_names == ("sample", "timestep", "seed", "channel_64", "y_8", "x_8")
+    assert store.done_units(tiny_store) == {0, 1, 2}
+    report = json.loads(Path(store.marker_path(tiny_store, 1)).read_text())
+    assert report["rows"] == 4 and report["ok"] == 4 and set(report["seconds"]) == {"read", "encode", "unet", "write"}
+    assert fs.verify() == []
+
+
+def test_rerun_skips_done_units_and_keeps_bytes(tiny_store: str, tmp_path: Path) -> None:
+    output = str(tmp_path / "copy")
+    shutil.copytree(tiny_store, output)
+    before = _all_arrays(output)
+    summary = run_local(small_spec(output), progress=False)
+    assert summary["rows"] == 12 and summary["ok"] == 12
+    after = _all_arrays(output)
+    assert before.keys() == after.keys()
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name])
+
+
+def test_killed_run_resumes_to_the_clean_store(tiny_store: str, tmp_path: Path) -> None:
+    """Unit 0 finished, unit 1 half written (garbage, no marker), unit 2 untouched: a rerun equals a clean run."""
+    output = str(tmp_path / "killed")
+    spec = small_spec(output)
+    plan = prepare_job(spec)
+    runner = UnitRunner(spec, output)
+    runner.run(plan.units[0])
+    group = store.open_features(output, mode="r+")
+    group["up_blocks.1.upsamplers.0"][4:8] = 7.0  # a torn write of unit 1, never marked done
+    assert [u.index for u in pending_units(plan)] == [1, 2]
+    run_local(spec, progress=False)
+    clean, resumed = _all_arrays(tiny_store), _all_arrays(output)
+    for name in clean:
+        np.testing.assert_array_equal(clean[name], resumed[name], err_msg=name)
+
+
+def test_other_spec_is_refused_unless_overwrite(tiny_store: str, tmp_path: Path) -> None:
+    output = str(tmp_path / "other")
+    shutil.copytree(tiny_store, output)
+    other = small_spec(output, timesteps=[50])
+    with pytest.raises(StoreError, match="another spec"):
+        prepare_job(other)
+    plan = prepare_job(other, overwrite=True)
+    assert store.done_units(output) == set() and len(plan.units) == 3
+    assert open_store(output).timesteps == [50]
+
+
+def test_bad_images_become_failure_rows(tmp_path: Path) -> None:
+    """A corrupt and a non-image row land in failures.parquet; the rest of the unit is kept."""
+    import pyarrow.parquet as pq
+
+    from imagegen import write_parquet_shards
+
+    src = tmp_path / "src"
+    bad = {2: b"\xff\xd8\xff\xe0 truncated", 5: b"not an image at all"}
+    write_parquet_shards(src, n_files=1, rows_per_file=8,
+                         image_fn=lambda i: bad.get(i) or _jpeg(i))
+    output = str(tmp_path / "out")
+    summary = run_local(small_spec(output, source=str(src), blocks=["conv_in", "mid_block.resnets.0"]),
+                        progress=False)
+    assert summary["failures"] == 2 and summary["ok"] == 6
+    failures = pq.read_table(f"{output}/failures.parquet").to_pylist()
+    fs = open_store(output)
+    assert sorted(f["sample_id"] for f in failures) == sorted(fs.sample_ids[i] for i in bad)
+    assert all(f["reason"] for f in failures)
+    assert fs.ok.tolist() == [i not in bad for i in range(8)]
+    assert (fs.read("conv_in", [2]) == 0).all() and (fs.read("conv_in", [3]) != 0).any()
+    assert fs.verify() == []
+
+
+def _jpeg(i: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (160 + 8 * i, 130), (20 * i % 255, 90, 200)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_unreadable_shard_fails_its_unit_only(tmp_path: Path) -> None:
+    from imagegen import write_parquet_shards
+
+    src = tmp_path / "src"
+    files = write_parquet_shards(src, n_files=2, rows_per_file=4, image_fn=_jpeg)
+    output = str(tmp_path / "out")
+    spec = small_spec(output, source=str(src), blocks=["conv_in"])
+    prepare_job(spec)
+    files[1].write_bytes(b"PAR1 this is no longer parquet")
+    with pytest.raises(UnitFailedError, match="unit 1"):
+        run_local(spec, progress=False)
+    assert store.done_units(output) == {0}

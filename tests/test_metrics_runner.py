@@ -1,0 +1,93 @@
+"""The metrics runner over a real store from the tiny model: tables, agreement with direct computation,
+idempotence, and Ray tasks giving the same tables as the in-process run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from metrics_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
+
+from sdfeat.errors import StoreError
+from sdfeat.extract import run_local
+from sdfeat.metrics.corners import GroupTotals, group_means, group_similarity_sums, inner
+from sdfeat.metrics.labels import write_labels
+from sdfeat.metrics.runner import LEAD_COLUMNS, MetricOptions, run_metrics
+from sdfeat.query import open_store
+from sdfeat.spec import parse_spec
+
+BLOCKS = ["down_blocks.1.resnets.0", "up_blocks.1.upsamplers.0"]  # 8×8 and 16×16 at 128 px
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("metrics") / "store"
+    spec = parse_spec({"model": "tiny", "source": "synthetic:10", "resolution": 128, "blocks": BLOCKS,
+                       "protocol": "paper", "variants": {"crops": "auto"}, "batch_size": 10, "output": str(out)})
+    run_local(spec, progress=False)
+    return str(out)
+
+
+def tables(paths: dict[str, str]) -> dict[str, pd.DataFrame]:
+    return {m: pd.read_parquet(p) for m, p in paths.items()}
+
+
+def test_local_run_tables(store_path: str, tmp_path: Path) -> None:
+    labels = write_labels(tmp_path / "labels.csv", np.array([[1, 4, 6], [3, 0, 0]]))
+    options = MetricOptions(probe=MetricOptions().probe.__class__(epochs=2), chunk_images=3, paper_counts=True)
+    first = tables(run_metrics(store_path, local=True, labels=str(labels), options=options))
+    for df in first.values():
+        assert list(df.columns[:6]) == LEAD_COLUMNS
+    pos = first["position"]
+    assert len(pos) == len(BLOCKS) * 2 * 4  # paper: accuracy per epoch and scale only
+    assert pos["value"].between(0, 1).all()
+
+    fs = open_store(store_path)
+    full = torch.from_numpy(fs.read(BLOCKS[0], timestep=50, seed=42))  # (10, C, 8, 8), all at once
+    crop = torch.from_numpy(fs.read(BLOCKS[0], timestep=50, seed=42, crop=128 // 8))
+    expected = {}
+    for variant, acts in (("cropped", crop), ("reprcropped", inner(full))):
+        t = GroupTotals.empty(6)
+        t.add(group_similarity_sums(acts))
+        expected[variant] = group_means(t)
+    c = first["corners"]
+    c = c[(c.block == BLOCKS[0]) & ~c.paper_counts]
+    ratio = c[(c.statistic == "ratio") & (c.group == "border")].value.item()
+    assert ratio == pytest.approx(expected["cropped"][1, 1] / expected["reprcropped"][1, 1], rel=1e-9)
+
+    a = first["anomalies"]
+    got = a[(a.block == BLOCKS[1]) & (a.statistic == "rel_norm_mean") & (a.variant == "vs_mean")].value.item()
+    norms = np.linalg.norm(fs.read(BLOCKS[1], timestep=50, seed=42), axis=1)  # (10, 16, 16); labels on a 16-grid
+    by_hand = [norms[1, 6:8, 4:6].mean() / norms[1].mean(), norms[3, 0:2, 0:2].mean() / norms[3].mean()]
+    assert got == pytest.approx(np.mean(by_hand), rel=1e-5)
+
+    again = tables(run_metrics(store_path, local=True, labels=str(labels), options=options))
+    for m in first:
+        pd.testing.assert_frame_equal(first[m], again[m])
+
+
+def test_bad_arguments(store_path: str) -> None:
+    with pytest.raises(StoreError, match="unknown metric"):
+        run_metrics(store_path, metrics=["nope"], local=True)
+    with pytest.raises(StoreError, match="mid_block"):
+        run_metrics(store_path, blocks=["mid_block.resnets.0"], local=True)
+
+
+@pytest.mark.ray
+def test_ray_tasks_match_local(store_path: str, monkeypatch) -> None:
+    import ray
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    options = MetricOptions(probe=MetricOptions().probe.__class__(epochs=1))
+    local = tables(run_metrics(store_path, metrics=["position", "corners"], local=True, options=options))
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # own cluster; tasks only (no actors): no deadlock (FACTS.md)
+    try:
+        remote = tables(run_metrics(store_path, metrics=["position", "corners"], options=options))
+    finally:
+        ray.shutdown()
+    for m in local:
+        pd.testing.assert_frame_equal(local[m], remote[m])

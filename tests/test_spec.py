@@ -1,0 +1,85 @@
+"""Job specs: validation names the field, unknown keys are refused, the hash ignores only `output`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sdfeat.errors import SpecError
+from sdfeat.spec import load_spec, parse_spec, spec_hash, spec_to_yaml
+
+BASE = {"source": "synthetic:4", "output": "out/x"}
+
+
+def test_defaults_follow_the_paper() -> None:
+    spec = parse_spec(BASE)
+    assert (spec.resolution, spec.timesteps, spec.seeds, spec.batch_size, spec.blocks) == (512, [50], [42], 20, "paper")
+    assert spec.dtype == "float16" and spec.prompt == ""
+
+
+@pytest.mark.parametrize("key, value, field", [
+    ("resolution", 300, "resolution"),
+    ("timesteps", [50, 50], "timesteps"),
+    ("timesteps", [1000], "timesteps"),
+    ("seeds", [-1], "seeds"),
+    ("protocol", "fast", "protocol"),
+    ("batch_size", 0, "batch_size"),
+    ("blocks", ["conv_in", "conv_in"], "blocks"),
+    ("bogus", 1, "bogus"),
+    ("variants", {"crops": [0]}, "variants.crops"),
+])
+def test_errors_name_the_field(key: str, value: object, field: str) -> None:
+    with pytest.raises(SpecError, match=f"field '{field}"):
+        parse_spec({**BASE, key: value})
+
+
+def test_unknown_key_is_called_unknown() -> None:
+    with pytest.raises(SpecError, match="field 'timestep': unknown key"):
+        parse_spec({**BASE, "timestep": 50})
+
+
+def test_missing_required_field() -> None:
+    with pytest.raises(SpecError, match="field 'source'"):
+        parse_spec({"output": "x"})
+
+
+def test_load_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "job.yaml"
+    bad.write_text("source: [unclosed\n")
+    with pytest.raises(SpecError, match=str(bad)):
+        load_spec(bad)
+    with pytest.raises(SpecError, match="not found"):
+        load_spec(tmp_path / "missing.yaml")
+    bad.write_text("- a list\n")
+    with pytest.raises(SpecError, match="expected a mapping"):
+        load_spec(bad)
+
+
+def test_output_override_and_hash(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("source: synthetic:4\noutput: out/a\n")
+    a, b = load_spec(path), load_spec(path, output="elsewhere")
+    assert b.output == "elsewhere"
+    assert spec_hash(a) == spec_hash(b)
+    assert spec_hash(a) != spec_hash(parse_spec({**BASE, "timesteps": [51]}))
+
+
+def test_shipped_jobs_validate() -> None:
+    jobs = sorted(Path(__file__).parents[1].glob("jobs/*.yaml"))
+    assert {p.name for p in jobs} >= {"demo.yaml", "sd15-paper.yaml", "sd21-paper.yaml", "sdturbo-paper.yaml"}
+    for path in jobs:
+        load_spec(path)
+
+
+@settings(max_examples=40, deadline=None)
+@given(resolution=st.integers(1, 16).map(lambda k: 64 * k), timesteps=st.lists(st.integers(0, 999), min_size=1,
+       max_size=4, unique=True), seeds=st.lists(st.integers(0, 2**31), min_size=1, max_size=3, unique=True))
+def test_yaml_round_trip_keeps_the_hash(resolution: int, timesteps: list[int], seeds: list[int]) -> None:
+    import yaml
+
+    spec = parse_spec({**BASE, "resolution": resolution, "timesteps": timesteps, "seeds": seeds})
+    again = parse_spec(yaml.safe_load(spec_to_yaml(spec)))
+    assert again == spec and spec_hash(again) == spec_hash(spec)
