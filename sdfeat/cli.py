@@ -109,15 +109,22 @@ def blocks(
     model: Annotated[str, typer.Argument(help="sd15, sd21, sdturbo, tiny, a hub id or a local diffusers dir.")],
     preset: Annotated[str, typer.Option(help="paper (45 positions) or all (46).")] = "paper",
     resolution: Annotated[int, typer.Option(min=64, help="Image side in pixels.")] = 512,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line instead of a table.")] = False,
 ) -> None:
     """List hookable positions with shapes, from the model's config on the meta device (no weights)."""
+    from dataclasses import asdict
+
     from sdfeat.blocks import resolve_blocks
     from sdfeat.models import unet_config
 
     if preset not in ("paper", "all"):
         raise typer.BadParameter("must be 'paper' or 'all'", param_hint="--preset")
+    found = resolve_blocks(unet_config(model), preset, resolution)
+    if as_json:
+        console.out("\n".join(json.dumps(asdict(b)) for b in found), highlight=False)
+        return
     table = Table("#", "name", "paper name", "channels", "y×x", title=f"{model} at {resolution}px ({preset})")
-    for i, b in enumerate(resolve_blocks(unet_config(model), preset, resolution)):
+    for i, b in enumerate(found):
         table.add_row(str(i), b.name, b.paper_name, str(b.channels), f"{b.height}×{b.width}")
     console.print(table)
 

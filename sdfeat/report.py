@@ -68,17 +68,16 @@ REQUIRED_COLUMNS = ("model", "block", "order", "metric", "statistic", "value")
 class Series:
     """The rows of a tidy table that give one number per block."""
 
-    table: str  # results/<table>.parquet
-    metric: str
+    metric: str  # also the results file: results/<metric>.parquet
     statistic: str
     scale: int | None = None
     group: str | None = None
 
 
-PROBE = {s: Series("position", "position", "accuracy", scale=s) for s in PROBE_SCALES}
-RATIO = {g: Series("corners", "corners", "ratio", group=g) for g in ("corner", "border")}
-ANOMALY_MEAN = Series("anomalies", "anomalies", "rel_norm_mean")
-ANOMALY_STD = Series("anomalies", "anomalies", "rel_norm_std")
+PROBE = {s: Series("position", "accuracy", scale=s) for s in PROBE_SCALES}
+RATIO = {g: Series("corners", "ratio", group=g) for g in ("corner", "border")}
+ANOMALY_MEAN = Series("anomalies", "rel_norm_mean")
+ANOMALY_STD = Series("anomalies", "rel_norm_std")
 # Where a table holds several variants of a series, the report plots this one (else the alphabetically first);
 # corner rows with paper_counts=True come after the fixed ones. The anomaly ratio to the map mean is the paper's.
 PREFERRED_VARIANT = {"position": None, "corners": "cropped/reprcropped", "anomalies": "vs_mean"}
@@ -139,21 +138,20 @@ def load_reference(model: str) -> pa.Table:
 
             def add(series: Series, column: str, **extra: object) -> None:
                 rows.append({**base, "metric": series.metric, "statistic": series.statistic, "scale": series.scale,
-                             "group": series.group, "variant": PREFERRED_VARIANT[series.table],
+                             "group": series.group, "variant": PREFERRED_VARIANT[series.metric],
                              "value": float(record[column]), **extra})
 
             for s in PROBE_SCALES:
                 add(PROBE[s], f"probe_acc_{s}", epoch=PAPER_PROBE_EPOCHS)
             for group in ("corner", "border", "other"):
                 for variant in ("cropped", "reprcropped"):
-                    add(Series("corners", "corners", "group_mean", group=group), f"{group}_{variant}",
+                    add(Series("corners", "group_mean", group=group), f"{group}_{variant}",
                         variant=variant, paper_counts=True)
             for group, series in RATIO.items():
                 add(series, f"{group}_ratio", paper_counts=True)
             add(ANOMALY_MEAN, "anomaly_rel_norm_mean")
             add(ANOMALY_STD, "anomaly_rel_norm_std")
     return pa.Table.from_pylist(rows, schema=TIDY_SCHEMA)
-
 
 
 def _conform(table: pa.Table, path: Path) -> pa.Table:
@@ -178,13 +176,14 @@ def load_results(store: str | Path) -> pa.Table:
     tables = {path: pq.read_table(path) for path in (results / f"{n}.parquet" for n in RESULT_TABLES) if path.exists()}
     parts = [_conform(table, path) for path, table in tables.items() if table.num_rows]  # a metric with no rows
     if not parts:
-        raise StoreError(f"{results}: no metric tables ({', '.join(RESULT_TABLES)}.parquet); run `sdfeat metrics` first")
+        raise StoreError(f"{results}: no metric tables ({', '.join(RESULT_TABLES)}.parquet); "
+                         "run `sdfeat metrics` first")
     return pa.concat_tables(parts)
 
 
 def select(table: pa.Table, series: Series) -> dict[str, float]:
     """{block: value} of one series: the preferred variant, and the last epoch where there are several."""
-    preferred = PREFERRED_VARIANT.get(series.table)
+    preferred = PREFERRED_VARIANT[series.metric]
     best: dict[str, tuple[tuple, float]] = {}
     for row in table.to_pylist():
         if (row["metric"], row["statistic"], row["scale"], row["group"]) != (
@@ -267,15 +266,15 @@ def figure_2(table: pa.Table, reference: pa.Table | None = None, title: str = ""
     sources = [(table, "-", 1.0, label)] + ([(reference, "--", 0.6, PUBLISHED_LABEL)] if reference is not None else [])
     for ax, row in zip(axes, FIGURE2_ROWS):
         _style_axis(ax, row.ylabel, row.log)
-        exclude = CORNERS_EXCLUDED if row.curves[0][1].table == "corners" else frozenset()
-        drawn = {src_label: False for *_, src_label in sources}
+        exclude = CORNERS_EXCLUDED if row.curves[0][1].metric == "corners" else frozenset()
+        store_drawn = False
         for src_table, linestyle, alpha, src_label in sources:
             for curve_label, series, colour in row.curves:
                 y = _on_axis(select(src_table, series), blocks, row.log, exclude)
                 if np.isnan(y).all():
                     continue
-                drawn[src_label] = True
-                if src_label == PUBLISHED_LABEL and len(row.curves) == 1:
+                store_drawn |= src_table is table
+                if src_table is reference and len(row.curves) == 1:
                     colour = "0.45"
                 _plot(ax, x, y, linestyle=linestyle, color=colour, alpha=alpha)
                 if series == ANOMALY_MEAN:
@@ -283,7 +282,7 @@ def figure_2(table: pa.Table, reference: pa.Table | None = None, title: str = ""
                     have = ~np.isnan(y) & ~np.isnan(std)
                     low = np.maximum(y - std, 0.25 * np.nanmin(y))  # a log axis cannot show <= 0
                     ax.fill_between(x[have], low[have], (y + std)[have], color=colour, alpha=0.15, linewidth=0)
-        if not drawn[label]:
+        if not store_drawn:
             _not_computed(ax, "not computed" if reference is None else f"not computed ({label})")
         handles = [Line2D([], [], color=c, label=lab) for lab, _, c in row.curves]
         handles += [Line2D([], [], color="0.2", linestyle=ls, alpha=a, label=src) for _, ls, a, src in sources]
@@ -305,7 +304,7 @@ def figure_cross_model(tables: Mapping[str, pa.Table], reference: tuple[str, pa.
         lines.append((reference[0], reference[1], "--", "0.45"))
     for ax, (ylabel, series, log_scale) in zip(axes, CROSS_MODEL_ROWS):
         _style_axis(ax, ylabel, log_scale)
-        exclude = CORNERS_EXCLUDED if series.table == "corners" else frozenset()
+        exclude = CORNERS_EXCLUDED if series.metric == "corners" else frozenset()
         handles = []
         for name, table, linestyle, colour in lines:
             y = _on_axis(select(table, series), blocks, log_scale, exclude)
@@ -389,7 +388,7 @@ def _model_section(name: str, store: Path, table: pa.Table, reference: pa.Table 
         lines += [f"> ⚠ {note}", ""]
     lines += [f"![Figure 2 — {name}]({figure}.png)", "", "Peaks:", ""]
     for text, series in PEAKS:
-        exclude = CORNERS_EXCLUDED if series.table == "corners" else frozenset()
+        exclude = CORNERS_EXCLUDED if series.metric == "corners" else frozenset()
         peak = _peak(select(table, series), exclude)
         line = f"- {text}: " + (f"{peak[1]:.3f} at `{peak[0]}`" if peak else "not computed")
         published = _peak(select(reference, series), exclude) if reference is not None else None
@@ -398,7 +397,8 @@ def _model_section(name: str, store: Path, table: pa.Table, reference: pa.Table 
         lines.append(line)
     columns = [*(PROBE[s] for s in PROBE_SCALES), RATIO["corner"], RATIO["border"], ANOMALY_MEAN, ANOMALY_STD]
     values = [select(table, s) for s in columns]
-    lines += ["", "| block | probe S=8 | S=16 | S=32 | S=64 | corner ratio | border ratio | anomaly mean | anomaly std |",
+    lines += ["",
+              "| block | probe S=8 | S=16 | S=32 | S=64 | corner ratio | border ratio | anomaly mean | anomaly std |",
               "|---|" + "---:|" * len(columns)]
     for block in block_axis(table):
         lines.append(f"| `{block}` | " + " | ".join(_fmt(v.get(block)) for v in values) + " |")

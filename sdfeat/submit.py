@@ -1,8 +1,8 @@
 """Submit an extraction job to a running Ray cluster through the Ray Jobs API (`sdfeat submit`).
 
 The spec is validated here first (so a typo fails on the laptop, not on the cluster), then shipped together with
-this checkout of the `sdfeat` package as the job's working directory; the job runs `python -m sdfeat.cli extract
-job.yaml` on the head node, which joins the cluster and drives the actors (`cluster.run_on_ray`).
+this checkout of the `sdfeat` package as the job's working directory; the job runs `sdfeat extract job.yaml` (from the
+shipped package) on the head node, which joins the cluster and drives the actors (`cluster.run_on_ray`).
 
 Submission ids are `sdfeat-<spec hash>-<n>`: a resubmission of the same work is recognisable in `ray job list`,
 and a second submission while one for the same spec and output is still running is refused (two drivers would
@@ -80,7 +80,9 @@ def next_submission_id(digest: str, existing_ids: list[str]) -> str:
 
 
 def build_entrypoint(workers: int | None, gpus_per_worker: float | None, overwrite: bool) -> str:
-    parts = ["python", "-m", "sdfeat.cli", "extract", SHIPPED_SPEC]
+    # `python -c` rather than the `sdfeat` script: the job's working dir comes first on sys.path, so the shipped
+    # package runs, not whatever sdfeat the cluster has installed.
+    parts = ["python", "-c", "'from sdfeat.cli import app; app(prog_name=\"sdfeat\")'", "extract", SHIPPED_SPEC]
     if workers is not None:
         parts += ["--workers", str(workers)]
     if gpus_per_worker is not None:

@@ -1,0 +1,84 @@
+"""Querying a store: selection semantics, xarray view, info, verify (against values read with zarr directly)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from sdfeat import store
+from sdfeat.errors import StoreError, UnknownBlockError
+from sdfeat.query import open_store
+
+
+def _raw(output: str, name: str) -> np.ndarray:
+    return zarr.open_group(f"{output}/features.zarr", mode="r")[name][:]
+
+
+def test_read_selections_match_zarr(tiny_store: str) -> None:
+    fs = open_store(tiny_store)
+    raw = _raw(tiny_store, "mid_block.resnets.1").astype(np.float32)  # (12, 2, 1, C, y, x)
+    np.testing.assert_array_equal(fs.read("mid_block.resnets.1"), raw)
+    np.testing.assert_array_equal(fs.read("mid_block.resnets[1]", [3, 1]),
+                                  raw[[3, 1]])
+    np.testing.assert_array_equal(fs.read("mid_block.resnets.1", fs.sample_ids[7], timestep=200, seed=42),
+                                  raw[[7], 1, 0])
+    np.testing.assert_array_equal(fs.read("mid_block.resnets.1", slice(2, 5), timestep=50), raw[2:5, 0])
+    assert fs.read("mid_block.resnets.1", [0], raw=True).dtype == np.float16
+
+
+def test_bracket_names_are_accepted(tiny_store: str) -> None:
+    fs = open_store(tiny_store)
+    np.testing.assert_array_equal(fs.read("up_blocks[1].upsamplers[0]", [0]), fs.read("up_blocks.1.upsamplers.0", [0]))
+
+
+def test_read_errors_name_the_problem(tiny_store: str) -> None:
+    fs = open_store(tiny_store)
+    with pytest.raises(UnknownBlockError, match="stored blocks"):
+        fs.read("up_blocks.2.resnets.0")
+    with pytest.raises(StoreError, match="sample 'nope'"):
+        fs.read("conv_in", ["nope"])
+    with pytest.raises(StoreError, match="timestep 999"):
+        fs.read("conv_in", [0], timestep=999)
+    with pytest.raises(StoreError, match="out of range"):
+        fs.read("conv_in", [12])
+    with pytest.raises(StoreError, match="no feature store"):
+        open_store(str(Path(tiny_store).parent / "missing"))
+
+
+def test_iter_samples_covers_every_row_once(tiny_store: str) -> None:
+    fs = open_store(tiny_store)
+    pieces = list(fs.iter_samples("conv_in", batch=5, timestep=50, seed=42))
+    assert [r for r, _ in pieces] == [slice(0, 5), slice(5, 10), slice(10, 12)]
+    np.testing.assert_array_equal(np.concatenate([v for _, v in pieces]), fs.read("conv_in", timestep=50, seed=42))
+
+
+def test_xarray_view_has_named_dims_and_coords(tiny_store: str) -> None:
+    ds = open_store(tiny_store).to_xarray()
+    var = ds["up_blocks.1.upsamplers.0"]
+    assert var.dims == ("sample", "timestep", "seed", "channel_64", "y_8", "x_8")
+    assert list(ds["timestep"].values) == [50, 200]
+    assert "sample_id" in ds.coords and str(ds["sample_id"].values[3]) == "synthetic#00003"
+    np.testing.assert_array_equal(var.isel(sample=4).values, _raw(tiny_store, "up_blocks.1.upsamplers.0")[4])
+
+
+def test_info_counts_bytes(tiny_store: str) -> None:
+    info = open_store(tiny_store).info()
+    assert info["samples"] == 12 and info["units_done"] == info["units"] == 3
+    expected_raw = sum(int(np.prod(b["shape"])) * 2 for b in info["blocks"])
+    assert info["bytes_raw"] == expected_raw
+    assert 0.5 < info["compression_ratio"] <= 1.1  # no codec by default: stored ≈ raw (+ metadata)
+
+
+def test_verify_finds_missing_units_and_nan(tiny_store: str, tmp_path: Path) -> None:
+    output = str(tmp_path / "broken")
+    shutil.copytree(tiny_store, output)
+    Path(store.marker_path(output, 2)).unlink()
+    group = store.open_features(output, mode="r+")
+    group["conv_in"][0:4] = np.full(group["conv_in"][0:4].shape, np.nan, dtype=np.float16)
+    problems = open_store(output).verify()
+    assert any("1 of 3 units" in p for p in problems)
+    assert any(p.startswith("conv_in: NaN") for p in problems)
