@@ -52,6 +52,13 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: kB
 
 
+def _loaded() -> dict[str, float]:
+    """RSS after loading and the peak so far; then resets the peak (VmHWM) so the end shows the extraction's own."""
+    measured = {"loaded_rss_gb": _rss_gb("VmRSS"), "load_peak_gb": _rss_gb("VmHWM")}
+    Path("/proc/self/clear_refs").write_text("5")
+    return measured
+
+
 def _blocks(kind: str) -> list[str]:
     from sdfeat.blocks import preset_names
 
@@ -83,7 +90,7 @@ def child_sdhelper(job: dict) -> dict:
     sd = SD("SD1.5", device="cpu", config={"name": job["model_dir"]}, local_files_only=True,
             disable_progress_bar=True)
     load_s = time.perf_counter() - t
-    loaded_rss, load_peak = _rss_gb("VmRSS"), _rss_gb("VmHWM")
+    memory = _loaded()
     images = _images(job["n"], job["resolution"])
     positions = [paper_name(b) for b in _blocks(job["blocks"])]
     t = time.perf_counter()
@@ -92,8 +99,7 @@ def child_sdhelper(job: dict) -> dict:
                for step in job["timesteps"]]
     extract_s = time.perf_counter() - t
     n_values = sum(r[p].numel() for per_step in results for r in per_step for p in positions)
-    return {"load_s": load_s, "extract_s": extract_s, "loaded_rss_gb": loaded_rss, "load_peak_gb": load_peak,
-            "values": n_values}
+    return {"load_s": load_s, "extract_s": extract_s, "units_s": extract_s, **memory, "values": n_values}
 
 
 def child_sdfeat(job: dict) -> dict:
@@ -104,16 +110,23 @@ def child_sdfeat(job: dict) -> dict:
     from sdfeat.query import open_store
     from sdfeat.spec import parse_spec
 
-    timing: dict[str, float] = {}
+    timing: dict[str, float] = {"units_s": 0.0}
 
     class TimedRunner(extract.UnitRunner):
-        """run_local's UnitRunner with its construction (= model loading) timed; nothing else changes."""
+        """run_local's UnitRunner with its construction (= model loading) and its units timed; nothing else
+        changes. Job overheads outside units (store template, block shapes, finalize) = extract_s - units_s."""
 
         def __init__(self, *args, **kwargs) -> None:
             t = time.perf_counter()
             super().__init__(*args, **kwargs)
             timing["load_s"] = time.perf_counter() - t
-            timing["loaded_rss_gb"], timing["load_peak_gb"] = _rss_gb("VmRSS"), _rss_gb("VmHWM")
+            timing.update(_loaded())
+
+        def run(self, unit):
+            t = time.perf_counter()
+            report = super().run(unit)
+            timing["units_s"] += time.perf_counter() - t
+            return report
 
     extract.UnitRunner = TimedRunner  # run_local looks the class up at call time
     out = tempfile.mkdtemp(prefix="sdfeat-bench-", dir=job["tmp"])
@@ -178,7 +191,11 @@ def child_main(tool: str, job_json: str) -> None:
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
     result = CHILDREN[tool](json.loads(job_json))
-    result["peak_rss_gb"] = _peak_rss_gb()
+    if "load_peak_gb" in result:  # peak since loading ended (VmHWM was reset then) and over the whole process
+        result["extract_peak_gb"] = _rss_gb("VmHWM")
+        result["peak_rss_gb"] = max(result["load_peak_gb"], result["extract_peak_gb"])
+    else:
+        result["peak_rss_gb"] = _peak_rss_gb()
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
@@ -208,8 +225,9 @@ def run_child(tool: str, job: dict) -> Run:
     extra = f" img/s={run.images_per_s:.3f}" if tool != "build" else ""
     print(f"  [{tool:8s}] {json.dumps({k: v for k, v in job.items() if k not in ('model_dir', 'tmp')})}"
           f" load={r.get('load_s', 0):.1f}s extract={r.get('extract_s', 0):.1f}s{extra}"
-          f" peak={r['peak_rss_gb']:.2f}GB (after load {r.get('loaded_rss_gb', 0):.2f}, load peak "
-          f"{r.get('load_peak_gb', 0):.2f}) loadavg={run.load_before:.1f}", flush=True)
+          f" (units {r.get('units_s', 0):.1f}s) peak={r['peak_rss_gb']:.2f}GB (load peak "
+          f"{r.get('load_peak_gb', 0):.2f}, after load {r.get('loaded_rss_gb', 0):.2f}, extraction peak "
+          f"{r.get('extract_peak_gb', 0):.2f}) loadavg={run.load_before:.1f}", flush=True)
     return run
 
 
@@ -239,7 +257,10 @@ def compare(name: str, base_job: dict, repeats: int) -> dict:
     h, f = best(runs["sdhelper"]), best(runs["sdfeat"])
     h_rss = max(r.result["peak_rss_gb"] for r in runs["sdhelper"])
     f_rss = max(r.result["peak_rss_gb"] for r in runs["sdfeat"])
+    h_x = max(r.result["extract_peak_gb"] for r in runs["sdhelper"])
+    f_x = max(r.result["extract_peak_gb"] for r in runs["sdfeat"])
     return {"config": name, "h_ips": h.images_per_s, "f_ips": f.images_per_s, "h_rss": h_rss, "f_rss": f_rss,
+            "h_x": h_x, "f_x": f_x, "f_unit_ips": f.job["n"] / f.result["units_s"],
             "all_h": [round(r.images_per_s, 3) for r in runs["sdhelper"]],
             "all_f": [round(r.images_per_s, 3) for r in runs["sdfeat"]], "f_stages": f.result["stages_s"],
             "loads": [round(r.load_before, 1) for rs in runs.values() for r in rs]}
@@ -261,8 +282,8 @@ def machine_line(threads: int) -> str:
 
 def print_table(rows: list[dict], flat: list[dict], targets: dict) -> None:
     print("\n| config | sdhelper img/s | sdfeat img/s | speed ratio | target | sdhelper peak RSS | sdfeat peak RSS "
-          "| RSS ratio | target | load avg during runs |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| RSS ratio | target | extraction-phase peak h / f | sdfeat img/s in units | load avg during runs |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         speed, rss = r["f_ips"] / r["h_ips"], r["f_rss"] / r["h_rss"]
         t_speed, t_rss = targets[r["config"]]
@@ -270,11 +291,12 @@ def print_table(rows: list[dict], flat: list[dict], targets: dict) -> None:
         ok_rss = "" if t_rss is None else (" ok" if rss <= t_rss else " MISS")
         print(f"| {r['config']} | {r['h_ips']:.3f} {r['all_h']} | {r['f_ips']:.3f} {r['all_f']} | {speed:.2f}× "
               f"| ≥{t_speed}× {ok_speed} | {r['h_rss']:.2f} GB | {r['f_rss']:.2f} GB | {rss:.2f}× "
-              f"| {'–' if t_rss is None else f'≤{t_rss}×'}{ok_rss} | {r['loads']} |")
+              f"| {'–' if t_rss is None else f'≤{t_rss}×'}{ok_rss} | {r['h_x']:.2f} / {r['f_x']:.2f} GB "
+              f"| {r['f_unit_ips']:.3f} | {r['loads']} |")
     for f in flat:
         peaks = " → ".join(f"{p:.2f} GB @ {n}" for n, p in zip(f["sizes"], f["peaks"]))
         print(f"| {f['config']} | – | – | – | – | – | {peaks} | {f['ratio']:.3f}× (large/small) "
-              f"| flat (≤1.05×) {'ok' if f['ratio'] <= 1.05 else 'MISS'} | – |")
+              f"| flat (≤1.05×) {'ok' if f['ratio'] <= 1.05 else 'MISS'} | – | – | – |")
     print("\nsdfeat stage seconds (fastest repeat; read = waiting for decoded images, encode = VAE + noise, "
           "unet = forward + copies into the unit buffer, write = Zarr):")
     for r in rows:

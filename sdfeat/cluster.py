@@ -165,7 +165,7 @@ class _Driver:
         def retry_or_fail(unit: Unit, reason: str) -> None:
             attempts[unit.index] += 1
             if attempts[unit.index] > self.max_retries:
-                out.failed[unit.index] = reason
+                out.failed[unit.index] = f"{reason}; gave up after {attempts[unit.index]} attempts"
                 log.error("unit %d failed after %d attempts: %s", unit.index, attempts[unit.index], reason)
             else:
                 out.retries += 1
@@ -184,8 +184,11 @@ class _Driver:
 
         try:
             while queue or tasks:
+                n_starting = sum(1 for s in slots if s.alive and s.ready_ref is not None)
                 for slot in slots:
-                    while slot.alive and slot.ready_ref is None and slot.inflight < UNITS_PER_ACTOR and queue:
+                    # a second (queued) unit only when enough remain for the actors still loading their model
+                    depth = UNITS_PER_ACTOR if len(queue) > n_starting else 1
+                    while slot.alive and slot.ready_ref is None and slot.inflight < depth and queue:
                         unit = queue.popleft()
                         tasks[slot.actor.run.remote(unit)] = (slot, unit)
                         slot.inflight += 1
@@ -270,10 +273,10 @@ def run_on_ray(spec: JobSpec, address: str | None = None, workers: int | None = 
             first, reason = next(iter(sorted(outcome.failed.items())))
             others = ", ".join(str(i) for i in sorted(outcome.failed)[1:11])
             raise UnitFailedError(
-                f"unit {first} (rows {units[first].start}–{units[first].stop - 1}) failed after "
-                f"{max_retries + 1} attempts: {reason}"
+                f"unit {first} (rows {units[first].start}–{units[first].stop - 1}) failed: {reason}"
                 + (f"; also failed: units {others}" if others else "")
-                + f"; the {len(plan.units) - len(outcome.failed)} other units are kept; run again to redo the rest")
+                + f"; the other {len(plan.units) - len(outcome.failed)} units are done and kept; "
+                "fix the cause and run again to redo only the failed units")
         summary = finalize_job(plan)
         wall = time.perf_counter() - start
         new_rows = sum(r["rows"] for r in outcome.reports)

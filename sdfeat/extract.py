@@ -16,8 +16,10 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -137,6 +139,8 @@ class UnitRunner:
         self.spec = spec
         self.output = output or spec.output
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes per job: let cuDNN pick the fastest kernels
         self.decode_threads = max(1, min(8, (threads or torch.get_num_threads())))
         self.layout = job_layout(spec)
         attrs = store.read_attrs(self.output)
@@ -146,8 +150,18 @@ class UnitRunner:
         self.manifest = store.read_manifest(self.output)  # one row per store row; read once per worker
         self.group = store.open_features(self.output, mode="r+")
         self.model: LoadedModel = load_model(spec.model, self.device, self._compute_dtype(), spec.revision,
-                                             fp16_rounded_weights=spec.protocol == "paper")
+                                             fp16_rounded_weights=spec.protocol == "paper", compile_vae=spec.compile)
+        # Host buffers for whole units, reused: fresh arrays would page-fault on every first write. On a GPU two
+        # sets (one being filled while the other is written), pinned so device->host copies run asynchronously.
+        self._buffers: queue.Queue[dict[str, np.ndarray]] = queue.Queue()
+        for _ in range(2 if self.device.type == "cuda" else 1):
+            self._buffers.put(self._new_buffers(int(attrs["unit_size"])))
         self.worker = f"{socket.gethostname()}:{self.device}"
+
+    def _new_buffers(self, rows: int) -> dict[str, np.ndarray]:
+        pin = self.device.type == "cuda"
+        return {a.path: torch.zeros((rows, *a.sample_shape), dtype=getattr(torch, a.dtype), pin_memory=pin).numpy()
+                for a in self.layout.arrays}
 
     def _compute_dtype(self) -> torch.dtype:
         if self.spec.compute_dtype == "auto":
@@ -161,18 +175,54 @@ class UnitRunner:
             raise SourceError("field 'prompt' uses {class_name} but the source has no class names")
         return [self.spec.prompt.format(class_name=self.class_names[y] if y >= 0 else "") for y in labels]
 
-    @torch.inference_mode()
     def run(self, unit: Unit) -> dict:
+        """Extract one unit, write its shards, then its done marker; returns the unit report."""
+        return self._commit(*self._compute(unit))
+
+    def run_many(self, units: Iterable[Unit], overlap: bool | None = None) -> Iterator[dict]:
+        """Reports of `units` in order. With `overlap` (default: on a GPU) the next unit is computed while the
+        previous one is written (two units' buffers in memory); on a CPU, where writing is a small share of the
+        time, one unit at a time. A unit whose source cannot be read yields `{"unit": k, "error": reason}` and the
+        others go on."""
+        if not (self.device.type == "cuda" if overlap is None else overlap):
+            for unit in units:
+                yield self._guarded(lambda u=unit: self.run(u), unit)
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdfeat-write") as writer:
+            pending: Future | None = None
+            for unit in units:
+                computed = self._guarded(lambda u=unit: self._compute(u), unit)
+                if pending is not None:
+                    yield pending.result()
+                    pending = None
+                if isinstance(computed, dict):  # the unit's error report
+                    yield computed
+                else:
+                    pending = writer.submit(self._commit, *computed)
+            if pending is not None:
+                yield pending.result()
+
+    @staticmethod
+    def _guarded(step: Callable[[], Any], unit: Unit) -> Any:
+        try:
+            return step()
+        except SourceError as err:
+            log.error("unit %d failed: %s", unit.index, err)
+            return {"unit": unit.index, "error": str(err)}
+
+    @torch.inference_mode()
+    def _compute(self, unit: Unit) -> tuple[Unit, dict[str, np.ndarray], np.ndarray, list[dict], dict[str, float]]:
         seconds = dict.fromkeys(STAGES, 0.0)
-        t0 = time.perf_counter()
         refs = [SampleRef(**row) for row in self.manifest.slice(unit.start, unit.rows).to_pylist()]
-        buffers = {a.path: np.zeros((unit.rows, *a.sample_shape), dtype=a.dtype) for a in self.layout.arrays}
+        full = self._buffers.get()  # waits for a free set
+        buffers = {path: values[: unit.rows] for path, values in full.items()}
+        for values in buffers.values():
+            values.fill(0)  # rows of failed images stay zero
         ok = np.zeros(unit.rows, dtype=bool)
         failures: list[dict] = []
         images = _prefetch(read_images(refs, self.spec.resolution, threads=self.decode_threads),
                            depth=2 * self.spec.batch_size)
         batch: list[DecodedImage] = []
-        seconds["read"] += time.perf_counter() - t0
         while True:
             t = time.perf_counter()
             item = next(images, None)
@@ -188,9 +238,16 @@ class UnitRunner:
                 ok[[b.index for b in batch]] = True
                 batch = []
             if item is None:
-                break
+                self._sync()  # the asynchronous device->host copies have landed
+                return unit, full, ok, failures, seconds
+
+    def _commit(self, unit: Unit, full: dict[str, np.ndarray], ok: np.ndarray, failures: list[dict],
+                seconds: dict[str, float]) -> dict:
         t = time.perf_counter()
-        store.write_unit(self.group, unit.start, unit.stop, buffers, ok)
+        try:
+            store.write_unit(self.group, unit.start, unit.stop, {p: v[: unit.rows] for p, v in full.items()}, ok)
+        finally:
+            self._buffers.put(full)
         seconds["write"] = time.perf_counter() - t
         report = {"unit": unit.index, "rows": unit.rows, "ok": int(ok.sum()), "failures": failures,
                   "seconds": {k: round(v, 4) for k, v in seconds.items()}, "worker": self.worker}
@@ -217,6 +274,9 @@ class UnitRunner:
         self._sync()
         seconds["encode"] += time.perf_counter() - t
         names = [b.name for b in blocks]
+        # Consecutive rows (no failed image inside the batch) are copied with one slice per block.
+        row_index: slice | list[int] = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) \
+            else rows
         with capture(self.model.unet, names) as hooked:
             for si, seed in enumerate(self.spec.seeds):
                 t = time.perf_counter()
@@ -226,13 +286,23 @@ class UnitRunner:
                     t = time.perf_counter()
                     acts = hooked.run(latents[step], step, encoder_hidden_states=emb)  # {name: (B, C, h, w)}
                     for name in names:
-                        target = buffers[prefix + name]
-                        values = acts[name].to("cpu", torch.float32 if target.dtype == np.float32 else torch.float16)
-                        if values.shape[1:] != target.shape[3:]:
-                            raise StoreError(f"block {name}: captured shape {tuple(values.shape[1:])} differs "
-                                             f"from the store's {target.shape[3:]}")
-                        target[rows, ti, si] = values.numpy()
+                        self._to_host(acts[name], buffers[prefix + name], row_index, ti, si, name)
                     seconds["unet"] += time.perf_counter() - t
+
+    @staticmethod
+    def _to_host(values: torch.Tensor, target: np.ndarray, rows: slice | list[int], ti: int, si: int,
+                 name: str) -> None:
+        """Copy (B, C, h, w) device activations into target[rows, ti, si]: the dtype cast and the layout change
+        (channels_last on a GPU) happen on the device, then one contiguous copy to the host."""
+        if tuple(values.shape[1:]) != target.shape[3:]:
+            raise StoreError(f"block {name}: captured shape {tuple(values.shape[1:])} differs from the store's "
+                             f"{target.shape[3:]}")
+        dtype = torch.float32 if target.dtype == np.float32 else torch.float16
+        values = values.to(dtype).contiguous()
+        if isinstance(rows, slice):
+            torch.from_numpy(target)[rows, ti, si].copy_(values, non_blocking=True)  # pinned target on a GPU
+        else:
+            target[rows, ti, si] = values.cpu().numpy()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -263,20 +333,21 @@ def run_local(spec: JobSpec, overwrite: bool = False, progress: bool = True, dev
     todo = pending_units(plan)
     failed: dict[int, str] = {}
     start = time.perf_counter()
+    runner = UnitRunner(spec, plan.output, device, threads) if todo else None
+    load_seconds = time.perf_counter() - start
+    start = time.perf_counter()
     with UnitProgress(plan.n_samples, plan.n_samples - sum(u.rows for u in todo), enabled=progress) as bar:
-        if todo:
-            runner = UnitRunner(spec, plan.output, device, threads)
-            for unit in todo:
-                try:
-                    bar.update(runner.run(unit))
-                except SourceError as err:
-                    failed[unit.index] = str(err)
-                    log.error("unit %d failed: %s", unit.index, err)
+        for report in runner.run_many(todo) if runner is not None else ():
+            if "error" in report:
+                failed[report["unit"]] = report["error"]
+            else:
+                bar.update(report)
     if failed:
         first = next(iter(failed.items()))
         raise UnitFailedError(f"{len(failed)} unit(s) failed, e.g. unit {first[0]}: {first[1]}; "
                               "the other units are kept; fix the input and run again to resume")
+    wall = time.perf_counter() - start
     summary = finalize_job(plan)
-    summary["wall_seconds"] = round(time.perf_counter() - start, 2)
-    summary["images_per_second"] = round(sum(u.rows for u in todo) / max(summary["wall_seconds"], 1e-9), 3)
+    summary.update(load_seconds=round(load_seconds, 2), wall_seconds=round(wall, 2),
+                   images_per_second=round(sum(u.rows for u in todo) / max(wall, 1e-9), 3))
     return summary

@@ -270,11 +270,13 @@ def _components_tiny() -> tuple[Any, Any, Any, TextLoader]:
 
 
 def load_model(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               revision: str | None = None, fp16_rounded_weights: bool = False) -> LoadedModel:
+               revision: str | None = None, fp16_rounded_weights: bool = False,
+               compile_vae: bool = False) -> LoadedModel:
     """Load `model` for extraction on `device` in `dtype`.
 
     `fp16_rounded_weights=True` rounds every weight through float16 before casting to `dtype`, as sdhelper 1.0.0
-    does on CPU (it loads with torch_dtype=float16, then `.to(cpu, float32)`); `protocol: paper` uses it."""
+    does on CPU (it loads with torch_dtype=float16, then `.to(cpu, float32)`); `protocol: paper` uses it.
+    `compile_vae=True` wraps the VAE encoder in `torch.compile` on a GPU (ignored on a CPU)."""
     from diffusers import DDIMScheduler
 
     device = torch.device(device)
@@ -289,9 +291,12 @@ def load_model(model: str, device: str | torch.device = "cpu", dtype: torch.dtyp
         unet, vae, scheduler, raw_text_loader = _components_pretrained(model, source, revision, load_dtype)
     vae.decoder = None  # extraction never decodes; keeps one copy of weights only
     vae.post_quant_conv = None
-    channels_last = device.type == "cuda"
-    _prepare(unet, device, dtype, fp16_rounded_weights, channels_last)
-    _prepare(vae, device, dtype, fp16_rounded_weights, channels_last)
+    # channels_last speeds up the U-Net's convolutions on a GPU but slows the VAE encoder, whose time goes to
+    # GroupNorm/SiLU at 512x512 (H200, batch 32: 132 img/s channels_last vs 180 contiguous, 312 compiled).
+    _prepare(unet, device, dtype, fp16_rounded_weights, channels_last=device.type == "cuda")
+    _prepare(vae, device, dtype, fp16_rounded_weights)
+    if compile_vae and device.type == "cuda":
+        vae.encoder = torch.compile(vae.encoder)
 
     def text_loader() -> tuple[Any, torch.nn.Module]:
         tokenizer, text_encoder = raw_text_loader()

@@ -72,6 +72,7 @@ class JobSpec(_Strict):
     dtype: Literal["float16", "float32"] = "float16"
     compute_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     codec: Literal["none", "zstd"] = "none"
+    compile: bool = False  # torch.compile the VAE encoder on a GPU (2.4x faster encode; ~20 s warm-up per worker)
     unit_size: int | None = Field(default=None, ge=1)
     variants: Variants = Field(default_factory=Variants)
     summaries: Summaries | None = None

@@ -1,8 +1,13 @@
 """Submit an extraction job to a running Ray cluster through the Ray Jobs API (`sdfeat submit`).
 
 The spec is validated here first (so a typo fails on the laptop, not on the cluster), then shipped together with
-this checkout of the `sdfeat` package as the job's working directory; the job runs `sdfeat extract job.yaml` (from the
-shipped package) on the head node, which joins the cluster and drives the actors (`cluster.run_on_ray`).
+this checkout of the `sdfeat` package; the job runs `sdfeat extract` (from the shipped package) on the head node,
+which joins the cluster and drives the actors (`cluster.run_on_ray`).
+
+Shipping: the package goes as a `py_modules` entry (first on PYTHONPATH of the driver and every actor), the
+validated spec as an env var that the entrypoint writes to a temp file. Not a `working_dir`: Ray 2.60 re-extracts
+a working_dir whenever a runtime env using it is created (`WorkingDirPlugin.create(..., overwrite=True)`), which
+deletes the entrypoint's own cwd as soon as its actors start (FileNotFoundError from os.getcwd).
 
 Submission ids are `sdfeat-<spec hash>-<n>`: a resubmission of the same work is recognisable in `ray job list`,
 and a second submission while one for the same spec and output is still running is refused (two drivers would
@@ -16,8 +21,10 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sdfeat.errors import SdfeatError, SpecError
 from sdfeat.spec import JobSpec, load_spec, spec_hash, spec_to_yaml
@@ -25,7 +32,7 @@ from sdfeat.spec import JobSpec, load_spec, spec_hash, spec_to_yaml
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-SHIPPED_SPEC = "job.yaml"
+SPEC_ENV_VAR = "SDFEAT_JOB_SPEC"
 ACTIVE_STATES = ("PENDING", "RUNNING")
 
 
@@ -64,11 +71,10 @@ def _check_paths_reach_cluster(spec: JobSpec) -> None:
                         "or an absolute path on storage every cluster node can reach")
 
 
-def _stage_working_dir(spec: JobSpec) -> Path:
-    """A temporary directory holding this `sdfeat` package and the validated spec; it becomes the job's cwd."""
+def _stage_package() -> Path:
+    """A temporary copy of this `sdfeat` package without caches; Ray uploads it during `submit_job`."""
     stage = Path(tempfile.mkdtemp(prefix="sdfeat-submit-"))
     shutil.copytree(PACKAGE_DIR, stage / "sdfeat", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    (stage / SHIPPED_SPEC).write_text(spec_to_yaml(spec))
     return stage
 
 
@@ -80,16 +86,17 @@ def next_submission_id(digest: str, existing_ids: list[str]) -> str:
 
 
 def build_entrypoint(workers: int | None, gpus_per_worker: float | None, overwrite: bool) -> str:
-    # `python -c` rather than the `sdfeat` script: the job's working dir comes first on sys.path, so the shipped
-    # package runs, not whatever sdfeat the cluster has installed.
-    parts = ["python", "-c", "'from sdfeat.cli import app; app(prog_name=\"sdfeat\")'", "extract", SHIPPED_SPEC]
+    # `python -c` rather than the `sdfeat` script, whose imports could resolve to an sdfeat installed on the
+    # cluster; on PYTHONPATH the shipped package comes first.
+    parts = ["python", "-c", "'from sdfeat.cli import app; app(prog_name=\"sdfeat\")'", "extract", '"$spec"']
     if workers is not None:
         parts += ["--workers", str(workers)]
     if gpus_per_worker is not None:
         parts += ["--gpus-per-worker", str(gpus_per_worker)]
     if overwrite:
         parts.append("--overwrite")
-    return " ".join(parts)
+    return (f'spec=$(mktemp --suffix=.yaml) && printenv {SPEC_ENV_VAR} > "$spec" && ' + " ".join(parts)
+            + '; status=$?; rm -f "$spec"; exit $status')
 
 
 def submit_job(spec_path: str | Path, address: str | None = None, workers: int | None = None,
@@ -108,27 +115,35 @@ def submit_job(spec_path: str | Path, address: str | None = None, workers: int |
                               f"`ray job logs --follow {job.submission_id}` or stop it before resubmitting")
     submission_id = next_submission_id(digest, [j.submission_id for j in jobs if j.submission_id])
     entrypoint = build_entrypoint(workers, gpus_per_worker, overwrite)
-    stage = _stage_working_dir(spec)
+    stage = _stage_package()
     try:
         client.submit_job(
             entrypoint=entrypoint, submission_id=submission_id,
-            runtime_env={"working_dir": str(stage)},
+            runtime_env={"py_modules": [str(stage / "sdfeat")], "env_vars": {SPEC_ENV_VAR: spec_to_yaml(spec)}},
             metadata={"sdfeat_spec_hash": digest, "sdfeat_output": spec.output, "sdfeat_spec": Path(spec_path).name},
         )
     finally:
-        shutil.rmtree(stage, ignore_errors=True)  # the working dir is uploaded during submit_job
+        shutil.rmtree(stage, ignore_errors=True)  # uploaded during submit_job
     log.info("submitted %s (entrypoint %r)", submission_id, entrypoint)
     return Submission(submission_id, client.get_address(), digest, entrypoint)
 
 
+def _ask(address: str | None, submission_id: str, question: Callable[[Any], Any]) -> Any:
+    client = _client(address)
+    try:
+        return question(client)
+    except RuntimeError as err:  # the Jobs API answers an unknown id with an HTTP error
+        raise SdfeatError(f"submission {submission_id}: {str(err).splitlines()[0]}") from None
+
+
 def status(submission_id: str, address: str | None = None) -> str:
     """The job's state: PENDING, RUNNING, STOPPED, SUCCEEDED or FAILED."""
-    return str(_client(address).get_job_status(submission_id))
+    return str(_ask(address, submission_id, lambda client: client.get_job_status(submission_id)))
 
 
 def logs(submission_id: str, address: str | None = None) -> str:
     """Everything the job's driver has printed so far."""
-    return _client(address).get_job_logs(submission_id)
+    return _ask(address, submission_id, lambda client: client.get_job_logs(submission_id))
 
 
 def wait(submission_id: str, address: str | None = None, timeout_s: float = 600.0, poll_s: float = 1.0) -> str:

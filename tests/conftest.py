@@ -43,5 +43,5 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     from sdfeat.extract import run_local
 
     output = str(tmp_path_factory.mktemp("stores") / "tiny")
-    run_local(small_spec(output), progress=False)
+    run_local(small_spec(output), progress=False, device="cpu")
     return output

@@ -83,6 +83,18 @@ def test_rerun_skips_done_units_and_keeps_bytes(tiny_store: str, tmp_path: Path)
         np.testing.assert_array_equal(before[name], after[name])
 
 
+def test_overlapped_writes_give_the_same_store(tiny_store: str, tmp_path: Path) -> None:
+    """The GPU path (compute unit k+1 while unit k is written) forced on the CPU: same reports, same bytes."""
+    output = str(tmp_path / "overlap")
+    spec = small_spec(output)
+    plan = prepare_job(spec)
+    reports = list(UnitRunner(spec, output, device="cpu").run_many(plan.units, overlap=True))
+    assert [r["unit"] for r in reports] == [0, 1, 2] and all(r["ok"] == 4 for r in reports)
+    clean, overlapped = _all_arrays(tiny_store), _all_arrays(output)
+    for name in clean:
+        np.testing.assert_array_equal(clean[name], overlapped[name], err_msg=name)
+
+
 def test_killed_run_resumes_to_the_clean_store(tiny_store: str, tmp_path: Path) -> None:
     """Unit 0 finished, unit 1 half written (garbage, no marker), unit 2 untouched: a rerun equals a clean run."""
     output = str(tmp_path / "killed")

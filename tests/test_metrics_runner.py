@@ -3,7 +3,6 @@ idempotence, and Ray tasks giving the same tables as the in-process run."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from sdfeat.errors import StoreError
 from sdfeat.extract import run_local
 from sdfeat.metrics.corners import GroupTotals, group_means, group_similarity_sums, inner
 from sdfeat.metrics.labels import write_labels
+from sdfeat.metrics.position import ProbeSettings
 from sdfeat.metrics.runner import LEAD_COLUMNS, MetricOptions, run_metrics
 from sdfeat.query import open_store
 from sdfeat.spec import parse_spec
@@ -38,7 +38,7 @@ def tables(paths: dict[str, str]) -> dict[str, pd.DataFrame]:
 
 def test_local_run_tables(store_path: str, tmp_path: Path) -> None:
     labels = write_labels(tmp_path / "labels.csv", np.array([[1, 4, 6], [3, 0, 0]]))
-    options = MetricOptions(probe=MetricOptions().probe.__class__(epochs=2), chunk_images=3, paper_counts=True)
+    options = MetricOptions(probe=ProbeSettings(epochs=2), chunk_images=3, paper_counts=True)
     first = tables(run_metrics(store_path, local=True, labels=str(labels), options=options))
     for df in first.values():
         assert list(df.columns[:6]) == LEAD_COLUMNS
@@ -82,7 +82,7 @@ def test_ray_tasks_match_local(store_path: str, monkeypatch) -> None:
     import ray
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    options = MetricOptions(probe=MetricOptions().probe.__class__(epochs=1))
+    options = MetricOptions(probe=ProbeSettings(epochs=1))
     local = tables(run_metrics(store_path, metrics=["position", "corners"], local=True, options=options))
     ray.init(address="local", num_cpus=2, include_dashboard=False)  # own cluster; tasks only (no actors): no deadlock (FACTS.md)
     try:

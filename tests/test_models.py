@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -154,3 +153,22 @@ def test_missing_weights_offline_give_one_line_without_network(tmp_path: Path) -
     assert "huggingface-cli download" in lines[0] and "local diffusers" in lines[0]
     assert lines[1].startswith("model 'someone/some-model'")
     assert not (tmp_path / "hf" / "hub" / "models--stable-diffusion-v1-5--stable-diffusion-v1-5").exists()
+
+
+def test_text_encoder_is_freed_after_embedding() -> None:
+    import gc
+    import weakref
+
+    model = tiny_model()
+    pipe = build_tiny_pipeline()
+    refs = []
+
+    def fresh_loader():
+        encoder = build_tiny_pipeline().text_encoder
+        refs.append(weakref.ref(encoder))
+        return pipe.tokenizer, encoder
+
+    model._text_loader = fresh_loader
+    model.prompt_embeddings(["a", "b"])
+    gc.collect()
+    assert len(refs) == 1 and refs[0]() is None

@@ -29,7 +29,7 @@ def test_submission_ids_count_up_per_spec_hash() -> None:
 
 def test_entrypoint_passes_the_actor_options() -> None:
     entry = build_entrypoint(workers=3, gpus_per_worker=0.5, overwrite=True)
-    assert entry.endswith("extract job.yaml --workers 3 --gpus-per-worker 0.5 --overwrite")
+    assert 'extract "$spec" --workers 3 --gpus-per-worker 0.5 --overwrite;' in entry
 
 
 def test_relative_output_is_refused_before_contacting_a_cluster(tmp_path: Path) -> None:
@@ -65,3 +65,5 @@ def test_submitted_job_runs_on_the_cluster_and_resubmission_is_recognisable(ray_
     assert second.submission_id == f"sdfeat-{digest}-2"
     assert wait(second.submission_id, address, timeout_s=300) == "SUCCEEDED"
     assert status(second.submission_id, address) == "SUCCEEDED"
+    with pytest.raises(SdfeatError, match="submission sdfeat-nope-1"):
+        status("sdfeat-nope-1", address)
