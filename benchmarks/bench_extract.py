@@ -52,9 +52,16 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: kB
 
 
+def _cpu_s() -> float:
+    """CPU seconds (user + system, all threads) this process has used: less disturbed by other users' load than
+    wall time, though threads spinning while descheduled inflate it too."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _loaded() -> dict[str, float]:
     """RSS after loading and the peak so far; then resets the peak (VmHWM) so the end shows the extraction's own."""
-    measured = {"loaded_rss_gb": _rss_gb("VmRSS"), "load_peak_gb": _rss_gb("VmHWM")}
+    measured = {"loaded_rss_gb": _rss_gb("VmRSS"), "load_peak_gb": _rss_gb("VmHWM"), "cpu_at_load_end": _cpu_s()}
     Path("/proc/self/clear_refs").write_text("5")
     return measured
 
@@ -191,6 +198,8 @@ def child_main(tool: str, job_json: str) -> None:
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
     result = CHILDREN[tool](json.loads(job_json))
+    if "cpu_at_load_end" in result:
+        result["extract_cpu_s"] = _cpu_s() - result.pop("cpu_at_load_end")
     if "load_peak_gb" in result:  # peak since loading ended (VmHWM was reset then) and over the whole process
         result["extract_peak_gb"] = _rss_gb("VmHWM")
         result["peak_rss_gb"] = max(result["load_peak_gb"], result["extract_peak_gb"])
@@ -212,6 +221,10 @@ class Run:
     def images_per_s(self) -> float:
         return self.job["n"] / self.result["extract_s"]
 
+    @property
+    def images_per_cpu_s(self) -> float:
+        return self.job["n"] / self.result["extract_cpu_s"]
+
 
 def run_child(tool: str, job: dict) -> Run:
     run = Run(tool, job, load_before=os.getloadavg()[0])
@@ -222,7 +235,7 @@ def run_child(tool: str, job: dict) -> Run:
         sys.exit(f"{tool} child failed (exit {proc.returncode}) for {job}:\n{proc.stderr[-3000:]}")
     run.result = json.loads(lines[-1].removeprefix(RESULT_TAG))
     r = run.result
-    extra = f" img/s={run.images_per_s:.3f}" if tool != "build" else ""
+    extra = f" img/s={run.images_per_s:.3f} img/cpu-s={run.images_per_cpu_s:.3f}" if tool != "build" else ""
     print(f"  [{tool:8s}] {json.dumps({k: v for k, v in job.items() if k not in ('model_dir', 'tmp')})}"
           f" load={r.get('load_s', 0):.1f}s extract={r.get('extract_s', 0):.1f}s{extra}"
           f" (units {r.get('units_s', 0):.1f}s) peak={r['peak_rss_gb']:.2f}GB (load peak "
@@ -259,7 +272,10 @@ def compare(name: str, base_job: dict, repeats: int) -> dict:
     f_rss = max(r.result["peak_rss_gb"] for r in runs["sdfeat"])
     h_x = max(r.result["extract_peak_gb"] for r in runs["sdhelper"])
     f_x = max(r.result["extract_peak_gb"] for r in runs["sdfeat"])
+    h_cpu = max(r.images_per_cpu_s for r in runs["sdhelper"])
+    f_cpu = max(r.images_per_cpu_s for r in runs["sdfeat"])
     return {"config": name, "h_ips": h.images_per_s, "f_ips": f.images_per_s, "h_rss": h_rss, "f_rss": f_rss,
+            "cpu_ratio": f_cpu / h_cpu,
             "h_x": h_x, "f_x": f_x, "f_unit_ips": f.job["n"] / f.result["units_s"],
             "all_h": [round(r.images_per_s, 3) for r in runs["sdhelper"]],
             "all_f": [round(r.images_per_s, 3) for r in runs["sdfeat"]], "f_stages": f.result["stages_s"],
@@ -282,8 +298,9 @@ def machine_line(threads: int) -> str:
 
 def print_table(rows: list[dict], flat: list[dict], targets: dict) -> None:
     print("\n| config | sdhelper img/s | sdfeat img/s | speed ratio | target | sdhelper peak RSS | sdfeat peak RSS "
-          "| RSS ratio | target | extraction-phase peak h / f | sdfeat img/s in units | load avg during runs |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| RSS ratio | target | extraction-phase peak h / f | sdfeat img/s in units | speed ratio per CPU-second "
+          "| load avg during runs |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         speed, rss = r["f_ips"] / r["h_ips"], r["f_rss"] / r["h_rss"]
         t_speed, t_rss = targets[r["config"]]
@@ -292,11 +309,11 @@ def print_table(rows: list[dict], flat: list[dict], targets: dict) -> None:
         print(f"| {r['config']} | {r['h_ips']:.3f} {r['all_h']} | {r['f_ips']:.3f} {r['all_f']} | {speed:.2f}× "
               f"| ≥{t_speed}× {ok_speed} | {r['h_rss']:.2f} GB | {r['f_rss']:.2f} GB | {rss:.2f}× "
               f"| {'–' if t_rss is None else f'≤{t_rss}×'}{ok_rss} | {r['h_x']:.2f} / {r['f_x']:.2f} GB "
-              f"| {r['f_unit_ips']:.3f} | {r['loads']} |")
+              f"| {r['f_unit_ips']:.3f} | {r['cpu_ratio']:.2f}× | {r['loads']} |")
     for f in flat:
         peaks = " → ".join(f"{p:.2f} GB @ {n}" for n, p in zip(f["sizes"], f["peaks"]))
         print(f"| {f['config']} | – | – | – | – | – | {peaks} | {f['ratio']:.3f}× (large/small) "
-              f"| flat (≤1.05×) {'ok' if f['ratio'] <= 1.05 else 'MISS'} | – | – | – |")
+              f"| flat (≤1.05×) {'ok' if f['ratio'] <= 1.05 else 'MISS'} | – | – | – | – |")
     print("\nsdfeat stage seconds (fastest repeat; read = waiting for decoded images, encode = VAE + noise, "
           "unet = forward + copies into the unit buffer, write = Zarr):")
     for r in rows:

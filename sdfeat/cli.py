@@ -278,6 +278,31 @@ def logs(submission_id: str, address: AddressOpt = None) -> None:
 
 @app.command()
 @domain_errors
+def metrics(
+    path: StoreArg,
+    metric: Annotated[Optional[list[str]], typer.Option(help="position, corners or anomalies; repeatable "
+                                                              "(default: all three).")] = None,
+    block: Annotated[Optional[list[str]], typer.Option(help="Only these blocks; repeatable.")] = None,
+    local: Annotated[bool, typer.Option("--local", help="Run in this process, without Ray.")] = False,
+    address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Join this Ray cluster.")] = None,
+    labels: Annotated[Optional[str], typer.Option(help="Anomaly labels (.csv image_index,x_col,y_row or the "
+                                                       "paper's .npy); default: detected ones.")] = None,
+    paper_counts: Annotated[bool, typer.Option(help="Also the corner means with the reference's counts (Q3).")] = False,
+    timestep: Annotated[Optional[int], typer.Option(help="Timestep to measure (default: the store's first).")] = None,
+) -> None:
+    """Compute the paper's metrics per block as Ray tasks; tidy Parquet tables land in STORE/results/."""
+    from sdfeat.blocks import canonical_name
+    from sdfeat.metrics.runner import METRICS, MetricOptions, run_metrics
+
+    written = run_metrics(path, metrics=metric or METRICS, blocks=[canonical_name(b) for b in block or []] or None,
+                          local=local, address=address, labels=labels,
+                          options=MetricOptions(paper_counts=paper_counts, timestep=timestep))
+    for name, table in written.items():
+        console.print(f"{name}: {table}", highlight=False)
+
+
+@app.command()
+@domain_errors
 def report(
     stores: Annotated[list[str], typer.Argument(help="One or more stores with results/ (run `sdfeat metrics`).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for figures and summary.md.")],

@@ -41,10 +41,9 @@ def free_port() -> int:
 
 
 def shared_cluster():
-    """Start (once) the local cluster and connect this process to it."""
+    """Start (once per process) the local cluster; stopped by `shutdown_cluster`."""
     global _CLUSTER
     if _CLUSTER is None:
-        import ray
         import ray.cloudpickle
         from ray.cluster_utils import Cluster
 
@@ -57,7 +56,6 @@ def shared_cluster():
         for _ in range(2):
             cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
         cluster.wait_for_nodes()
-        ray.init(address=cluster.address)
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
         _CLUSTER = cluster
     return _CLUSTER
@@ -66,17 +64,25 @@ def shared_cluster():
 def shutdown_cluster() -> None:
     global _CLUSTER
     if _CLUSTER is not None:
-        import ray
-
-        ray.shutdown()
         _CLUSTER.shutdown()
         _CLUSTER = None
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster_processes():
     yield shared_cluster()
     shutdown_cluster()
+
+
+@pytest.fixture
+def ray_cluster(ray_cluster_processes):
+    """The shared cluster, with this process connected as a driver for the test's duration only (other tests
+    start Ray instances of their own)."""
+    import ray
+
+    ray.init(address=ray_cluster_processes.address)
+    yield ray_cluster_processes
+    ray.shutdown()
 
 
 def array_paths(group: zarr.Group) -> list[str]:

@@ -11,7 +11,8 @@ import pytest
 import zarr
 
 from imagegen import write_parquet_shards
-from raycluster import array_paths, assert_same_store, free_port, job_spec, ray_cluster  # noqa: F401
+from raycluster import ray_cluster, ray_cluster_processes  # noqa: F401  (fixtures)
+from raycluster import array_paths, assert_same_store, free_port, job_spec
 from sdfeat.extract import run_local
 
 BUCKET = "sdfeat-test"

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raycluster import JOB, ray_cluster  # noqa: F401
+from raycluster import ray_cluster, ray_cluster_processes  # noqa: F401  (fixtures)
+from raycluster import JOB
 from sdfeat import store
 from sdfeat.errors import SdfeatError, SpecError
 from sdfeat.spec import load_spec, spec_hash
