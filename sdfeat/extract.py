@@ -29,10 +29,11 @@ from sdfeat import store
 from sdfeat.errors import SourceError, StoreError, UnitFailedError
 from sdfeat.hooks import capture
 from sdfeat.models import LoadedModel, load_model
-from sdfeat.plan import Layout, Unit, job_layout, plan_units, unit_size
+from sdfeat.plan import Layout, Pass, Unit, job_layout, plan_units, unit_size
 from sdfeat.protocol import encode, noisy_latents
 from sdfeat.sources import DecodedImage, SampleRef, plan_samples, read_images
 from sdfeat.spec import JobSpec, spec_hash
+from sdfeat.summaries import crop_summaries, summarize
 
 log = logging.getLogger(__name__)
 STAGES = ("read", "encode", "unet", "write")
@@ -80,7 +81,8 @@ def prepare_job(spec: JobSpec, overwrite: bool = False) -> JobPlan:
     attrs = {
         "spec": spec.model_dump(mode="json"), "spec_hash": digest, "protocol": spec.protocol,
         "model": spec.model, "revision": spec.revision, "n_samples": n, "unit_size": size,
-        "blocks": [b.name for b in layout.blocks], "crops": sorted(layout.crop_blocks),
+        "blocks": [b.name for b in layout.blocks], "crops": [p.margin for p in layout.passes[1:] if p.stored],
+        "summary_blocks": [b.name for b in layout.summary_blocks],
         "class_names": samples.class_names, "source_format": samples.format, "versions": _library_versions(),
     }
     store.create_template(output, layout.arrays, n, size, [r.sample_id for r in samples.refs],
@@ -260,24 +262,22 @@ class UnitRunner:
         sample_ids = [refs[i].sample_id for i in rows]
         emb = self.model.prompt_embeddings(self._prompts([refs[i].label for i in rows]))  # (B, 77, D)
         pixels = torch.from_numpy(np.stack([b.pixels for b in batch])).to(self.device)  # (B, H, W, 3) uint8
-        self._forward(pixels, sample_ids, emb, self.layout.blocks, "", rows, buffers, seconds)
-        for margin, blocks in self.layout.crop_blocks.items():
-            cropped = pixels[:, margin:-margin, margin:-margin]  # (B, H-2m, W-2m, 3)
-            self._forward(cropped, sample_ids, emb, blocks, f"crops/{margin}/", rows, buffers, seconds)
+        # Consecutive rows (no failed image inside the batch) are copied with one slice per block.
+        row_index: slice | list[int] = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) \
+            else rows
+        for p in self.layout.passes:
+            m = p.margin
+            cropped = pixels[:, m:-m, m:-m] if m else pixels  # (B, H-2m, W-2m, 3)
+            self._forward(p, cropped, sample_ids, emb, row_index, buffers, seconds)
 
-    def _forward(self, pixels: torch.Tensor, sample_ids: list[str], emb: torch.Tensor, blocks: list, prefix: str,
-                 rows: list[int], buffers: dict[str, np.ndarray], seconds: dict[str, float]) -> None:
-        if not blocks:
-            return
+    def _forward(self, p: Pass, pixels: torch.Tensor, sample_ids: list[str], emb: torch.Tensor,
+                 rows: slice | list[int], buffers: dict[str, np.ndarray], seconds: dict[str, float]) -> None:
         t = time.perf_counter()
         dist = encode(self.model, pixels, self.spec.protocol)
         self._sync()
         seconds["encode"] += time.perf_counter() - t
-        names = [b.name for b in blocks]
-        # Consecutive rows (no failed image inside the batch) are copied with one slice per block.
-        row_index: slice | list[int] = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) \
-            else rows
-        with capture(self.model.unet, names) as hooked:
+        tokens = self.spec.summaries.tokens_per_image if self.spec.summaries else 0
+        with capture(self.model.unet, p.names) as hooked:
             for si, seed in enumerate(self.spec.seeds):
                 t = time.perf_counter()
                 latents = noisy_latents(self.model, dist, self.spec.protocol, seed, sample_ids, self.spec.timesteps)
@@ -285,22 +285,24 @@ class UnitRunner:
                 for ti, step in enumerate(self.spec.timesteps):
                     t = time.perf_counter()
                     acts = hooked.run(latents[step], step, encoder_hidden_states=emb)  # {name: (B, C, h, w)}
-                    for name in names:
-                        self._to_host(acts[name], buffers[prefix + name], row_index, ti, si, name)
+                    for b in p.stored:
+                        self._to_host(acts[b.name], buffers[p.prefix + b.name], rows, ti, si)
+                    for b in p.summarized:
+                        found = (crop_summaries(acts[b.name]) if p.margin else
+                                 summarize(acts[b.name], b, sample_ids, tokens, seed))
+                        for key, values in found.items():
+                            self._to_host(values, buffers[f"summaries/{b.name}/{key}"], rows, ti, si)
                     seconds["unet"] += time.perf_counter() - t
 
     @staticmethod
-    def _to_host(values: torch.Tensor, target: np.ndarray, rows: slice | list[int], ti: int, si: int,
-                 name: str) -> None:
-        """Copy (B, C, h, w) device activations into target[rows, ti, si]: the dtype cast and the layout change
-        (channels_last on a GPU) happen on the device, then one contiguous copy to the host."""
+    def _to_host(values: torch.Tensor, target: np.ndarray, rows: slice | list[int], ti: int, si: int) -> None:
+        """Copy (B, ...) device values into target[rows, ti, si]: the dtype cast and the layout change
+        (channels_last on a GPU) happen on the device, then one contiguous copy to the (pinned) host buffer."""
         if tuple(values.shape[1:]) != target.shape[3:]:
-            raise StoreError(f"block {name}: captured shape {tuple(values.shape[1:])} differs from the store's "
-                             f"{target.shape[3:]}")
-        dtype = torch.float32 if target.dtype == np.float32 else torch.float16
-        values = values.to(dtype).contiguous()
+            raise StoreError(f"captured shape {tuple(values.shape[1:])} differs from the store's {target.shape[3:]}")
+        values = values.to(getattr(torch, target.dtype.name)).contiguous()
         if isinstance(rows, slice):
-            torch.from_numpy(target)[rows, ti, si].copy_(values, non_blocking=True)  # pinned target on a GPU
+            torch.from_numpy(target)[rows, ti, si].copy_(values, non_blocking=True)
         else:
             target[rows, ti, si] = values.cpu().numpy()
 

@@ -31,12 +31,37 @@ class Unit:
 
 
 @dataclass
+class Pass:
+    """One U-Net forward per (batch, seed, timestep): on the full image (margin 0) or on the image cropped by
+    `margin` px per side. `stored` blocks are written as tensors, `summarized` ones as per-image summaries."""
+
+    margin: int
+    stored: list[BlockInfo] = field(default_factory=list)
+    summarized: list[BlockInfo] = field(default_factory=list)
+
+    @property
+    def prefix(self) -> str:
+        return f"crops/{self.margin}/" if self.margin else ""
+
+    @property
+    def names(self) -> list[str]:
+        """Every block this pass hooks, in execution order."""
+        by_name = {b.name: b for b in [*self.stored, *self.summarized]}
+        return [b.name for b in sorted(by_name.values(), key=lambda b: b.order)]
+
+
+@dataclass
 class Layout:
-    """Every array a job stores, grouped by the forward pass that produces it."""
+    """Every array a job stores, and the forward passes that produce them."""
 
     blocks: list[BlockInfo]                                   # full-size activations, execution order
-    crop_blocks: dict[int, list[BlockInfo]] = field(default_factory=dict)  # margin px -> blocks stored cropped
+    passes: list[Pass] = field(default_factory=list)          # the full image first, then one per crop margin
     arrays: list[ArrayLayout] = field(default_factory=list)
+    summary_blocks: list[BlockInfo] = field(default_factory=list)
+
+    @property
+    def crop_margins(self) -> list[int]:
+        return [p.margin for p in self.passes if p.margin]
 
     def bytes_per_sample(self) -> int:
         return sum(a.bytes_per_sample() for a in self.arrays)
@@ -60,16 +85,42 @@ def crop_margins(spec: JobSpec, blocks: list[BlockInfo]) -> dict[int, list[Block
     return out
 
 
+def _summary_dims(name: str, shape: tuple[int, ...]) -> tuple[str, ...]:
+    """Dimension names of one summary array, consistent across blocks so xarray opens them together."""
+    base = name.removeprefix("crop_")
+    if base == "norms":
+        return (f"y_{shape[0]}", f"x_{shape[1]}")
+    if base == "tokens":
+        return (f"token_{shape[0]}", f"channel_{shape[1]}")
+    if base == "token_yx":
+        return (f"token_{shape[0]}", "yx")
+    return {"groups": ("group", "group_b"), "group_pairs": ("group", "group_b"), "groups_diag": ("group",),
+            "corner_groups": ("corner", "group")}[base]
+
+
 def job_layout(spec: JobSpec) -> Layout:
+    from sdfeat.summaries import summary_layout
+
     config = unet_config(spec.model)
     blocks = resolve_blocks(config, spec.blocks, spec.resolution)
+    summarized = resolve_blocks(config, spec.summaries.blocks, spec.resolution) if spec.summaries else []
     nt, ns = len(spec.timesteps), len(spec.seeds)
     arrays = [activation_layout(b.name, nt, ns, b.channels, b.height, b.width, spec.dtype) for b in blocks]
-    crops = crop_margins(spec, blocks) if spec.variants.crops else {}
-    for margin, crop_blocks in crops.items():
-        arrays += [activation_layout(f"crops/{margin}/{b.name}", nt, ns, b.channels, b.height - 2, b.width - 2,
-                                     spec.dtype) for b in crop_blocks]
-    return Layout(blocks=blocks, crop_blocks=crops, arrays=arrays)
+    stored_crops = crop_margins(spec, blocks) if spec.variants.crops and blocks else {}
+    summary_crops = crop_margins(spec, summarized) if spec.variants.crops and summarized else {}
+    passes = [Pass(0, blocks, summarized)]
+    for margin in sorted(set(stored_crops) | set(summary_crops)):
+        passes.append(Pass(margin, stored_crops.get(margin, []), summary_crops.get(margin, [])))
+    for p in passes[1:]:
+        arrays += [activation_layout(f"{p.prefix}{b.name}", nt, ns, b.channels, b.height - 2, b.width - 2,
+                                     spec.dtype) for b in p.stored]
+    cropped = {b.name for p in passes[1:] for b in p.summarized}
+    for b in summarized:
+        k = spec.summaries.tokens_per_image
+        for name, (shape, dtype) in summary_layout(b, k, with_crop=b.name in cropped).items():
+            arrays.append(ArrayLayout(f"summaries/{b.name}/{name}", (nt, ns, *shape),
+                                      ("timestep", "seed", *_summary_dims(name, shape)), dtype))
+    return Layout(blocks=blocks, passes=passes, arrays=arrays, summary_blocks=summarized)
 
 
 def unit_size(spec: JobSpec, bytes_per_sample: int) -> int:

@@ -40,7 +40,9 @@ def vae_input(pixels: torch.Tensor, protocol: str, dtype: torch.dtype) -> torch.
 
 def encode(model: LoadedModel, pixels: torch.Tensor, protocol: str):
     """The VAE posterior (a DiagonalGaussianDistribution over (B, 4, H/8, W/8)) of uint8 pixels (B, H, W, 3)."""
-    x = vae_input(pixels.to(model.device), protocol, model.vae.dtype).contiguous()  # (B, 3, H, W)
+    x = vae_input(pixels.to(model.device), protocol, model.vae.dtype)  # (B, 3, H, W), strides of (B, H, W, 3)
+    if model.device.type == "cuda":
+        x = x.contiguous()  # the contiguous VAE is faster on a GPU; on a CPU keep sdhelper's layout (bit-exact)
     with torch.inference_mode():
         return model.vae.encode(x).latent_dist
 

@@ -175,6 +175,8 @@ class FeatureStore:
         paths = list(self.blocks)
         for margin in self.crops:
             paths += [f"crops/{margin}/{name}" for name in self.group[f"crops/{margin}"].array_keys()]
+        for block in self.attrs.get("summary_blocks", []):
+            paths += [f"summaries/{block}/{name}" for name in self.group[f"summaries/{block}"].array_keys()]
         return paths
 
     def info(self) -> dict:

@@ -67,6 +67,12 @@ def _group_summaries(acts: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]
     return out
 
 
+def crop_summaries(crop_acts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The `crop_*` group sums of one-token-crop activations (B, C, H-2, W-2), computed in the crop's own forward
+    pass (extraction runs the crop after the full image, so the two halves of `summarize` arrive separately)."""
+    return _group_summaries(crop_acts, "crop_")
+
+
 def summarize(acts: torch.Tensor, block: "BlockInfo", sample_ids: Sequence[str], tokens_per_image: int,
               seed: int, crop_acts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """acts (B, C, H, W) on any device -> {name: (B, *shape)} on that device, dtypes of `summary_layout`.
@@ -85,5 +91,5 @@ def summarize(acts: torch.Tensor, block: "BlockInfo", sample_ids: Sequence[str],
     if min(h, w) >= 4:
         out.update(_group_summaries(inner(acts), ""))
         if crop_acts is not None:
-            out.update(_group_summaries(crop_acts, "crop_"))
+            out.update(crop_summaries(crop_acts))
     return out
