@@ -106,7 +106,9 @@ def job_layout(spec: JobSpec) -> Layout:
     summarized = resolve_blocks(config, spec.summaries.blocks, spec.resolution) if spec.summaries else []
     nt, ns = len(spec.timesteps), len(spec.seeds)
     arrays = [activation_layout(b.name, nt, ns, b.channels, b.height, b.width, spec.dtype) for b in blocks]
-    stored_crops = crop_margins(spec, blocks) if spec.variants.crops and blocks else {}
+    # A summarized block gets its crop as summaries too; tensors of crops only for blocks without summaries.
+    crop_stored = [b for b in blocks if b not in summarized]
+    stored_crops = crop_margins(spec, crop_stored) if spec.variants.crops and crop_stored else {}
     summary_crops = crop_margins(spec, summarized) if spec.variants.crops and summarized else {}
     passes = [Pass(0, blocks, summarized)]
     for margin in sorted(set(stored_crops) | set(summary_crops)):
@@ -172,23 +174,35 @@ def estimate_job(spec: JobSpec, images_per_second: float | None = None, samples:
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.1f} {units[i]}"
 
 
 def render_estimate(est: Estimate):  # -> rich.table.Table
+    """One row per stored block (summary arrays folded into one row per block), the total, and what the
+    summaries save against storing those blocks' full tensors."""
     from rich.table import Table
 
     spec = est.spec
     hours = f"{est.hours:.1f} h at {est.images_per_second:g} img/s" if est.hours is not None else \
         "pass --images-per-second (measure it with a short run)"
+    rows: dict[str, int] = {}
+    for a in est.layout.arrays:
+        key = "/".join(a.path.split("/")[:2]) if a.path.startswith("summaries/") else a.path
+        rows[key] = rows.get(key, 0) + a.bytes_per_sample()
     table = Table("array", "per image", "total", title=(
         f"{spec.model} · {spec.protocol} · {est.n_samples:,} images · {len(spec.timesteps)} timestep(s) × "
         f"{len(spec.seeds)} seed(s) · {est.n_units:,} units of {est.unit_size} · {hours}"))
-    for a in est.layout.arrays:
-        table.add_row(a.path, _human(a.bytes_per_sample()), _human(a.bytes_per_sample() * est.n_samples))
+    for key, per_image in rows.items():
+        table.add_row(key, _human(per_image), _human(per_image * est.n_samples))
     table.add_row("[bold]total", _human(est.layout.bytes_per_sample()), f"[bold]{_human(est.total_bytes)}")
+    stored = {b.name for b in est.layout.blocks}
+    steps = len(spec.timesteps) * len(spec.seeds) * (2 if spec.dtype == "float16" else 4)
+    in_full = sum(b.channels * b.height * b.width * steps for b in est.layout.summary_blocks if b.name not in stored)
+    if in_full:
+        table.caption = (f"storing the {len(est.layout.summary_blocks)} summarized blocks as full tensors instead: "
+                         f"{_human(in_full * est.n_samples)} more")
     return table
