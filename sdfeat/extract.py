@@ -112,23 +112,38 @@ def pending_units(plan: JobPlan) -> list[Unit]:
 
 
 def _prefetch(items: Iterator[DecodedImage], depth: int) -> Iterator[DecodedImage]:
-    """Run `items` in a background thread, `depth` ahead, so decoding overlaps the forward passes."""
+    """Run `items` in a background thread, `depth` ahead, so decoding overlaps the forward passes. The thread
+    stops when the consumer stops (also when the unit fails half-way)."""
     q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
     done = object()
+
+    def put(item: object) -> None:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def produce() -> None:
         try:
             for item in items:
-                q.put(item)
+                put(item)
+                if stop.is_set():
+                    return
         except BaseException as err:  # re-raised in the consumer
-            q.put(err)
-        q.put(done)
+            put(err)
+        put(done)
 
-    threading.Thread(target=produce, daemon=True).start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    threading.Thread(target=produce, daemon=True, name="sdfeat-decode").start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 class UnitRunner:

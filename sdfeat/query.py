@@ -198,6 +198,8 @@ class FeatureStore:
 
 
 def open_store(path: str) -> FeatureStore:
+    """Open a store for reading; a path without an sdfeat store raises `StoreError` here, not at first use."""
     fs = FeatureStore(str(path))
-    fs.attrs  # noqa: B018  (fails early with StoreError when there is no store)
+    if not fs.attrs.get("spec_hash"):
+        raise StoreError(f"{path}: the store's attributes have no spec hash")
     return fs
