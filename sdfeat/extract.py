@@ -227,11 +227,20 @@ class UnitRunner:
             log.error("unit %d failed: %s", unit.index, err)
             return {"unit": unit.index, "error": str(err)}
 
-    @torch.inference_mode()
     def _compute(self, unit: Unit) -> tuple[Unit, dict[str, np.ndarray], np.ndarray, list[dict], dict[str, float]]:
+        """Fill a free buffer set with the unit's activations; `_commit` gives the set back after writing it."""
+        full = self._buffers.get()  # waits for a free set
+        try:
+            return self._fill(unit, full)
+        except BaseException:
+            self._buffers.put(full)
+            raise
+
+    @torch.inference_mode()
+    def _fill(self, unit: Unit, full: dict[str, np.ndarray]
+              ) -> tuple[Unit, dict[str, np.ndarray], np.ndarray, list[dict], dict[str, float]]:
         seconds = dict.fromkeys(STAGES, 0.0)
         refs = [SampleRef(**row) for row in self.manifest.slice(unit.start, unit.rows).to_pylist()]
-        full = self._buffers.get()  # waits for a free set
         buffers = {path: values[: unit.rows] for path, values in full.items()}
         for values in buffers.values():
             values.fill(0)  # rows of failed images stay zero
