@@ -253,9 +253,8 @@ def submit(
 
     sub = submit_job(job, address, workers=workers, gpus_per_worker=gpus_per_worker, overwrite=overwrite,
                      output=output)
-    console.print(f"submitted {sub.submission_id} to {sub.address}", highlight=False)
-    console.print(f"follow: sdfeat logs {sub.submission_id} --address {sub.address}   "
-                  f"(or: ray job logs --follow {sub.submission_id} --address {sub.address})", highlight=False)
+    console.print(sub.how_to_follow(), highlight=False)
+    console.print(f"  or:      sdfeat status|logs {sub.submission_id} --address {sub.address}", highlight=False)
 
 
 @app.command()
@@ -339,3 +338,7 @@ def save_tiny(out: Annotated[Path, typer.Argument(help="Folder for a diffusers p
     from sdfeat.models import save_tiny_pipeline
 
     console.print(f"wrote {save_tiny_pipeline(out)}", highlight=False)
+
+
+if __name__ == "__main__":
+    app()

@@ -149,6 +149,7 @@ class _Driver:
             options["runtime_env"] = runtime_env
         self.actor_class = ray.remote(worker_class).options(**options)
         self.failed_starts = 0
+        self.last_start_error = ""
 
     def _start(self, index: int) -> _Slot:
         actor = self.actor_class.remote(self.plan.spec, self.plan.output, self.layout.device, self.layout.threads)
@@ -195,7 +196,7 @@ class _Driver:
                 starting = {s.ready_ref: s for s in slots if s.alive and s.ready_ref is not None}
                 if not tasks and not starting:
                     for unit in queue:
-                        out.failed[unit.index] = "no extraction actor could be started"
+                        out.failed[unit.index] = f"no extraction actor could be started ({self.last_start_error})"
                     break
                 done, _ = ray.wait([*tasks, *starting], num_returns=1, timeout=WAIT_S)
                 if not done:
@@ -217,7 +218,8 @@ class _Driver:
                         raise err.cause if isinstance(err.cause, SdfeatError) else err
                     except RayActorError as err:
                         self.failed_starts += 1
-                        replace(slot, _first_line(err))
+                        self.last_start_error = _first_line(err)
+                        replace(slot, self.last_start_error)
                     continue
                 slot, unit = tasks.pop(ref)
                 try:

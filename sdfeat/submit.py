@@ -86,9 +86,9 @@ def next_submission_id(digest: str, existing_ids: list[str]) -> str:
 
 
 def build_entrypoint(workers: int | None, gpus_per_worker: float | None, overwrite: bool) -> str:
-    # `python -c` rather than the `sdfeat` script, whose imports could resolve to an sdfeat installed on the
+    # `python -m` rather than the `sdfeat` script, whose imports could resolve to an sdfeat installed on the
     # cluster; on PYTHONPATH the shipped package comes first.
-    parts = ["python", "-c", "'from sdfeat.cli import app; app(prog_name=\"sdfeat\")'", "extract", '"$spec"']
+    parts = ["python", "-m", "sdfeat.cli", "extract", '"$spec"']
     if workers is not None:
         parts += ["--workers", str(workers)]
     if gpus_per_worker is not None:
