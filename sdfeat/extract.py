@@ -26,7 +26,7 @@ import pyarrow as pa
 import torch
 
 from sdfeat import store
-from sdfeat.errors import SourceError, StoreError, UnitFailedError
+from sdfeat.errors import SourceError, SpecError, StoreError, UnitFailedError
 from sdfeat.hooks import capture
 from sdfeat.models import LoadedModel, load_model
 from sdfeat.plan import Layout, Pass, Unit, job_layout, plan_units, unit_size
@@ -71,6 +71,8 @@ def prepare_job(spec: JobSpec, overwrite: bool = False) -> JobPlan:
         return JobPlan(spec, output, layout, plan_units(attrs["n_samples"], attrs["unit_size"]), attrs["n_samples"])
 
     samples = plan_samples(spec.source, spec.source_format, spec.limit, spec.classes)
+    if "{class_name}" in spec.prompt and not samples.class_names:
+        raise SpecError(f"field 'prompt' uses {{class_name}} but source {spec.source} has no class names")
     n = len(samples.refs)
     if n == 0:
         raise SourceError(f"source {spec.source} has no images after the filters (limit, classes)")
@@ -172,7 +174,7 @@ class UnitRunner:
         # sets (one being filled while the other is written), pinned so device->host copies run asynchronously.
         self._buffers: queue.Queue[dict[str, np.ndarray]] = queue.Queue()
         for _ in range(2 if self.device.type == "cuda" else 1):
-            self._buffers.put(self._new_buffers(int(attrs["unit_size"])))
+            self._buffers.put(self._new_buffers(min(int(attrs["unit_size"]), int(attrs["n_samples"]))))
         self.worker = f"{socket.gethostname()}:{self.device}"
 
     def _new_buffers(self, rows: int) -> dict[str, np.ndarray]:

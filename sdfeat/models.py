@@ -15,6 +15,7 @@ after. Everything is in eval mode without gradients.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -140,10 +141,20 @@ class LoadedModel:
                 hidden = text_encoder(ids.to(text_encoder.device))[0]  # (n, 77, D)
             for prompt, row in zip(new, hidden):
                 self._prompt_cache[prompt] = row.to(self.device, self.dtype)
-            del text_encoder
+            del text_encoder, hidden
+            _return_freed_memory()
         if len(set(prompts)) == 1:
             return self._prompt_cache[prompts[0]].expand(len(prompts), -1, -1)
         return torch.stack([self._prompt_cache[p] for p in prompts])
+
+
+def _return_freed_memory() -> None:
+    """Hand memory freed by Python back to the OS (glibc keeps it otherwise: 0.35 GB of SD-1.5's text encoder
+    stayed resident after it was deleted). A no-op where glibc is not the allocator."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _prepare(module: torch.nn.Module, device: torch.device, dtype: torch.dtype, fp16_rounded: bool,

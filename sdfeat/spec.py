@@ -85,6 +85,15 @@ class JobSpec(_Strict):
             raise ValueError(f"must be a multiple of 64 (the U-Net halves the latent three times), got {v}")
         return v
 
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_placeholders(cls, v: str) -> str:
+        try:
+            v.format(class_name="x")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"the only placeholder allowed is {{class_name}} (got {err!s})") from None
+        return v
+
     @field_validator("timesteps")
     @classmethod
     def _timesteps_in_range(cls, v: list[int]) -> list[int]:

@@ -13,7 +13,7 @@ import zarr
 
 from conftest import small_spec
 from sdfeat import store
-from sdfeat.errors import StoreError, UnitFailedError
+from sdfeat.errors import SpecError, StoreError, UnitFailedError
 from sdfeat.extract import UnitRunner, pending_units, prepare_job, run_local
 from sdfeat.query import open_store
 
@@ -167,3 +167,20 @@ def test_unreadable_shard_fails_its_unit_only(tmp_path: Path) -> None:
     with pytest.raises(UnitFailedError, match="unit 1"):
         run_local(spec, progress=False)
     assert store.done_units(output) == {0, 2}  # the unit after the failed one still ran
+
+
+def test_prompt_template_uses_class_names(tiny_store: str, tmp_path: Path) -> None:
+    """`{class_name}` prompts change the conditioning per class; a source without names is refused by field."""
+    from imagegen import write_parquet_shards
+
+    output = str(tmp_path / "prompted")
+    run_local(small_spec(output, prompt="a photo of a {class_name}", blocks=["up_blocks.1.resnets.2"]),
+              progress=False, device="cpu")
+    plain, prompted = open_store(tiny_store), open_store(output)
+    assert not np.allclose(plain.read("up_blocks.1.resnets.2", [0]), prompted.read("up_blocks.1.resnets.2", [0]))
+
+    src = tmp_path / "src"
+    write_parquet_shards(src, n_files=1, rows_per_file=4, image_fn=_jpeg)
+    with pytest.raises(SpecError, match="field 'prompt'"):
+        run_local(small_spec(str(tmp_path / "nameless"), source=str(src), prompt="{class_name}",
+                             blocks=["conv_in"]), progress=False, device="cpu")

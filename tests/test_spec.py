@@ -30,6 +30,7 @@ def test_defaults_follow_the_paper() -> None:
     ("blocks", ["conv_in", "conv_in"], "blocks"),
     ("bogus", 1, "bogus"),
     ("variants", {"crops": [0]}, "variants.crops"),
+    ("prompt", "a {animal}", "prompt"),
 ])
 def test_errors_name_the_field(key: str, value: object, field: str) -> None:
     with pytest.raises(SpecError, match=f"field '{field}"):
