@@ -59,10 +59,6 @@ class Layout:
     arrays: list[ArrayLayout] = field(default_factory=list)
     summary_blocks: list[BlockInfo] = field(default_factory=list)
 
-    @property
-    def crop_margins(self) -> list[int]:
-        return [p.margin for p in self.passes if p.margin]
-
     def bytes_per_sample(self) -> int:
         return sum(a.bytes_per_sample() for a in self.arrays)
 
@@ -201,8 +197,9 @@ def render_estimate(est: Estimate):  # -> rich.table.Table
     table.add_row("[bold]total", _human(est.layout.bytes_per_sample()), f"[bold]{_human(est.total_bytes)}")
     stored = {b.name for b in est.layout.blocks}
     steps = len(spec.timesteps) * len(spec.seeds) * (2 if spec.dtype == "float16" else 4)
-    in_full = sum(b.channels * b.height * b.width * steps for b in est.layout.summary_blocks if b.name not in stored)
+    summarized = est.layout.summary_blocks
+    in_full = sum(b.channels * b.height * b.width * steps for b in summarized if b.name not in stored)
     if in_full:
-        table.caption = (f"storing the {len(est.layout.summary_blocks)} summarized blocks as full tensors instead: "
+        table.caption = (f"storing the {len(summarized)} summarized blocks as full tensors instead: "
                          f"{_human(in_full * est.n_samples)} more")
     return table
