@@ -6,7 +6,8 @@ the PyTorch module path (dotted); the paper's bracket form `down_blocks[0].resne
 
 Shapes come from a U-Net built from its config on the meta device (no memory, no weights) and one meta forward
 with `hooks.capture` on every position; the hooks' firing order is the execution order. The table is cached per
-(config, resolution), so `sdfeat blocks`, planning and the store template never load weights.
+(config, resolution), so `sdfeat blocks`, planning and the store template never load weights. Name handling
+needs neither torch nor diffusers.
 """
 
 from __future__ import annotations
@@ -17,10 +18,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-import torch
-
 from sdfeat.errors import SpecError, UnknownBlockError
-from sdfeat.hooks import capture
 
 VAE_FACTOR = 8  # pixels per latent token in every SD VAE
 _BRACKET = re.compile(r"\[(\d+)\]")
@@ -93,7 +91,10 @@ def _config_key(unet_config: dict) -> str:
 @lru_cache(maxsize=32)
 def _shape_table(config_key: str, resolution: int) -> tuple[tuple[str, int, int, int], ...]:
     """(name, channels, height, width) of every position in execution order, from a meta forward."""
+    import torch  # here, not at the top: names and presets are used where torch is not (queries, reports)
     from diffusers import UNet2DConditionModel
+
+    from sdfeat.hooks import capture
 
     config = json.loads(config_key)
     with torch.device("meta"):

@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
+from sdfeat.blocks import canonical_name
 from sdfeat.errors import SdfeatError, StoreError
 
 log = logging.getLogger(__name__)
@@ -113,12 +114,6 @@ CROSS_MODEL_ROWS = (
 )
 
 
-def dotted_name(name: str) -> str:
-    """The paper's bracket form `down_blocks[0].resnets[1]` -> `down_blocks.0.resnets.1` (as
-    `sdfeat.blocks.canonical_name`, which would pull torch into the report)."""
-    return re.sub(r"\[(\d+)\]", r".\1", name)
-
-
 # ---------------------------------------------------------------------------------------------- tables
 
 
@@ -132,7 +127,7 @@ def load_reference(model: str) -> pa.Table:
             index = int(record["index"])
             base = {
                 "model": model,
-                "block": dotted_name(record["block"]),
+                "block": canonical_name(record["block"]),
                 "order": index + (index >= PAPER_OMITTED_ORDER),
             }
 
@@ -166,7 +161,7 @@ def _conform(table: pa.Table, path: Path) -> pa.Table:
             columns[field.name] = column.cast(field.type)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
             raise StoreError(f"{path}: column '{field.name}' cannot be read as {field.type}: {err}") from None
-    columns["block"] = pa.array([dotted_name(b) for b in columns["block"].to_pylist()], pa.string())
+    columns["block"] = pa.array([canonical_name(b) for b in columns["block"].to_pylist()], pa.string())
     return pa.table(columns, schema=TIDY_SCHEMA)
 
 

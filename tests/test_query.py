@@ -82,3 +82,14 @@ def test_verify_finds_missing_units_and_nan(tiny_store: str, tmp_path: Path) -> 
     problems = open_store(output).verify()
     assert any("1 of 3 units" in p for p in problems)
     assert any(p.startswith("conv_in: NaN") for p in problems)
+
+
+def test_queries_need_neither_torch_nor_diffusers(tiny_store: str) -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from sdfeat.query import open_store; "
+            f"x = open_store({tiny_store!r}).read('up_blocks[1].upsamplers[0]', [0], timestep=50); "
+            "print(x.shape, 'torch' in sys.modules, 'diffusers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "(1, 1, 64, 8, 8) False False"
