@@ -144,7 +144,9 @@ class _Driver:
         self.layout = layout
         self.max_retries = max_retries
         options: dict[str, Any] = {"num_cpus": layout.num_cpus, "num_gpus": layout.num_gpus, "max_restarts": 0,
-                                   "max_task_retries": 0, "scheduling_strategy": "SPREAD"}
+                                   "max_task_retries": 0, "scheduling_strategy": "SPREAD",
+                                   # on a GPU, the queued unit computes while the running one is written
+                                   "max_concurrency": UNITS_PER_ACTOR if layout.device == "cuda" else 1}
         if runtime_env:
             options["runtime_env"] = runtime_env
         self.actor_class = ray.remote(worker_class).options(**options)

@@ -173,6 +173,7 @@ class UnitRunner:
         # Host buffers for whole units, reused: fresh arrays would page-fault on every first write. On a GPU two
         # sets (one being filled while the other is written), pinned so device->host copies run asynchronously.
         self._buffers: queue.Queue[dict[str, np.ndarray]] = queue.Queue()
+        self._compute_lock = threading.Lock()
         for _ in range(2 if self.device.type == "cuda" else 1):
             self._buffers.put(self._new_buffers(min(int(attrs["unit_size"]), int(attrs["n_samples"]))))
         self.worker = f"{socket.gethostname()}:{self.device}"
@@ -195,8 +196,13 @@ class UnitRunner:
         return [self.spec.prompt.format(class_name=self.class_names[y] if y >= 0 else "") for y in labels]
 
     def run(self, unit: Unit) -> dict:
-        """Extract one unit, write its shards, then its done marker; returns the unit report."""
-        return self._commit(*self._compute(unit))
+        """Extract one unit, write its shards, then its done marker; returns the unit report.
+
+        Safe to call from two threads at once: the forward passes take turns, so one call writes while the other
+        computes (Ray runs GPU actors with two calls in flight for this)."""
+        with self._compute_lock:
+            computed = self._compute(unit)
+        return self._commit(*computed)
 
     def run_many(self, units: Iterable[Unit], overlap: bool | None = None) -> Iterator[dict]:
         """Reports of `units` in order. With `overlap` (default: on a GPU) the next unit is computed while the

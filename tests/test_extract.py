@@ -95,6 +95,22 @@ def test_overlapped_writes_give_the_same_store(tiny_store: str, tmp_path: Path) 
         np.testing.assert_array_equal(clean[name], overlapped[name], err_msg=name)
 
 
+def test_two_threads_running_units_give_the_same_store(tiny_store: str, tmp_path: Path) -> None:
+    """How a GPU actor runs (two calls in flight): forwards take turns, writes overlap; bytes unchanged."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    output = str(tmp_path / "threads")
+    spec = small_spec(output)
+    plan = prepare_job(spec)
+    runner = UnitRunner(spec, output, device="cpu")
+    with ThreadPoolExecutor(2) as pool:
+        reports = list(pool.map(runner.run, plan.units))
+    assert [r["unit"] for r in reports] == [0, 1, 2]
+    clean, threaded = _all_arrays(tiny_store), _all_arrays(output)
+    for name in clean:
+        np.testing.assert_array_equal(clean[name], threaded[name], err_msg=name)
+
+
 def test_killed_run_resumes_to_the_clean_store(tiny_store: str, tmp_path: Path) -> None:
     """Unit 0 finished, unit 1 half written (garbage, no marker), unit 2 untouched: a rerun equals a clean run."""
     output = str(tmp_path / "killed")
