@@ -63,6 +63,8 @@ def extract(
     address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Join this Ray cluster.")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Number of actors (default: one per GPU).")] = None,
     gpus_per_worker: Annotated[Optional[float], typer.Option(min=0, help="GPUs per actor.")] = None,
+    unit_timeout: Annotated[Optional[float], typer.Option(min=1, help="Seconds without a unit report after "
+                                                          "which an actor counts as hung and is replaced.")] = None,
     device: Annotated[Optional[str], typer.Option(help="--local only: cpu, cuda, cuda:1 (default: auto).")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="--local only: torch threads.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -77,7 +79,7 @@ def extract(
         from sdfeat.cluster import run_on_ray
 
         summary = run_on_ray(spec, address=address, workers=workers, gpus_per_worker=gpus_per_worker,
-                             overwrite=overwrite, progress=not quiet)
+                             overwrite=overwrite, progress=not quiet, unit_timeout_s=unit_timeout)
     _print_summary(summary)
 
 

@@ -127,6 +127,7 @@ class _Slot:
     inflight: int = 0
     name: str = ""
     alive: bool = True
+    last_activity: float = field(default_factory=time.monotonic)   # ready, or its last unit report
 
 
 @dataclass
@@ -139,10 +140,11 @@ class _Outcome:
 
 class _Driver:
     def __init__(self, plan: JobPlan, layout: ActorLayout, max_retries: int, runtime_env: dict | None,
-                 worker_class: type) -> None:
+                 worker_class: type, unit_timeout_s: float | None = None) -> None:
         self.plan = plan
         self.layout = layout
         self.max_retries = max_retries
+        self.unit_timeout_s = unit_timeout_s
         options: dict[str, Any] = {"num_cpus": layout.num_cpus, "num_gpus": layout.num_gpus, "max_restarts": 0,
                                    "max_task_retries": 0, "scheduling_strategy": "SPREAD",
                                    # on a GPU, the queued unit computes while the running one is written
@@ -200,6 +202,7 @@ class _Driver:
                     for unit in queue:
                         out.failed[unit.index] = f"no extraction actor could be started ({self.last_start_error})"
                     break
+                self._kill_hung(slots)
                 done, _ = ray.wait([*tasks, *starting], num_returns=1, timeout=WAIT_S)
                 if not done:
                     if time.monotonic() - last_progress > STARVED_WARN_S and starting and not tasks:
@@ -215,6 +218,7 @@ class _Driver:
                     try:
                         slot.name = ray.get(ref)
                         slot.ready_ref = None
+                        slot.last_activity = time.monotonic()
                         self.failed_starts = 0
                     except RayTaskError as err:           # a domain error while loading: the same on every actor
                         raise err.cause if isinstance(err.cause, SdfeatError) else err
@@ -236,12 +240,28 @@ class _Driver:
                     retry_or_fail(unit, f"{type(err.cause).__name__}: {err.cause}")
                     continue
                 slot.inflight -= 1
+                slot.last_activity = time.monotonic()
                 out.reports.append(report)
                 bar.update(report)
         finally:
             for slot in slots:
                 ray.kill(slot.actor, no_restart=True)
         return out
+
+
+    def _kill_hung(self, slots: list[_Slot]) -> None:
+        """An actor with work that has reported nothing for `unit_timeout_s` is killed; its units then come back
+        as an actor death (queued again, bounded retries) and the actor is replaced."""
+        if self.unit_timeout_s is None:
+            return
+        now = time.monotonic()
+        for slot in slots:
+            if slot.alive and slot.ready_ref is None and slot.inflight and \
+                    now - slot.last_activity > self.unit_timeout_s:
+                log.warning("actor %d (%s) reported nothing for %.0f s with %d unit(s) in flight; killing it",
+                            slot.index, slot.name, now - slot.last_activity, slot.inflight)
+                ray.kill(slot.actor, no_restart=True)
+                slot.last_activity = now
 
 
 def _first_line(err: BaseException) -> str:
@@ -252,12 +272,14 @@ def _first_line(err: BaseException) -> str:
 def run_on_ray(spec: JobSpec, address: str | None = None, workers: int | None = None,
                gpus_per_worker: float | None = None, overwrite: bool = False, progress: bool = True, *,
                max_retries: int = 3, runtime_env: dict | None = None,
-               worker_class: type[ExtractionWorker] = ExtractionWorker) -> dict:
+               worker_class: type[ExtractionWorker] = ExtractionWorker, unit_timeout_s: float | None = None) -> dict:
     """Extract `spec` on Ray and return the job summary (`finalize_job`'s, plus a `ray` section).
 
     address: a Ray address (`HEAD:6379`, `ray://…`, `auto`); None = RAY_ADDRESS, else a new local instance.
     workers / gpus_per_worker: see `plan_actors`. runtime_env: given to the actors (e.g. env_vars for an S3
     endpoint). worker_class: the actor body; a test seam for fault injection, production uses the default.
+    unit_timeout_s: kill an actor that has units in flight but reported nothing for this long (a hung unit);
+    None = wait forever. Set it well above one unit's time (it covers one running and one queued unit).
     Raises UnitFailedError naming the unit(s) that failed `max_retries` + 1 times; finished units are kept.
     """
     connected_here = _connect(address)
@@ -269,7 +291,7 @@ def run_on_ray(spec: JobSpec, address: str | None = None, workers: int | None = 
         log.info("%d of %d units to run on %d actor(s) (%s, %s CPU / %s GPU each, %d threads)", len(todo),
                  len(plan.units), min(layout.count, len(todo)), layout.device, layout.num_cpus, layout.num_gpus,
                  layout.threads)
-        driver = _Driver(plan, layout, max_retries, runtime_env, worker_class)
+        driver = _Driver(plan, layout, max_retries, runtime_env, worker_class, unit_timeout_s)
         with UnitProgress(plan.n_samples, plan.n_samples - sum(u.rows for u in todo), enabled=progress) as bar:
             outcome = driver.run(todo, bar) if todo else _Outcome()
         if outcome.failed:

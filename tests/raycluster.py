@@ -141,6 +141,16 @@ class DiesMidWrite(ExtractionWorker):
         return super().run(unit)
 
 
+class HangsOnce(ExtractionWorker):
+    """Hangs forever (alive, silent) on unit SDFEAT_TEST_UNIT, once per test."""
+
+    def run(self, unit: Unit) -> dict:
+        if unit.index == int(os.environ["SDFEAT_TEST_UNIT"]) and _claim_once(f"hung-{unit.index}"):
+            while True:
+                time.sleep(1)
+        return super().run(unit)
+
+
 class RecordsNode(ExtractionWorker):
     """Notes which node starts which unit (files `started-<unit>-<node id>`), then works slowly enough
     (SDFEAT_TEST_DELAY_S per unit) for a test to act while units are in flight."""

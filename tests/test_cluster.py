@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from raycluster import ray_cluster, ray_cluster_processes  # noqa: F401  (fixtures)
-from raycluster import DiesMidWrite, RecordsNode, assert_same_store, job_spec, wait_for
+from raycluster import DiesMidWrite, HangsOnce, RecordsNode, assert_same_store, job_spec, wait_for
 from sdfeat import store
 from sdfeat.cluster import plan_actors, run_on_ray
 from sdfeat.errors import SdfeatError, UnitFailedError
@@ -96,6 +96,17 @@ def test_actor_dying_mid_write_is_replaced_and_its_unit_redone(ray_cluster, refe
     summary = run_on_ray(job_spec(out), workers=2, progress=False, worker_class=DiesMidWrite,
                          runtime_env=_fault_env(tmp_path, SDFEAT_TEST_UNIT="1"))
     assert (tmp_path / "died-1").exists()  # the fault did happen
+    assert summary["ray"]["actor_restarts"] >= 1 and summary["ray"]["retries"] >= 1
+    assert _markers(out) == set(range(N_UNITS))
+    assert_same_store(out, reference)
+
+
+@pytest.mark.ray
+def test_hung_unit_is_killed_after_the_timeout_and_redone(ray_cluster, reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "store"
+    summary = run_on_ray(job_spec(out), workers=2, progress=False, worker_class=HangsOnce, unit_timeout_s=20,
+                         runtime_env=_fault_env(tmp_path, SDFEAT_TEST_UNIT="2"))
+    assert (tmp_path / "hung-2").exists()  # the fault did happen
     assert summary["ray"]["actor_restarts"] >= 1 and summary["ray"]["retries"] >= 1
     assert _markers(out) == set(range(N_UNITS))
     assert_same_store(out, reference)
