@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from raycluster import ray_cluster, ray_cluster_processes  # noqa: F401  (fixtures)
-from raycluster import DiesMidWrite, HangsOnce, RecordsNode, assert_same_store, job_spec, wait_for
+from raycluster import DiesMidWrite, HangsOnce, RecordsNode, job_spec, wait_for
+from storecompare import assert_same_store
 from sdfeat import store
 from sdfeat.cluster import plan_actors, run_on_ray
 from sdfeat.errors import SdfeatError, UnitFailedError

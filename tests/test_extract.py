@@ -9,25 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zarr
 
 from conftest import small_spec
+from storecompare import assert_same_store
 from sdfeat import store
 from sdfeat.errors import SpecError, StoreError, UnitFailedError
 from sdfeat.extract import UnitRunner, pending_units, prepare_job, run_local
 from sdfeat.query import open_store
-
-
-def _all_arrays(output: str) -> dict[str, np.ndarray]:
-    group = zarr.open_group(f"{output}/features.zarr", mode="r")
-    out = {}
-    for name, arr in group.arrays():
-        out[name] = arr[:]
-    for margin_name, margin_group in group.groups():
-        for sub_name, sub in margin_group.groups():
-            for name, arr in sub.arrays():
-                out[f"{margin_name}/{sub_name}/{name}"] = arr[:]
-    return out
 
 
 def test_store_holds_what_a_plain_hooked_forward_gives(tiny_store: str) -> None:
@@ -74,13 +62,9 @@ def test_store_layout_and_markers(tiny_store: str) -> None:
 def test_rerun_skips_done_units_and_keeps_bytes(tiny_store: str, tmp_path: Path) -> None:
     output = str(tmp_path / "copy")
     shutil.copytree(tiny_store, output)
-    before = _all_arrays(output)
     summary = run_local(small_spec(output), progress=False)
     assert summary["rows"] == 12 and summary["ok"] == 12
-    after = _all_arrays(output)
-    assert before.keys() == after.keys()
-    for name in before:
-        np.testing.assert_array_equal(before[name], after[name])
+    assert_same_store(output, tiny_store)  # the copy is unchanged
 
 
 def test_overlapped_writes_give_the_same_store(tiny_store: str, tmp_path: Path) -> None:
@@ -90,9 +74,7 @@ def test_overlapped_writes_give_the_same_store(tiny_store: str, tmp_path: Path) 
     plan = prepare_job(spec)
     reports = list(UnitRunner(spec, output, device="cpu").run_many(plan.units, overlap=True))
     assert [r["unit"] for r in reports] == [0, 1, 2] and all(r["ok"] == 4 for r in reports)
-    clean, overlapped = _all_arrays(tiny_store), _all_arrays(output)
-    for name in clean:
-        np.testing.assert_array_equal(clean[name], overlapped[name], err_msg=name)
+    assert_same_store(output, tiny_store)
 
 
 def test_two_threads_running_units_give_the_same_store(tiny_store: str, tmp_path: Path) -> None:
@@ -106,9 +88,7 @@ def test_two_threads_running_units_give_the_same_store(tiny_store: str, tmp_path
     with ThreadPoolExecutor(2) as pool:
         reports = list(pool.map(runner.run, plan.units))
     assert [r["unit"] for r in reports] == [0, 1, 2]
-    clean, threaded = _all_arrays(tiny_store), _all_arrays(output)
-    for name in clean:
-        np.testing.assert_array_equal(clean[name], threaded[name], err_msg=name)
+    assert_same_store(output, tiny_store)
 
 
 def test_killed_run_resumes_to_the_clean_store(tiny_store: str, tmp_path: Path) -> None:
@@ -122,9 +102,7 @@ def test_killed_run_resumes_to_the_clean_store(tiny_store: str, tmp_path: Path) 
     group["up_blocks.1.upsamplers.0"][4:8] = 7.0  # a torn write of unit 1, never marked done
     assert [u.index for u in pending_units(plan)] == [1, 2]
     run_local(spec, progress=False)
-    clean, resumed = _all_arrays(tiny_store), _all_arrays(output)
-    for name in clean:
-        np.testing.assert_array_equal(clean[name], resumed[name], err_msg=name)
+    assert_same_store(output, tiny_store)
 
 
 def test_other_spec_is_refused_unless_overwrite(tiny_store: str, tmp_path: Path) -> None:

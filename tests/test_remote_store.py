@@ -12,7 +12,8 @@ import zarr
 
 from imagegen import write_parquet_shards
 from raycluster import ray_cluster, ray_cluster_processes  # noqa: F401  (fixtures)
-from raycluster import array_paths, assert_same_store, free_port, job_spec
+from raycluster import free_port, job_spec
+from storecompare import array_paths, assert_same_store
 from sdfeat.extract import run_local
 
 BUCKET = "sdfeat-test"
