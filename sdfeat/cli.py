@@ -16,10 +16,11 @@ from rich.table import Table
 
 from sdfeat.errors import SdfeatError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+# Plain click help (rich_markup_mode=None): no `<bool>` beside flags, nothing boxed or cut when piped.
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Extract Stable Diffusion U-Net features into Zarr stores; measure and report them.")
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)          # long lines (commands, paths) are never wrapped mid-word or cut
+err_console = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -37,8 +38,18 @@ def domain_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import sdfeat
+
+        console.out(f"sdfeat {sdfeat.__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+         version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                               help="Print the version and exit.")] = False) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
@@ -46,6 +57,20 @@ def _load(job: Path, output: Optional[str]):
     from sdfeat.spec import load_spec
 
     return load_spec(job, output=output)
+
+
+def _print_table(columns: list[str], rows: list[list[str]], title: str | None = None) -> None:
+    """A rich table on a terminal; plain tab-separated lines (header first, never cut) when piped. `--json` gives
+    the same data as JSON where a command has it."""
+    if not console.is_terminal:
+        if title:
+            console.out(f"# {title}", highlight=False)
+        console.out("\n".join("\t".join(line) for line in [columns, *rows]), highlight=False)
+        return
+    table = Table(*columns, title=title)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
 
 
 JobArg = Annotated[Path, typer.Argument(help="YAML job spec.")]
@@ -84,10 +109,17 @@ def extract(
 
 
 def _print_summary(summary: dict) -> None:
+    from sdfeat.store import join
+
     seconds = ", ".join(f"{k} {v:.1f}s" for k, v in summary["seconds"].items())
     rate = f", {summary['images_per_second']:.2f} img/s" if "images_per_second" in summary else ""
-    console.print(f"{summary['ok']}/{summary['rows']} images extracted, {summary['failures']} failed, "
+    failed = f"{summary['failures']} failed"
+    if summary["failures"]:
+        failed += f" (see {join(summary['output'], 'failures.parquet')})"
+    console.print(f"{summary['ok']}/{summary['rows']} images extracted, {failed}, "
                   f"{summary['units']} units{rate}; stages: {seconds}", highlight=False)
+    if "ray" in summary and summary["ray"].get("cluster"):
+        console.print(f"ran on {summary['ray']['cluster']}", highlight=False)
     console.print(f"store: {summary['output']}", highlight=False)
 
 
@@ -98,11 +130,36 @@ def plan(
     output: OutputOpt = None,
     images_per_second: Annotated[Optional[float], typer.Option(help="Throughput for the time estimate.")] = None,
     samples: Annotated[Optional[int], typer.Option(min=1, help="Image count, for a source not reachable here.")] = None,
+    from_store: Annotated[Optional[str], typer.Option(help="Per-stage rates from this store's unit reports "
+                                                           "(default: the recorded GPU benchmark).")] = None,
+    warm_cache: Annotated[bool, typer.Option("--warm-cache", help="Assume every latent is already cached "
+                                                                  "(no decoding, no VAE).")] = False,
+    device: Annotated[str, typer.Option(help="GPU whose recorded peak FLOP/s the cross-check uses.")] = "H200",
+    write_gbps: Annotated[Optional[float], typer.Option(min=0.001, help="Write rate in GB/s (default: the "
+                                                                         "recorded one).")] = None,
+    imagenet: Annotated[bool, typer.Option("--imagenet", help="The job over ImageNet-train for sd15, sd21 and "
+                                                              "sdturbo, with and without the latent cache.")] = False,
 ) -> None:
-    """Print units, rows, bytes per block and in total, and hours, before anything runs."""
-    from sdfeat.plan import estimate_job, render_estimate
+    """Print units, rows, bytes per block and in total, and hours per stage, before anything runs."""
+    from dataclasses import replace
 
-    console.print(render_estimate(estimate_job(_load(job, output), images_per_second, samples)))
+    from sdfeat.budget import IMAGENET_TRAIN, estimate_stages, imagenet_budget, render_budget, render_stages
+    from sdfeat.plan import estimate_job, render_estimate
+    from sdfeat.rates import peak_flops, recorded_rates, store_rates
+
+    spec = _load(job, output)
+    est = estimate_job(spec, images_per_second, IMAGENET_TRAIN if imagenet else samples)
+    console.print(render_estimate(est))
+    write = write_gbps * 1e9 if write_gbps else None
+    rates = store_rates(from_store) if from_store else recorded_rates(spec.compile, device, write)
+    if write and from_store:
+        rates = replace(rates, write_bytes_per_s=write)
+    console.print(render_stages(estimate_stages(spec, est.n_samples, rates, warm_cache, est.layout)))
+    if imagenet:
+        table, lines = render_budget(imagenet_budget(spec, rates, est.n_samples), peak_flops(device))
+        console.print(table)
+        for line in lines:
+            console.print(line, highlight=False)
 
 
 @app.command()
@@ -125,10 +182,9 @@ def blocks(
     if as_json:
         console.out("\n".join(json.dumps(asdict(b)) for b in found), highlight=False)
         return
-    table = Table("#", "name", "paper name", "channels", "y×x", title=f"{model} at {resolution}px ({preset})")
-    for i, b in enumerate(found):
-        table.add_row(str(i), b.name, b.paper_name, str(b.channels), f"{b.height}×{b.width}")
-    console.print(table)
+    _print_table(["#", "name", "paper name", "channels", "y×x"],
+                 [[str(i), b.name, b.paper_name, str(b.channels), f"{b.height}×{b.width}"] for i, b in enumerate(found)],
+                 title=f"{model} at {resolution}px ({preset}); --json for JSON lines")
 
 
 @app.command()
@@ -145,10 +201,8 @@ def info(path: StoreArg, as_json: Annotated[bool, typer.Option("--json")] = Fals
                   f"spec {summary['spec_hash']}", highlight=False)
     console.print(f"samples {summary['samples']} ({summary['ok']} ok), timesteps {summary['timesteps']}, "
                   f"seeds {summary['seeds']}, units {summary['units_done']}/{summary['units']} done", highlight=False)
-    table = Table("array", "shape", "dtype")
-    for b in summary["blocks"]:
-        table.add_row(b["name"], "×".join(map(str, b["shape"])), b["dtype"])
-    console.print(table)
+    _print_table(["array", "shape", "dtype"],
+                 [[b["name"], "×".join(map(str, b["shape"])), b["dtype"]] for b in summary["blocks"]])
     console.print(f"{summary['bytes_stored'] / 2**20:.1f} MiB stored, {summary['bytes_raw'] / 2**20:.1f} MiB raw, "
                   f"compression {summary['compression_ratio']:.2f}×", highlight=False)
 
@@ -237,10 +291,20 @@ def verify(path: StoreArg) -> None:
     console.print(f"{path}: ok", highlight=False)
 
 
-AddressOpt = Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Ray dashboard URL, http://HEAD:8265.")]
+AddressOpt = Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Ray Jobs API (dashboard) address, "
+                                                  "HEAD:8265 or http://HEAD:8265.")]
+STATE_CODES = "Exit code: 0 SUCCEEDED, PENDING or RUNNING; 1 FAILED; 3 STOPPED; 2 the job could not be asked about."
 
 
-@app.command()
+def _exit_for(state: str) -> None:
+    from sdfeat.submit import exit_code
+
+    if exit_code(state):
+        raise typer.Exit(exit_code(state))
+
+
+@app.command(help="Submit a job to a Ray cluster through the Ray Jobs API (spec validated here first). With "
+             f"--wait, follow its logs until it ends. {STATE_CODES}")
 @domain_errors
 def submit(
     job: JobArg,
@@ -248,33 +312,46 @@ def submit(
     output: OutputOpt = None,
     workers: Annotated[Optional[int], typer.Option(min=1)] = None,
     gpus_per_worker: Annotated[Optional[float], typer.Option(min=0)] = None,
-    overwrite: Annotated[bool, typer.Option()] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a store made by another spec.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Stream the job's logs until it ends; exit with its "
+                                                      "state's code.")] = False,
 ) -> None:
-    """Submit a job to a Ray cluster through the Ray Jobs API (spec validated here first)."""
-    from sdfeat.submit import submit_job
+    from sdfeat.submit import follow_logs, submit_job
 
     sub = submit_job(job, address, workers=workers, gpus_per_worker=gpus_per_worker, overwrite=overwrite,
                      output=output)
-    console.print(sub.how_to_follow(), highlight=False)
-    console.print(f"  or:      sdfeat status|logs {sub.submission_id} --address {sub.address}", highlight=False)
+    console.print(sub.how_to_follow(), highlight=False, soft_wrap=True)
+    if wait:
+        state = follow_logs(sub.submission_id, sub.address, lambda text: console.out(text, end="", highlight=False))
+        console.print(f"{sub.submission_id}: {state}", highlight=False, soft_wrap=True)
+        _exit_for(state)
 
 
-@app.command()
+@app.command(help=f"State of a submitted job: PENDING, RUNNING, STOPPED, SUCCEEDED or FAILED. {STATE_CODES}")
 @domain_errors
 def status(submission_id: str, address: AddressOpt = None) -> None:
-    """State of a submitted job: PENDING, RUNNING, STOPPED, SUCCEEDED or FAILED."""
     from sdfeat.submit import status as job_status
 
-    console.print(job_status(submission_id, address), highlight=False)
+    state = job_status(submission_id, address)
+    console.print(state, highlight=False)
+    _exit_for(state)
 
 
-@app.command()
+@app.command(help=f"What a submitted job has printed so far; with --follow, until it ends. {STATE_CODES} "
+             "(with --follow)")
 @domain_errors
-def logs(submission_id: str, address: AddressOpt = None) -> None:
-    """Everything a submitted job has printed so far."""
+def logs(submission_id: str, address: AddressOpt = None,
+         follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream new lines until the job ends.")] = False,
+         ) -> None:
+    from sdfeat.submit import follow_logs
     from sdfeat.submit import logs as job_logs
 
-    console.out(job_logs(submission_id, address), highlight=False)
+    if not follow:
+        console.out(job_logs(submission_id, address), highlight=False)
+        return
+    state = follow_logs(submission_id, address, lambda text: console.out(text, end="", highlight=False))
+    err_console.print(f"{submission_id}: {state}", highlight=False, soft_wrap=True)
+    _exit_for(state)
 
 
 @app.command()

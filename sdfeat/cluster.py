@@ -99,17 +99,15 @@ def plan_actors(node_cpus: list[float], cluster_gpus: float, workers: int | None
     return ActorLayout(count, num_cpus, 0.0, threads, "cpu")
 
 
-def _connect(address: str | None) -> bool:
-    """Join the cluster at `address` / RAY_ADDRESS, reuse an existing connection, or start a local Ray
-    (dashboard on 127.0.0.1). True when this call connected (and so should disconnect)."""
+def _connect(address: str | None) -> tuple[bool, str]:
+    """Reuse an existing connection, or join `address` / RAY_ADDRESS (`auto`: the cluster `ray start` recorded),
+    else start a private local instance on 127.0.0.1 (`rayconnect.init_ray`). Returns (connected by this call, so
+    it should disconnect; a description of the cluster)."""
+    from sdfeat.rayconnect import init_ray
+
     if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(dashboard_host="127.0.0.1")
-    return True
+        return False, "the Ray cluster this process is connected to"
+    return True, init_ray(address or os.environ.get("RAY_ADDRESS"))
 
 
 def _cluster_layout(workers: int | None, gpus_per_worker: float | None) -> ActorLayout:
@@ -275,14 +273,16 @@ def run_on_ray(spec: JobSpec, address: str | None = None, workers: int | None = 
                worker_class: type[ExtractionWorker] = ExtractionWorker, unit_timeout_s: float | None = None) -> dict:
     """Extract `spec` on Ray and return the job summary (`finalize_job`'s, plus a `ray` section).
 
-    address: a Ray address (`HEAD:6379`, `ray://…`, `auto`); None = RAY_ADDRESS, else a new local instance.
+    address: a Ray address (`HEAD:6379`, `ray://…`, `auto` = the cluster `ray start` recorded here); None =
+    RAY_ADDRESS, else a private local instance on 127.0.0.1 (`rayconnect.init_ray`).
     workers / gpus_per_worker: see `plan_actors`. runtime_env: given to the actors (e.g. env_vars for an S3
     endpoint). worker_class: the actor body; a test seam for fault injection, production uses the default.
     unit_timeout_s: kill an actor that has units in flight but reported nothing for this long (a hung unit);
     None = wait forever. Set it well above one unit's time (it covers one running and one queued unit).
     Raises UnitFailedError naming the unit(s) that failed `max_retries` + 1 times; finished units are kept.
     """
-    connected_here = _connect(address)
+    connected_here, cluster = _connect(address)
+    log.info("Ray: %s", cluster)
     try:
         start = time.perf_counter()
         plan = prepare_job(spec, overwrite)          # store template complete before any actor exists
@@ -308,7 +308,7 @@ def run_on_ray(spec: JobSpec, address: str | None = None, workers: int | None = 
         new_rows = sum(r["rows"] for r in outcome.reports)
         summary["wall_seconds"] = round(wall, 2)
         summary["images_per_second"] = round(new_rows / wall, 3)
-        summary["ray"] = {"actors": min(layout.count, len(todo)), "device": layout.device,
+        summary["ray"] = {"cluster": cluster, "actors": min(layout.count, len(todo)), "device": layout.device,
                           "num_cpus": layout.num_cpus, "num_gpus": layout.num_gpus, "threads": layout.threads,
                           "units_run": len(outcome.reports), "units_skipped": len(plan.units) - len(todo),
                           "retries": outcome.retries, "actor_restarts": outcome.actor_restarts}

@@ -14,13 +14,30 @@ import threading
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 # Image.open warns (instead of raising) between Image.MAX_IMAGE_PIXELS and twice that. We turn that warning into
 # an error around Image.open only; warnings filters are process-global in Python 3.11, so opens are serialised
 # (header parsing only: microseconds) to keep concurrent threads from restoring each other's filters.
 _OPEN_LOCK = threading.Lock()
 _REASON_CHARS = 120
+_UNREADABLE_FORMATS = {"EPS", "MPEG"}  # need an external program (Ghostscript) or have no decoder in PIL
+
+
+def _image_extensions() -> frozenset[str]:
+    """File extensions (lower case, with the dot) of every format PIL can open and decode here: what
+    `decode_rgb` reads, so sources accept exactly these (stub plugins and the formats above excluded)."""
+    Image.init()
+    found = set()
+    for ext, fmt in Image.registered_extensions().items():
+        factory = Image.OPEN.get(fmt, (None,))[0]
+        stub = isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
+        if factory is not None and not stub and fmt not in _UNREADABLE_FORMATS:
+            found.add(ext.lower())
+    return frozenset(found)
+
+
+IMAGE_EXTENSIONS = _image_extensions()  # {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ...}
 
 
 class ImageDecodeError(ValueError):
@@ -83,9 +100,14 @@ def decode_rgb(data: bytes) -> Image.Image:
 
 def center_crop_resize(img: Image.Image, resolution: int) -> np.ndarray:
     """The paper's crop: s = min(w, h), box (w//2 - s//2, h//2 - s//2, w//2 + s//2, h//2 + s//2), then
-    `resize((resolution, resolution))` with PIL's default filter. Returns uint8 (resolution, resolution, 3)."""
+    `resize((resolution, resolution))` with PIL's default filter. Returns uint8 (resolution, resolution, 3).
+    A 1 px short side (1 x 1, 1 x 5000) would give an empty box: the middle pixel is used, resized up."""
     img = to_rgb(img)
     width, height = img.size
     side = min(width, height)
-    box = (width // 2 - side // 2, height // 2 - side // 2, width // 2 + side // 2, height // 2 + side // 2)
+    half = side // 2
+    if half == 0:  # the paper's box is empty when the short side is 1 px: take the middle pixel (1 x 1) instead
+        box = (width // 2, height // 2, width // 2 + 1, height // 2 + 1)
+    else:
+        box = (width // 2 - half, height // 2 - half, width // 2 + half, height // 2 + half)
     return np.asarray(img.crop(box).resize((resolution, resolution)))

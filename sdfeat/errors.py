@@ -37,3 +37,11 @@ class StoreError(SdfeatError, ValueError):
 
 class UnitFailedError(SdfeatError, RuntimeError):
     """A work unit failed (after its retries); the message names the unit."""
+
+
+class ClusterConnectionError(SdfeatError, ConnectionError):
+    """A Ray cluster or its Jobs API cannot be reached or refuses this client; the message names the address."""
+
+
+class RowNotReadyError(StoreError):
+    """A store row has no activations to show yet (its unit is unfinished) or never will (its image failed)."""

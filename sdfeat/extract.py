@@ -33,10 +33,10 @@ from sdfeat.plan import Layout, Pass, Unit, job_layout, plan_units, unit_size
 from sdfeat.protocol import encode, noisy_latents
 from sdfeat.sources import DecodedImage, SampleRef, plan_samples, read_images
 from sdfeat.spec import JobSpec, spec_hash
+from sdfeat.stages import STAGES, StageClock, shares
 from sdfeat.summaries import crop_summaries, summarize
 
 log = logging.getLogger(__name__)
-STAGES = ("read", "encode", "unet", "write")
 
 
 @dataclass
@@ -85,12 +85,20 @@ def prepare_job(spec: JobSpec, overwrite: bool = False) -> JobPlan:
         "model": spec.model, "revision": spec.revision, "n_samples": n, "unit_size": size,
         "blocks": [b.name for b in layout.blocks], "crops": [p.margin for p in layout.passes[1:] if p.stored],
         "summary_blocks": [b.name for b in layout.summary_blocks],
+        "crop_samples": min(n, spec.variants.samples or n),  # crop variants cover store rows 0..crop_samples-1
         "class_names": samples.class_names, "source_format": samples.format, "versions": _library_versions(),
     }
     store.create_template(output, layout.arrays, n, size, [r.sample_id for r in samples.refs],
                           [r.label for r in samples.refs], spec.timesteps, spec.seeds, attrs, spec.codec)
     log.info("store template written: %s (%d samples, %d units of %d)", output, n, -(-n // size), size)
     return JobPlan(spec, output, layout, plan_units(n, size), n)
+
+
+def _padding(spec: JobSpec) -> dict[str, str]:
+    """`load_model`'s padding arguments for the spec's intervention (none: the model as released)."""
+    if spec.intervention is None:
+        return {}
+    return {"padding": spec.intervention.padding, "padding_scope": spec.intervention.scope}
 
 
 def _existing_hash(output: str) -> str | None:
@@ -105,6 +113,7 @@ def _manifest_table(refs: list[SampleRef]) -> pa.Table:
         "sample_id": [r.sample_id for r in refs], "label": pa.array([r.label for r in refs], pa.int64()),
         "file": [r.file for r in refs], "member": [r.member for r in refs],
         "offset": pa.array([r.offset for r in refs], pa.int64()), "size": pa.array([r.size for r in refs], pa.int64()),
+        "error": pa.array([r.error for r in refs], pa.string()),  # planned unusable: a failure row, never opened
     })
 
 
@@ -113,9 +122,10 @@ def pending_units(plan: JobPlan) -> list[Unit]:
     return [u for u in plan.units if u.index not in done]
 
 
-def _prefetch(items: Iterator[DecodedImage], depth: int) -> Iterator[DecodedImage]:
-    """Run `items` in a background thread, `depth` ahead, so decoding overlaps the forward passes. The thread
-    stops when the consumer stops (also when the unit fails half-way)."""
+def _prefetch(items: Iterator[DecodedImage], depth: int, clock: StageClock) -> Iterator[DecodedImage]:
+    """Run `items` in a background thread, `depth` ahead, so decoding overlaps the forward passes; the thread's
+    busy time is the unit's `decode` stage. The thread stops when the consumer stops (also when the unit fails
+    half-way)."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
@@ -130,7 +140,12 @@ def _prefetch(items: Iterator[DecodedImage], depth: int) -> Iterator[DecodedImag
 
     def produce() -> None:
         try:
-            for item in items:
+            while True:
+                t = time.perf_counter()
+                item = next(items, done)
+                clock.add("decode", time.perf_counter() - t)
+                if item is done:
+                    break
                 put(item)
                 if stop.is_set():
                     return
@@ -169,7 +184,8 @@ class UnitRunner:
         self.manifest = store.read_manifest(self.output)  # one row per store row; read once per worker
         self.group = store.open_features(self.output, mode="r+")
         self.model: LoadedModel = load_model(spec.model, self.device, self._compute_dtype(), spec.revision,
-                                             fp16_rounded_weights=spec.protocol == "paper", compile_vae=spec.compile)
+                                             fp16_rounded_weights=spec.protocol == "paper", compiled=spec.compile,
+                                             **_padding(spec))
         # Host buffers for whole units, reused: fresh arrays would page-fault on every first write. On a GPU two
         # sets (one being filled while the other is written), pinned so device->host copies run asynchronously.
         self._buffers: queue.Queue[dict[str, np.ndarray]] = queue.Queue()
@@ -177,6 +193,13 @@ class UnitRunner:
         for _ in range(2 if self.device.type == "cuda" else 1):
             self._buffers.put(self._new_buffers(min(int(attrs["unit_size"]), int(attrs["n_samples"]))))
         self.worker = f"{socket.gethostname()}:{self.device}"
+        # Arrays limited to the store's first rows (crop variants under `variants.samples`): path -> row count.
+        self._row_limits = {a.path: a.rows for a in self.layout.arrays if a.rows is not None}
+
+    def _unit_rows(self, path: str, unit: Unit) -> int:
+        """Rows of `unit` that array `path` holds: all, or for a limited array those below its limit (a prefix)."""
+        limit = self._row_limits.get(path)
+        return unit.rows if limit is None else max(0, min(unit.stop, limit) - unit.start)
 
     def _new_buffers(self, rows: int) -> dict[str, np.ndarray]:
         pin = self.device.type == "cuda"
@@ -235,7 +258,7 @@ class UnitRunner:
             log.error("unit %d failed: %s", unit.index, err)
             return {"unit": unit.index, "error": str(err)}
 
-    def _compute(self, unit: Unit) -> tuple[Unit, dict[str, np.ndarray], np.ndarray, list[dict], dict[str, float]]:
+    def _compute(self, unit: Unit) -> tuple[Unit, dict[str, np.ndarray], np.ndarray, list[dict], StageClock]:
         """Fill a free buffer set with the unit's activations; `_commit` gives the set back after writing it."""
         full = self._buffers.get()  # waits for a free set
         try:
@@ -246,21 +269,20 @@ class UnitRunner:
 
     @torch.inference_mode()
     def _fill(self, unit: Unit, full: dict[str, np.ndarray]
-              ) -> tuple[Unit, dict[str, np.ndarray], np.ndarray, list[dict], dict[str, float]]:
-        seconds = dict.fromkeys(STAGES, 0.0)
+              ) -> tuple[Unit, dict[str, np.ndarray], np.ndarray, list[dict], StageClock]:
+        clock = StageClock(self.device)
         refs = [SampleRef(**row) for row in self.manifest.slice(unit.start, unit.rows).to_pylist()]
-        buffers = {path: values[: unit.rows] for path, values in full.items()}
+        buffers = {path: values[: self._unit_rows(path, unit)] for path, values in full.items()}
         for values in buffers.values():
             values.fill(0)  # rows of failed images stay zero
         ok = np.zeros(unit.rows, dtype=bool)
         failures: list[dict] = []
         images = _prefetch(read_images(refs, self.spec.resolution, threads=self.decode_threads),
-                           depth=2 * self.spec.batch_size)
+                           depth=2 * self.spec.batch_size, clock=clock)
         batch: list[DecodedImage] = []
         while True:
-            t = time.perf_counter()
-            item = next(images, None)
-            seconds["read"] += time.perf_counter() - t
+            with clock.stage("stall"):
+                item = next(images, None)
             if item is not None:
                 if item.pixels is None:
                     failures.append({"sample_id": refs[item.index].sample_id, "reason": item.error,
@@ -268,63 +290,72 @@ class UnitRunner:
                 else:
                     batch.append(item)
             if batch and (item is None or len(batch) == self.spec.batch_size):
-                self._run_batch(batch, refs, buffers, seconds)
+                self._run_batch(batch, refs, buffers, clock)
                 ok[[b.index for b in batch]] = True
                 batch = []
             if item is None:
                 self._sync()  # the asynchronous device->host copies have landed
-                return unit, full, ok, failures, seconds
+                return unit, full, ok, failures, clock
 
     def _commit(self, unit: Unit, full: dict[str, np.ndarray], ok: np.ndarray, failures: list[dict],
-                seconds: dict[str, float]) -> dict:
-        t = time.perf_counter()
+                clock: StageClock) -> dict:
+        wall = clock.wall()  # the unit's compute; its write may overlap the next unit's compute
         try:
-            store.write_unit(self.group, unit.start, unit.stop, {p: v[: unit.rows] for p, v in full.items()}, ok)
+            with clock.stage("write"):
+                store.write_unit(self.group, unit.start, unit.stop,
+                                 {p: v[: self._unit_rows(p, unit)] for p, v in full.items()}, ok)
         finally:
             self._buffers.put(full)
-        seconds["write"] = time.perf_counter() - t
         report = {"unit": unit.index, "rows": unit.rows, "ok": int(ok.sum()), "failures": failures,
-                  "seconds": {k: round(v, 4) for k, v in seconds.items()}, "worker": self.worker}
+                  "seconds": clock.seconds(), "wall": round(wall, 4),
+                  "worker": self.worker}
         store.write_marker(self.output, unit.index, report)
         return report
 
     def _run_batch(self, batch: list[DecodedImage], refs: list[SampleRef], buffers: dict[str, np.ndarray],
-                   seconds: dict[str, float]) -> None:
+                   clock: StageClock) -> None:
         rows = [b.index for b in batch]
         sample_ids = [refs[i].sample_id for i in rows]
         emb = self.model.prompt_embeddings(self._prompts([refs[i].label for i in rows]))  # (B, 77, D)
-        pixels = torch.from_numpy(np.stack([b.pixels for b in batch])).to(self.device)  # (B, H, W, 3) uint8
+        with clock.stage("h2d"):
+            pixels = torch.from_numpy(np.stack([b.pixels for b in batch]))  # (B, H, W, 3) uint8
+            if self.device.type == "cuda":
+                pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         # Consecutive rows (no failed image inside the batch) are copied with one slice per block.
         row_index: slice | list[int] = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) \
             else rows
+        # Crop passes cover the store's first `variants.samples` rows only: this unit's buffers of the limited
+        # arrays hold that prefix. A batch reaching past it still runs whole (the paper's noise depends on the
+        # batch), and `_to_host` keeps its rows below the limit.
+        crop_rows = min((len(buffers[path]) for path in self._row_limits), default=None)
         for p in self.layout.passes:
             m = p.margin
+            if m and crop_rows is not None and min(rows) >= crop_rows:
+                continue
             cropped = pixels[:, m:-m, m:-m] if m else pixels  # (B, H-2m, W-2m, 3)
-            self._forward(p, cropped, sample_ids, emb, row_index, buffers, seconds)
+            self._forward(p, cropped, sample_ids, emb, row_index, buffers, clock)
 
     def _forward(self, p: Pass, pixels: torch.Tensor, sample_ids: list[str], emb: torch.Tensor,
-                 rows: slice | list[int], buffers: dict[str, np.ndarray], seconds: dict[str, float]) -> None:
-        t = time.perf_counter()
-        dist = encode(self.model, pixels, self.spec.protocol)
-        self._sync()
-        seconds["encode"] += time.perf_counter() - t
+                 rows: slice | list[int], buffers: dict[str, np.ndarray], clock: StageClock) -> None:
+        with clock.stage("vae"):
+            dist = encode(self.model, pixels, self.spec.protocol)
         tokens = self.spec.summaries.tokens_per_image if self.spec.summaries else 0
         with capture(self.model.unet, p.names) as hooked:
             for si, seed in enumerate(self.spec.seeds):
-                t = time.perf_counter()
-                latents = noisy_latents(self.model, dist, self.spec.protocol, seed, sample_ids, self.spec.timesteps)
-                seconds["encode"] += time.perf_counter() - t
+                with clock.stage("noise"):
+                    latents = noisy_latents(self.model, dist, self.spec.protocol, seed, sample_ids,
+                                            self.spec.timesteps)
                 for ti, step in enumerate(self.spec.timesteps):
-                    t = time.perf_counter()
-                    acts = hooked.run(latents[step], step, encoder_hidden_states=emb)  # {name: (B, C, h, w)}
-                    for b in p.stored:
-                        self._to_host(acts[b.name], buffers[p.prefix + b.name], rows, ti, si)
-                    for b in p.summarized:
-                        found = (crop_summaries(acts[b.name]) if p.margin else
-                                 summarize(acts[b.name], b, sample_ids, tokens, seed))
-                        for key, values in found.items():
-                            self._to_host(values, buffers[f"summaries/{b.name}/{key}"], rows, ti, si)
-                    seconds["unet"] += time.perf_counter() - t
+                    with clock.stage("unet"):
+                        acts = hooked.run(latents[step], step, encoder_hidden_states=emb)  # {name: (B, C, h, w)}
+                        found = {f"summaries/{b.name}/{key}": values for b in p.summarized
+                                 for key, values in (crop_summaries(acts[b.name]) if p.margin else
+                                                     summarize(acts[b.name], b, sample_ids, tokens, seed)).items()}
+                    with clock.stage("d2h"):
+                        for b in p.stored:
+                            self._to_host(acts[b.name], buffers[p.prefix + b.name], rows, ti, si)
+                        for path, values in found.items():
+                            self._to_host(values, buffers[path], rows, ti, si)
 
     @staticmethod
     def _to_host(values: torch.Tensor, target: np.ndarray, rows: slice | list[int], ti: int, si: int) -> None:
@@ -332,6 +363,11 @@ class UnitRunner:
         (channels_last on a GPU) happen on the device, then one contiguous copy to the (pinned) host buffer."""
         if tuple(values.shape[1:]) != target.shape[3:]:
             raise StoreError(f"captured shape {tuple(values.shape[1:])} differs from the store's {target.shape[3:]}")
+        if isinstance(rows, slice) and rows.stop > len(target):  # an array limited to the first rows
+            values, rows = values[: len(target) - rows.start], slice(rows.start, len(target))
+        elif isinstance(rows, list) and max(rows) >= len(target):
+            keep = [j for j, r in enumerate(rows) if r < len(target)]
+            values, rows = values[keep], [rows[j] for j in keep]
         values = values.to(getattr(torch, target.dtype.name)).contiguous()
         if isinstance(rows, slice):
             torch.from_numpy(target)[rows, ti, si].copy_(values, non_blocking=True)
@@ -355,7 +391,8 @@ def finalize_job(plan: JobPlan) -> dict:
     store.write_failures(plan.output, failures)
     seconds = {k: round(sum(r["seconds"].get(k, 0.0) for r in reports), 3) for k in STAGES}
     return {"output": plan.output, "units": len(plan.units), "rows": plan.n_samples,
-            "ok": sum(r["ok"] for r in reports), "failures": len(failures), "seconds": seconds}
+            "ok": sum(r["ok"] for r in reports), "failures": len(failures), "seconds": seconds,
+            "share": shares(seconds, sum(r.get("wall", 0.0) for r in reports))}
 
 
 def run_local(spec: JobSpec, overwrite: bool = False, progress: bool = True, device: str | None = None,

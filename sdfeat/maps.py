@@ -3,7 +3,8 @@ token to a marked token. Pure numpy in, PNG/SVG out (matplotlib's Agg canvas, no
 
 `sdfeat show STORE --block B --sample ID --kind norm|similarity [--at y,x]` reads one (C, H, W) activation from
 the store (query.py) and calls `norm_map` / `similarity_map`, then `render_map`; the report draws `figure_1` grids
-for a few samples and blocks.
+for a few samples and blocks. `sdfeat explore` serves the same maps, and its cross-image top-k uses
+`cosine_to` (the function `similarity_map` is built on) over a batch of images: one implementation everywhere.
 """
 
 from __future__ import annotations
@@ -26,9 +27,31 @@ def _check_acts(acts: np.ndarray) -> np.ndarray:
     return np.asarray(acts, dtype=np.float32)
 
 
+def token_norms(acts: np.ndarray) -> np.ndarray:
+    """(..., C, H, W) float32 -> (..., H, W): the L2 norm of every token's channel vector (batched or not)."""
+    *lead, c, h, w = acts.shape
+    flat = acts.reshape(*lead, c, h * w)  # (..., C, T)
+    return np.sqrt(np.einsum("...ct,...ct->...t", flat, flat)).reshape(*lead, h, w)
+
+
+def cosine_to(acts: np.ndarray, vector: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
+    """(..., C, H, W) tokens and a (C,) vector -> (..., H, W): the cosine similarity of every token to `vector`.
+
+    One image or a batch (the explorer's cross-image top-k). `norms` (..., H, W): `token_norms(acts)` when the
+    caller has them already. Tokens with zero norm (or a zero vector) get similarity 0 (instead of NaN)."""
+    acts = np.asarray(acts, dtype=np.float32)
+    vector = np.asarray(vector, dtype=np.float32)  # (C,)
+    *lead, c, h, w = acts.shape
+    if vector.shape != (c,):
+        raise SdfeatError(f"vector: expected ({c},) to match the tokens' channels, got shape {vector.shape}")
+    dots = np.matmul(vector, acts.reshape(*lead, c, h * w)).reshape(*lead, h, w)  # (..., H, W)
+    scale = (token_norms(acts) if norms is None else norms) * np.linalg.norm(vector)
+    return np.divide(dots, scale, out=np.zeros_like(dots), where=scale > 0)
+
+
 def norm_map(acts: np.ndarray) -> np.ndarray:
     """(C, H, W) -> (H, W): the L2 norm of every token's channel vector."""
-    return np.linalg.norm(_check_acts(acts), axis=0)
+    return token_norms(_check_acts(acts))
 
 
 def similarity_map(acts: np.ndarray, y: int, x: int) -> np.ndarray:
@@ -40,9 +63,7 @@ def similarity_map(acts: np.ndarray, y: int, x: int) -> np.ndarray:
     _, height, width = acts.shape
     if not (0 <= y < height and 0 <= x < width):
         raise SdfeatError(f"at: token (y={y}, x={x}) lies outside the {height}x{width} map")
-    norms = np.linalg.norm(acts, axis=0)  # (H, W)
-    unit = np.divide(acts, norms, out=np.zeros_like(acts), where=norms > 0)  # (C, H, W)
-    return np.einsum("chw,c->hw", unit, unit[:, y, x])
+    return cosine_to(acts, acts[:, y, x])
 
 
 def _draw(fig: Figure, ax: Axes, values: np.ndarray, title: str, mark: tuple[int, int] | None) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from sdfeat.errors import ModelNotFoundError
+from sdfeat.interventions import apply_padding
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class LoadedModel:
     source: str
     revision: str | None
     unet: Any  # UNet2DConditionModel
-    vae: Any  # AutoencoderKL without its decoder
+    _vae: Any  # AutoencoderKL without its decoder; None until first used when loaded lazily (see `vae`)
     scheduler: Any
     noise_scheduler: Any
     device: torch.device
@@ -128,6 +129,29 @@ class LoadedModel:
     scaling_factor: float
     _text_loader: TextLoader = field(repr=False)
     _prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _vae_loader: Callable[[], Any] | None = field(default=None, repr=False)
+    _vae_digest: Callable[[], str] | None = field(default=None, repr=False)
+
+    @property
+    def vae(self) -> Any:
+        """The VAE (encoder only), loaded on first use when `load_model(lazy_vae=True)`."""
+        if self._vae is None:
+            if self._vae_loader is None:
+                raise ModelNotFoundError(f"model {self.name!r}: no VAE loader")
+            self._vae = self._vae_loader()
+        return self._vae
+
+    @property
+    def vae_loaded(self) -> bool:
+        return self._vae is not None
+
+    def vae_weights_digest(self) -> str:
+        """A digest of the VAE encoder's and quant_conv's weights as this model computes with them (after the
+        fp16 rounding and the cast to `dtype`), read from the weights file without loading the VAE where there is
+        one. Two models whose encoders hold the same values give the same digest (the latent cache's key)."""
+        if self._vae_digest is None:
+            raise ModelNotFoundError(f"model {self.name!r}: no VAE weights to digest")
+        return self._vae_digest()
 
     def prompt_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
         """(B, 77, D) last hidden states of the text encoder, one row per prompt; each distinct prompt is encoded
@@ -280,14 +304,32 @@ def _components_tiny() -> tuple[Any, Any, Any, TextLoader]:
     return pipe.unet, pipe.vae, pipe.scheduler, lambda: (tokenizer, text_encoder)
 
 
+def compile_unet_blocks(unet: torch.nn.Module, backend: str = "inductor") -> int:
+    """Compile the `forward` of every block inside the U-Net's down, mid and up blocks (resnets, attentions,
+    down/upsamplers) in place; returns how many. Forward hooks run in `Module.__call__`, outside the compiled
+    `forward`, so `hooks.capture` and its early exit stay eager and exact; compiling the whole U-Net instead would
+    trace the hooks and break the early exit. Each block recompiles once per new input shape (crop passes)."""
+    stages = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    count = 0
+    for stage in stages:
+        for kind in ("resnets", "attentions", "downsamplers", "upsamplers"):
+            for block in getattr(stage, kind, None) or ():
+                block.forward = torch.compile(block.forward, backend=backend)
+                count += 1
+    return count
+
+
 def load_model(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                revision: str | None = None, fp16_rounded_weights: bool = False,
-               compile_vae: bool = False) -> LoadedModel:
+               compiled: bool = False, padding: str = "zeros", padding_scope: str = "unet") -> LoadedModel:
     """Load `model` for extraction on `device` in `dtype`.
+
+    `padding`/`padding_scope`: the spec's padding intervention (`interventions.apply_padding`); `zeros` = as released.
 
     `fp16_rounded_weights=True` rounds every weight through float16 before casting to `dtype`, as sdhelper 1.0.0
     does on CPU (it loads with torch_dtype=float16, then `.to(cpu, float32)`); `protocol: paper` uses it.
-    `compile_vae=True` wraps the VAE encoder in `torch.compile` on a GPU (ignored on a CPU)."""
+    `compiled=True` compiles the VAE encoder and the U-Net's blocks with `torch.compile` on a GPU (ignored on a
+    CPU; see `compile_unet_blocks`)."""
     from diffusers import DDIMScheduler
 
     device = torch.device(device)
@@ -302,12 +344,14 @@ def load_model(model: str, device: str | torch.device = "cpu", dtype: torch.dtyp
         unet, vae, scheduler, raw_text_loader = _components_pretrained(model, source, revision, load_dtype)
     vae.decoder = None  # extraction never decodes; keeps one copy of weights only
     vae.post_quant_conv = None
+    apply_padding(unet, vae, padding, padding_scope)
     # channels_last speeds up the U-Net's convolutions on a GPU but slows the VAE encoder, whose time goes to
     # GroupNorm/SiLU at 512x512 (H200, batch 32: 132 img/s channels_last vs 180 contiguous, 312 compiled).
     _prepare(unet, device, dtype, fp16_rounded_weights, channels_last=device.type == "cuda")
     _prepare(vae, device, dtype, fp16_rounded_weights)
-    if compile_vae and device.type == "cuda":
+    if compiled and device.type == "cuda":
         vae.encoder = torch.compile(vae.encoder)
+        compile_unet_blocks(unet)
 
     def text_loader() -> tuple[Any, torch.nn.Module]:
         tokenizer, text_encoder = raw_text_loader()

@@ -7,7 +7,7 @@ the same shard. Its size is bounded by a memory budget because a worker buffers 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sdfeat.blocks import BlockInfo, resolve_blocks
 from sdfeat.errors import SpecError
@@ -60,7 +60,12 @@ class Layout:
     summary_blocks: list[BlockInfo] = field(default_factory=list)
 
     def bytes_per_sample(self) -> int:
+        """Bytes of one row of every array (a unit's buffer per row; crop arrays limited to the first rows count)."""
         return sum(a.bytes_per_sample() for a in self.arrays)
+
+    def total_bytes(self, n_samples: int) -> int:
+        """Bytes of every array over a store of `n_samples` rows (crop arrays over their own rows)."""
+        return sum(a.bytes_per_sample() * a.n_rows(n_samples) for a in self.arrays)
 
 
 def crop_margins(spec: JobSpec, blocks: list[BlockInfo]) -> dict[int, list[BlockInfo]]:
@@ -109,15 +114,17 @@ def job_layout(spec: JobSpec) -> Layout:
     passes = [Pass(0, blocks, summarized)]
     for margin in sorted(set(stored_crops) | set(summary_crops)):
         passes.append(Pass(margin, stored_crops.get(margin, []), summary_crops.get(margin, [])))
+    crop_rows = spec.variants.samples  # crop variants cover only the first N rows (None: all)
     for p in passes[1:]:
-        arrays += [activation_layout(f"{p.prefix}{b.name}", nt, ns, b.channels, b.height - 2, b.width - 2,
-                                     spec.dtype) for b in p.stored]
+        arrays += [replace(activation_layout(f"{p.prefix}{b.name}", nt, ns, b.channels, b.height - 2, b.width - 2,
+                                             spec.dtype), rows=crop_rows) for b in p.stored]
     cropped = {b.name for p in passes[1:] for b in p.summarized}
     for b in summarized:
         k = spec.summaries.tokens_per_image
         for name, (shape, dtype) in summary_layout(b, k, with_crop=b.name in cropped).items():
             arrays.append(ArrayLayout(f"summaries/{b.name}/{name}", (nt, ns, *shape),
-                                      ("timestep", "seed", *_summary_dims(name, shape)), dtype))
+                                      ("timestep", "seed", *_summary_dims(name, shape)), dtype,
+                                      rows=crop_rows if name.startswith("crop_") else None))
     return Layout(blocks=blocks, passes=passes, arrays=arrays, summary_blocks=summarized)
 
 
@@ -152,7 +159,7 @@ class Estimate:
 
     @property
     def total_bytes(self) -> int:
-        return self.layout.bytes_per_sample() * self.n_samples
+        return self.layout.total_bytes(self.n_samples)
 
     @property
     def hours(self) -> float | None:
@@ -184,16 +191,20 @@ def render_estimate(est: Estimate):  # -> rich.table.Table
 
     spec = est.spec
     hours = f"{est.hours:.1f} h at {est.images_per_second:g} img/s" if est.hours is not None else \
-        "pass --images-per-second (measure it with a short run)"
+        "hours per stage below"
     rows: dict[str, int] = {}
+    totals: dict[str, int] = {}
     for a in est.layout.arrays:
         key = "/".join(a.path.split("/")[:2]) if a.path.startswith("summaries/") else a.path
         rows[key] = rows.get(key, 0) + a.bytes_per_sample()
+        totals[key] = totals.get(key, 0) + a.bytes_per_sample() * a.n_rows(est.n_samples)
+    crops = f" · crops of the first {min(est.n_samples, spec.variants.samples):,}" \
+        if len(est.layout.passes) > 1 and spec.variants.samples else ""
     table = Table("array", "per image", "total", title=(
-        f"{spec.model} · {spec.protocol} · {est.n_samples:,} images · {len(spec.timesteps)} timestep(s) × "
+        f"{spec.model} · {spec.protocol} · {est.n_samples:,} images{crops} · {len(spec.timesteps)} timestep(s) × "
         f"{len(spec.seeds)} seed(s) · {est.n_units:,} units of {est.unit_size} · {hours}"))
     for key, per_image in rows.items():
-        table.add_row(key, _human(per_image), _human(per_image * est.n_samples))
+        table.add_row(key, _human(per_image), _human(totals[key]))
     table.add_row("[bold]total", _human(est.layout.bytes_per_sample()), f"[bold]{_human(est.total_bytes)}")
     stored = {b.name for b in est.layout.blocks}
     steps = len(spec.timesteps) * len(spec.seeds) * (2 if spec.dtype == "float16" else 4)

@@ -46,6 +46,11 @@ class FeatureStore:
     def crops(self) -> list[int]:
         return list(self.attrs.get("crops", []))
 
+    @property
+    def crop_samples(self) -> int:
+        """Crop variants (arrays and summaries) exist for store rows 0..crop_samples-1 (`variants.samples`)."""
+        return int(self.attrs.get("crop_samples", self.attrs["n_samples"]))
+
     @cached_property
     def sample_ids(self) -> list[str]:
         return [str(s) for s in self.group["sample_id"][:]]
@@ -106,6 +111,17 @@ class FeatureStore:
                 rows.append(int(s) % len(self))
         return np.asarray(rows, dtype=np.int64)
 
+    def _crop_rows(self, rows: slice | np.ndarray) -> slice | np.ndarray:
+        """Crop arrays hold the first `crop_samples` rows only: all of them for `None`, an error past them."""
+        n = self.crop_samples
+        if isinstance(rows, slice) and rows == slice(None):
+            return rows
+        wanted = np.arange(len(self))[rows] if isinstance(rows, slice) else rows
+        if len(wanted) and int(wanted.max()) >= n:
+            raise StoreError(f"sample row {int(wanted.max())} has no crop variant in {self.path}: crops cover rows "
+                             f"0..{n - 1} only (variants.samples = {n})")
+        return rows
+
     def _axis_index(self, values: list[int], wanted: int | None, what: str) -> slice | int:
         if wanted is None:
             return slice(None)
@@ -119,6 +135,8 @@ class FeatureStore:
         float32 unless `raw` (the stored dtype)."""
         arr = self.array(block, crop)
         rows = self._rows(samples)
+        if crop is not None:
+            rows = self._crop_rows(rows)
         t = self._axis_index(self.timesteps, timestep, "timestep")
         s = self._axis_index(self.seeds, seed, "seed")
         if isinstance(rows, np.ndarray):
@@ -133,8 +151,9 @@ class FeatureStore:
                      seed: int | None = None, crop: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
         """Read a block in row batches (default: one shard) so memory does not grow with the sample count."""
         step = batch or int(self.attrs["unit_size"])
-        for start in range(0, len(self), step):
-            rows = slice(start, min(start + step, len(self)))
+        total = len(self) if crop is None else self.crop_samples
+        for start in range(0, total, step):
+            rows = slice(start, min(start + step, total))
             yield rows, self.read(block, rows, timestep, seed, crop)
 
     def to_xarray(self, crop: int | None = None):  # -> xarray.Dataset
@@ -165,7 +184,8 @@ class FeatureStore:
             arr = self.group[name]
             for start in range(0, len(self), size):
                 rows = slice(start, min(start + size, len(self)))
-                values = np.asarray(arr[rows])[ok[rows]]
+                values = np.asarray(arr[rows])  # fewer rows (or none) in an array limited to the first rows
+                values = values[ok[rows][: len(values)]]
                 if not np.isfinite(values).all():
                     problems.append(f"{name}: NaN or Inf in rows {rows.start}..{rows.stop - 1}")
                     break

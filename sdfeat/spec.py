@@ -18,10 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sdfeat.errors import SpecError
 
 SPEC_VERSION = 1
+MAX_SEED = 2**63 - 1  # seeds are stored as int64 (the store's `seed` coordinate) and seed torch's RNG
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML's `yes`/`on` are booleans and 1.0 a float; neither may silently become an int (or vice versa)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Variants(_Strict):
@@ -29,9 +31,12 @@ class Variants(_Strict):
 
     `crops`: margins in pixels; every image is cropped by the margin on each side (no resize) and extracted again.
     `auto` takes, for every block size n among the requested blocks, the paper's one-token margin resolution // n.
+    `samples`: extract the crops of the first N store rows only (rows 0..N-1; the corner/border means converge long
+    before a full ImageNet); crop arrays then have exactly min(N, samples) rows. None: every row.
     """
 
     crops: list[int] | Literal["auto"] = Field(default_factory=list)
+    samples: int | None = Field(default=None, ge=1)
 
     @field_validator("crops")
     @classmethod
@@ -54,6 +59,14 @@ class Summaries(_Strict):
     tokens_per_image: int = Field(default=16, ge=1, le=4096)
 
 
+class Intervention(_Strict):
+    """Change the model at load time (`sdfeat.interventions`): every padded Conv2d in `scope` pads with `padding`
+    instead of zeros (weights untouched). `zeros` is the model as released and counts as no intervention."""
+
+    padding: Literal["zeros", "reflect", "replicate", "circular"] = "zeros"
+    scope: Literal["unet", "unet+vae"] = "unet"
+
+
 class JobSpec(_Strict):
     spec_version: Literal[1] = SPEC_VERSION
     model: str = "tiny"
@@ -72,10 +85,11 @@ class JobSpec(_Strict):
     dtype: Literal["float16", "float32"] = "float16"
     compute_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     codec: Literal["none", "zstd"] = "none"
-    compile: bool = False  # torch.compile the VAE encoder on a GPU (2.4x faster encode; ~20 s warm-up per worker)
+    compile: bool = False  # torch.compile the VAE encoder and the U-Net blocks on a GPU (warm-up per worker)
     unit_size: int | None = Field(default=None, ge=1)
     variants: Variants = Field(default_factory=Variants)
     summaries: Summaries | None = None
+    intervention: Intervention | None = None
     output: str
 
     @field_validator("resolution")
@@ -83,6 +97,13 @@ class JobSpec(_Strict):
     def _resolution_multiple_of_64(cls, v: int) -> int:
         if v % 64:
             raise ValueError(f"must be a multiple of 64 (the U-Net halves the latent three times), got {v}")
+        return v
+
+    @field_validator("output")
+    @classmethod
+    def _output_names_a_place(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a directory or URL for the store (got an empty string)")
         return v
 
     @field_validator("prompt")
@@ -106,11 +127,16 @@ class JobSpec(_Strict):
     @field_validator("seeds")
     @classmethod
     def _seeds_unique(cls, v: list[int]) -> list[int]:
-        if any(s < 0 for s in v):
-            raise ValueError("seeds must be non-negative")
+        if any(not 0 <= s <= MAX_SEED for s in v):
+            raise ValueError(f"every seed must lie in 0..2**63-1 ({MAX_SEED})")
         if len(set(v)) != len(v):
             raise ValueError("seeds must be unique")
         return v
+
+    @field_validator("intervention")
+    @classmethod
+    def _zeros_is_no_intervention(cls, v: Intervention | None) -> Intervention | None:
+        return None if v is None or v.padding == "zeros" else v  # same hash and store as a job without the key
 
     @field_validator("classes")
     @classmethod
@@ -132,10 +158,21 @@ class JobSpec(_Strict):
             raise ValueError("blocks is empty and no summaries are asked for: nothing would be stored")
         return self
 
+    @model_validator(mode="after")
+    def _reflect_needs_room(self) -> "JobSpec":
+        if self.intervention is not None and self.intervention.padding == "reflect" and self.resolution < 128:
+            raise ValueError("intervention padding 'reflect' needs resolution >= 128 (the deepest maps are "
+                             "resolution/64 tokens wide and reflection needs more than the 1-token padding)")
+        return self
+
 
 def spec_hash(spec: JobSpec) -> str:
     """16 hex digits identifying the work (every field except `output`)."""
     payload = spec.model_dump(mode="json", exclude={"output"})
+    if payload["variants"].get("samples") is None:
+        payload["variants"].pop("samples", None)  # unset: the hash of stores made before the key existed
+    if payload.get("intervention", 0) is None:
+        payload.pop("intervention")  # none (or zeros): the hash of stores made before the key existed
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -161,15 +198,34 @@ def parse_spec(data: Any, origin: str = "job spec", **overrides: Any) -> JobSpec
         raise SpecError(_format_validation_error(err, origin)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (lines {first} and {line})", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_spec(path: str | Path, **overrides: Any) -> JobSpec:
-    """Read a YAML job spec with `yaml.safe_load`; errors name the file and the field."""
+    """Read a YAML job spec with a safe loader that refuses duplicate keys; errors name the file and the field."""
     path = Path(path)
     try:
         text = path.read_text()
     except FileNotFoundError:
         raise SpecError(f"job spec not found: {path}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         raise SpecError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     return parse_spec(data, origin=str(path), **overrides)

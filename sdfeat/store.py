@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
+from sdfeat import shard_writer
 from sdfeat.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,11 @@ class ArrayLayout:
     dims: tuple[str, ...]          # names of the sample_shape axes
     dtype: str
     chunk_sample_shape: tuple[int, ...] | None = None  # inner chunk of one sample; None = the whole slice
+    rows: int | None = None  # only the first `rows` samples (crop variants under `variants.samples`); None = all
+
+    def n_rows(self, n_samples: int) -> int:
+        """Rows of this array in a store of `n_samples`: all, or the first `rows` (dimension `crop_sample`)."""
+        return n_samples if self.rows is None else min(self.rows, n_samples)
 
     def bytes_per_sample(self) -> int:
         return int(np.prod(self.sample_shape)) * np.dtype(self.dtype).itemsize
@@ -90,7 +96,9 @@ def create_template(output: str, arrays: Sequence[ArrayLayout], n_samples: int, 
                     seeds: Sequence[int], attrs: dict, codec: str = "none") -> None:
     """Write features.zarr with every array at its final shape (no activation data) and consolidate metadata.
 
-    Shards along `sample` are exactly `unit_size` long for every array, so a unit owns whole shards.
+    Shards along `sample` are exactly `unit_size` long for every array, so a unit owns whole shards. An array limited
+    to its first rows (`ArrayLayout.rows`) has exactly those rows, same shards, first dimension `crop_sample` (so
+    xarray does not take it for the `sample` axis); units past its end do not write it.
     """
     compressors = None if codec == "none" else zarr.codecs.ZstdCodec(level=1)
     root = zarr.open_group(join(output, FEATURES), mode="w", attributes={ATTRS_KEY: attrs})
@@ -108,13 +116,13 @@ def create_template(output: str, arrays: Sequence[ArrayLayout], n_samples: int, 
         inner = layout.chunk_sample_shape or layout.sample_shape
         parent.create_array(
             name,
-            shape=(n_samples, *layout.sample_shape),
+            shape=(layout.n_rows(n_samples), *layout.sample_shape),
             chunks=(1, *inner),
             shards=(unit_size, *layout.sample_shape),
             dtype=layout.dtype,
             compressors=compressors,
             fill_value=0,
-            dimension_names=["sample", *layout.dims],
+            dimension_names=["sample" if layout.rows is None else "crop_sample", *layout.dims],
         )
     zarr.consolidate_metadata(join(output, FEATURES))
 
@@ -133,13 +141,30 @@ def read_attrs(output: str) -> dict:
     return attrs[ATTRS_KEY]
 
 
-def write_unit(group: zarr.Group, start: int, stop: int, data: dict[str, np.ndarray], ok: np.ndarray) -> None:
-    """Write one unit's rows [start, stop) of every array (whole shards), then its `ok` flags."""
+def write_unit(group: zarr.Group, start: int, stop: int, data: dict[str, np.ndarray], ok: np.ndarray, *,
+               workers: int | None = None, direct: bool = True) -> None:
+    """Write one unit's rows [start, stop) of every array (whole shards), then its `ok` flags. An array given fewer
+    rows (one limited to its first rows) gets rows [start, start + len(values)); none when empty.
+
+    Arrays whose layout `shard_writer` covers (every sharded per-sample array of `create_template`) are written as
+    shard bytes, `workers` shards at a time (default min(4, cores)); the others, and all of them with
+    `direct=False`, by zarr-python. Both give the same bytes. `ok` is written (by zarr) after all the data."""
+    target = shard_writer.ShardTarget.of(group.store) if direct else None
+    jobs: list[shard_writer.ShardJob] = []
     # Activations are never all-zero, so zarr's scan for empty chunks only costs time (1.5-2.5x slower writes
-    # here). The setting binds when an array is opened. Writing several arrays from threads was slower.
+    # here); the shard writer writes every chunk too. The setting binds when an array is opened.
     with zarr.config.set({"array.write_empty_chunks": True}):
         for path, values in data.items():
-            group[path][start:stop] = values
+            if not len(values):
+                continue
+            array = group[path]
+            planned = None if target is None else shard_writer.plan_shards(array, start, start + len(values), values)
+            if planned is None:
+                array[start:start + len(values)] = values
+            else:
+                jobs += planned
+    if jobs:
+        shard_writer.write_shards(target, jobs, workers)
     group["ok"][start:stop] = ok
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdfeat.errors import SdfeatError, SpecError
+from sdfeat.errors import ClusterConnectionError, SdfeatError, SpecError, StoreError
 from sdfeat.spec import JobSpec, load_spec, spec_hash, spec_to_yaml
 
 log = logging.getLogger(__name__)
@@ -46,19 +46,43 @@ class Submission:
     def how_to_follow(self) -> str:
         """Lines telling a user how to watch, fetch logs of, and stop the job."""
         return (f"submitted {self.submission_id} to {self.address}\n"
-                f"  follow:  ray job logs --address {self.address} --follow {self.submission_id}\n"
-                f"  status:  ray job status --address {self.address} {self.submission_id}\n"
+                f"  follow:  sdfeat logs {self.submission_id} --follow --address {self.address}\n"
+                f"  status:  sdfeat status {self.submission_id} --address {self.address}\n"
                 f"  stop:    ray job stop --address {self.address} {self.submission_id}\n"
                 f"  dashboard: {self.address}/#/jobs/{self.submission_id}")
 
 
 def _client(address: str | None):
+    """A Jobs API client for `address` (HOST:PORT gets http://), probed first so a wrong address fails in seconds."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    from sdfeat.rayconnect import auth_advice, jobs_api_url
+
+    url = jobs_api_url(address)
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(url)
+    except AuthenticationError:
+        raise ClusterConnectionError(f"--address {url}: {auth_advice()}") from None
     except ConnectionError as err:
-        raise SdfeatError(f"--address {address}: no Ray Jobs API answers there ({err})") from None
+        raise ClusterConnectionError(f"--address {url}: no Ray Jobs API answers there "
+                                     f"({str(err).splitlines()[0]})") from None
+
+
+def _check_output_is_ours(spec: JobSpec) -> None:
+    """Refuse, before submitting, an output that already holds a store of another spec (checked where the output
+    is reachable from here: a local path or a URL; an unreachable one is left to the job)."""
+    from sdfeat import store
+    from sdfeat.spec import spec_hash
+
+    try:
+        attrs = store.read_attrs(spec.output)
+    except (SdfeatError, OSError, ImportError, ValueError):
+        return                                   # no store there yet, or not reachable from this machine
+    existing = attrs.get("spec_hash")
+    if existing and existing != spec_hash(spec):
+        raise StoreError(f"output {spec.output} holds a store of another spec ({existing}); choose another "
+                         "output, or pass --overwrite to replace it")
 
 
 def _check_paths_reach_cluster(spec: JobSpec) -> None:
@@ -105,6 +129,8 @@ def submit_job(spec_path: str | Path, address: str | None = None, workers: int |
     e.g. http://HEAD:8265; None = RAY_ADDRESS) and start `sdfeat extract` there. Returns the submission."""
     spec = load_spec(spec_path, **overrides)
     _check_paths_reach_cluster(spec)
+    if not overwrite:
+        _check_output_is_ours(spec)
     digest = spec_hash(spec)
     client = _client(address)
     jobs = client.list_jobs()
@@ -155,3 +181,27 @@ def wait(submission_id: str, address: str | None = None, timeout_s: float = 600.
         time.sleep(poll_s)
         state = str(client.get_job_status(submission_id))
     return state
+
+
+# `sdfeat status`, `submit --wait` and `logs --follow` exit with the code of the job's state.
+EXIT_CODES = {"SUCCEEDED": 0, "PENDING": 0, "RUNNING": 0, "FAILED": 1, "STOPPED": 3}
+
+
+def exit_code(state: str) -> int:
+    """0 succeeded or still pending/running, 1 failed, 3 stopped (2 is sdfeat's: the question could not be asked)."""
+    return EXIT_CODES.get(state, 1)
+
+
+def follow_logs(submission_id: str, address: str | None, write: Callable[[str], None]) -> str:
+    """Stream the job's log lines to `write` until it ends; returns its final state."""
+    import asyncio
+
+    client = _client(address)
+    _ask(address, submission_id, lambda c: c.get_job_status(submission_id))  # an unknown id: one line
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(submission_id):
+            write(chunk)
+
+    asyncio.run(tail())
+    return str(client.get_job_status(submission_id))

@@ -16,6 +16,7 @@ from sdfeat import store
 from sdfeat.errors import SpecError, StoreError, UnitFailedError
 from sdfeat.extract import UnitRunner, pending_units, prepare_job, run_local
 from sdfeat.query import open_store
+from sdfeat.stages import STAGES
 
 
 def test_store_holds_what_a_plain_hooked_forward_gives(tiny_store: str) -> None:
@@ -55,7 +56,10 @@ def test_store_layout_and_markers(tiny_store: str) -> None:
     assert arr.metadata.dimension_names == ("sample", "timestep", "seed", "channel_64", "y_8", "x_8")
     assert store.done_units(tiny_store) == {0, 1, 2}
     report = json.loads(Path(store.marker_path(tiny_store, 1)).read_text())
-    assert report["rows"] == 4 and report["ok"] == 4 and set(report["seconds"]) == {"read", "encode", "unet", "write"}
+    assert report["rows"] == 4 and report["ok"] == 4 and set(report["seconds"]) == set(STAGES)
+    busy = report["seconds"]
+    assert all(busy[k] > 0 for k in ("decode", "vae", "noise", "unet", "d2h", "write")), busy
+    assert report["wall"] >= busy["vae"] + busy["unet"]  # device stages run inside the unit's compute wall time
     assert fs.verify() == []
 
 

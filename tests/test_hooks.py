@@ -107,3 +107,23 @@ def check_odd_latent_size(resolution: int) -> None:
 @pytest.mark.parametrize("resolution", [232, 240])  # latents 29 and 30 (the paper's 62..48 are in the slow tier)
 def test_odd_latent_sizes_match_block_shapes(resolution: int) -> None:
     check_odd_latent_size(resolution)
+
+
+def test_compiled_blocks_keep_hooks_and_early_exit_exact() -> None:
+    """`compile: true` compiles each block's forward; hooks stay outside it, so captures and early exit are
+    unchanged (backend "eager": dynamo's tracing without code generation, to keep the test fast on a CPU)."""
+    from sdfeat.models import build_tiny_pipeline, compile_unet_blocks
+
+    unet = build_tiny_pipeline().unet.eval()
+    sample, context = _inputs(16)
+    names = ["down_blocks.1.attentions.0", "up_blocks.1.upsamplers.0"]
+    with capture(unet, names) as cap:
+        expected = cap.run(sample, 50, encoder_hidden_states=context)
+    # 4 down blocks: 8 resnets, 6 attentions, 3 downsamplers; mid: 2 + 1; 4 up blocks: 12 resnets, 9 attentions,
+    # 3 upsamplers
+    assert compile_unet_blocks(unet, backend="eager") == 8 + 6 + 3 + 3 + 12 + 9 + 3
+    with capture(unet, names) as cap:
+        got = cap.run(sample, 50, encoder_hidden_states=context)
+    assert _hook_count(unet) == 0
+    for name in names:
+        assert torch.allclose(got[name], expected[name], atol=1e-6), name

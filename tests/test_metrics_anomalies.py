@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+
+import sdfeat
 
 from sdfeat.errors import SourceError, SourceNotFoundError
 from sdfeat.metrics.anomalies import (detect, label_patch, match, pooled_ratios, relative_norms, robust_threshold,
                                       token_norms)
 from sdfeat.metrics.labels import read_labels, write_labels
 
-REFERENCE = "/work/shared/paper/reference/sd15_anomaly_labels.csv"
+REFERENCE = str(Path(sdfeat.__file__).parent / "data" / "reference" / "sd15_anomaly_labels.csv")  # shipped data
 
 
 def clean_maps(n_images: int, size: int = 32, channels: int = 16, seed: int = 0) -> np.ndarray:

@@ -65,7 +65,10 @@ def test_paper_counts_by_hand() -> None:
 def test_ratio_cropped_vs_reprcropped() -> None:
     full = torch.zeros(1, 2, 6, 6)
     full[:, :, 1:-1, 1:-1] = angle_map(ANGLES)
-    full[:, 0] += 0  # the outer ring stays zero: it must not enter the reprcropped sums
+    ring = torch.ones(6, 6, dtype=torch.bool)
+    ring[1:-1, 1:-1] = False
+    full[:, :, ring] = torch.randn(1, 2, int(ring.sum()), generator=torch.Generator().manual_seed(0))
+    # the outer ring holds arbitrary tokens: they must not enter the reprcropped sums
     crop = angle_map(np.where(ANGLES == math.pi / 2, 0.0, ANGLES))  # crop's corners all aligned
     rows = corner_rows(totals(crop), totals(inner(full)))
     ratio = {r["group"]: r["value"] for r in rows if r["statistic"] == "ratio"}

@@ -56,7 +56,8 @@ def test_parquet_filters_classes_then_limits(tmp_path):
 
 
 def test_parquet_planning_reads_no_image_bytes(tmp_path):
-    """Destroy the image column's pages: planning (metadata + label column) still works, reading cannot."""
+    """Destroy the image column's pages: planning (metadata + label column) still works; reading gives a failed
+    image per row naming the file and the row group (the same bytes fail on every try)."""
     (path,) = imagegen.write_parquet_shards(tmp_path, 1, 6, row_group_size=6)
     chunk = pq.ParquetFile(path).metadata.row_group(0).column(0)  # image.bytes
     assert chunk.path_in_schema == "image.bytes"
@@ -65,17 +66,19 @@ def test_parquet_planning_reads_no_image_bytes(tmp_path):
     raw[start : start + chunk.total_compressed_size] = b"\xff" * chunk.total_compressed_size
     path.write_bytes(bytes(raw))
     plan = plan_samples(str(tmp_path))
-    assert [r.label for r in plan.refs] == [0, 1, 2, 3, 4, 0]
-    with pytest.raises(SourceError, match="train-00000-of-00001.parquet"):
-        list(read_images(plan.refs, RES))
+    assert [r.label for r in plan.refs] == [0, 1, 2, 3, 4, 0] and not any(r.error for r in plan.refs)
+    results = list(read_images(plan.refs, RES))
+    assert [r.pixels for r in results] == [None] * 6
+    assert all("row group 0" in r.error and "train-00000-of-00001.parquet" in r.error for r in results)
 
 
 def test_parquet_limit_stops_before_later_files(tmp_path):
     paths = imagegen.write_parquet_shards(tmp_path, 2, 4)
     paths[1].write_bytes(b"not parquet")
     assert len(plan_samples(str(tmp_path), limit=4).refs) == 4
-    with pytest.raises(SourceError, match="train-00001-of-00002.parquet"):
-        plan_samples(str(tmp_path), limit=5)
+    refs = plan_samples(str(tmp_path), limit=5).refs  # the unreadable file is one failure row, named
+    assert [bool(r.error) for r in refs] == [False] * 4 + [True]
+    assert refs[4].sample_id == "train-00001-of-00002.parquet#(unreadable)" and "train-00001" in refs[4].error
 
 
 def test_parquet_reads_each_needed_row_group_once(tmp_path, monkeypatch):

@@ -62,6 +62,9 @@ class EpochScores:
     accuracy: dict[int, float]  # per-coordinate accuracy at scale S (the paper's number)
     cell_accuracy: float  # row and column both right
     position_error: float  # mean Euclidean distance (tokens) between predicted and true (row, col)
+    # per test image (split order), columns: correct coordinates per scale (0..2 per token, summed), cells right,
+    # summed position error, tokens: what the bootstrap (`metrics.bootstrap`) resamples
+    per_image: np.ndarray | None = None  # (n_test_images, len(scales) + 3) float64
 
 
 @dataclass
@@ -71,6 +74,7 @@ class ProbeResult:
     n_test_images: int
     exact_permutation: bool  # the reference's global permutation (paper, in memory)
     epochs: list[EpochScores] = field(default_factory=list)
+    test_images: np.ndarray | None = None  # (n_test,) indices of the test images (the split), per_image's row order
 
 
 def position_labels(n: int) -> torch.Tensor:
@@ -120,31 +124,39 @@ def replay_paper_rng(prior_blocks: Sequence[tuple[int, int, int]], epochs: int) 
 
 
 class _Scores:
-    """Accumulates test predictions over chunks."""
+    """Accumulates test predictions over chunks; batches hold whole images of `tokens_per_image` tokens."""
 
-    def __init__(self, n: int, scales: Sequence[int]) -> None:
-        self.n, self.scales = n, tuple(scales)
+    def __init__(self, n: int, scales: Sequence[int], tokens_per_image: int) -> None:
+        self.n, self.scales, self.tokens_per_image = n, tuple(scales), tokens_per_image
         self.correct = dict.fromkeys(self.scales, 0)
         self.cells = 0
         self.error = 0.0
         self.count = 0
+        self.per_image: list[np.ndarray] = []  # (k, len(scales) + 3) per batch
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:  # logits (b, n, 2), labels (b, 2)
         pred = logits.argmax(dim=1)  # (b, 2)
-        for s in self.scales:
-            self.correct[s] += int(((pred * s) // self.n == (labels * s) // self.n).sum())
-        self.cells += int((pred == labels).all(dim=1).sum())
-        self.error += float((pred - labels).double().norm(dim=1).sum())
+        hits = [((pred * s) // self.n == (labels * s) // self.n).sum(dim=1) for s in self.scales]  # each (b,)
+        for s, h in zip(self.scales, hits):
+            self.correct[s] += int(h.sum())
+        cells = (pred == labels).all(dim=1)  # (b,)
+        error = (pred - labels).double().norm(dim=1)  # (b,)
+        self.cells += int(cells.sum())
+        self.error += float(error.sum())
         self.count += len(labels)
+        per_token = torch.stack([*(h.double() for h in hits), cells.double(), error, torch.ones_like(error)],
+                                dim=1)  # (b, S + 3)
+        self.per_image.append(per_token.view(-1, self.tokens_per_image, per_token.shape[1]).sum(1).numpy())
 
     def result(self, epoch: int) -> EpochScores:
         total = max(self.count, 1)
+        per_image = np.concatenate(self.per_image) if self.per_image else np.zeros((0, len(self.scales) + 3))
         return EpochScores(epoch, {s: c / (2 * total) for s, c in self.correct.items()},
-                           self.cells / total, self.error / total)
+                           self.cells / total, self.error / total, per_image)
 
 
 def _fit(channels: int, n: int, settings: ProbeSettings, train_epoch: Callable[[int], Iterator[Batch]],
-         test_batches: Callable[[], Iterator[Batch]]) -> list[EpochScores]:
+         test_batches: Callable[[], Iterator[Batch]], tokens_per_image: int) -> list[EpochScores]:
     """Build the probe (from the current global RNG), train, score after each epoch."""
     probe = torch.nn.Linear(channels, 2 * n)
     opt = torch.optim.Adam(probe.parameters(), lr=settings.lr)
@@ -157,7 +169,7 @@ def _fit(channels: int, n: int, settings: ProbeSettings, train_epoch: Callable[[
             loss.backward()
             opt.step()
         probe.eval()
-        scores = _Scores(n, settings.scales)
+        scores = _Scores(n, settings.scales, tokens_per_image)
         with torch.no_grad():
             for x, y in test_batches():
                 scores.add(probe(x.float()).view(-1, n, 2), y)
@@ -243,8 +255,8 @@ def probe_block(read: ImageReader, n_images: int, channels: int, n: int, setting
         else:
             train_epoch = _streamed_epoch(read, train_idx, grid, settings, standardise,
                                           settings.seed if seed is None else seed)
-        history = _fit(channels, n, settings, train_epoch, test_batches)
-    return ProbeResult(n, len(train_idx), len(test_idx), in_memory, history)
+        history = _fit(channels, n, settings, train_epoch, test_batches, n * n)
+    return ProbeResult(n, len(train_idx), len(test_idx), in_memory, history, test_idx)
 
 
 def _streamed_epoch(read: ImageReader, train_idx: np.ndarray, grid: torch.Tensor, settings: ProbeSettings,
@@ -284,17 +296,18 @@ def probe_tokens(features: np.ndarray, positions: np.ndarray, n: int, settings: 
     if settings.protocol == "standard":
         standardise.fit(iter([x_train]))
 
-    def test_batches() -> Iterator[Batch]:
-        for i in range(0, len(x_test), 65536):
-            yield standardise(x_test[i:i + 65536].float()), y_test[i:i + 65536]
+    def test_batches() -> Iterator[Batch]:  # whole images, about 65536 tokens a batch
+        step = max(1, 65536 // k) * k
+        for i in range(0, len(x_test), step):
+            yield standardise(x_test[i:i + step].float()), y_test[i:i + step]
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed if settings.protocol == "paper" or seed is None else seed)
         if settings.protocol == "paper":
             replay_paper_rng(prior_blocks, settings.epochs)
         history = _fit(channels, n, settings, _in_memory_epoch(x_train, y_train, settings.batch_size, standardise),
-                       test_batches)
-    return ProbeResult(n, len(train_idx), len(test_idx), settings.protocol == "paper", history)
+                       test_batches, k)
+    return ProbeResult(n, len(train_idx), len(test_idx), settings.protocol == "paper", history, test_idx)
 
 
 def probe_rows(result: ProbeResult, protocol: str) -> list[dict]:

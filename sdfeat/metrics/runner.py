@@ -52,6 +52,11 @@ class MetricOptions:
     detect_k: float = 6.0
     detect_min_ratio: float = 1.5
     match_tolerance: int = 2
+    # Confidence intervals (`metrics.bootstrap`): replicates (0: none), their seed, the probe's repeated splits
+    bootstrap: int = 0
+    bootstrap_seed: int = 0
+    probe_repeats: int = 5
+    level: float = 0.95
 
 
 class _Block:
@@ -113,11 +118,29 @@ def _prior_blocks(fs: FeatureStore, block: str, n_train_images: int) -> list[tup
 
 
 def position_task(store_path: str, block: str, opts: MetricOptions) -> list[dict]:
+    if opts.bootstrap:
+        from sdfeat.metrics.bootstrap import bootstrap_task
+
+        return bootstrap_task(store_path, block, "position", opts)
     fs = open_store(store_path)
     b = _Block(fs, block, opts)
+    rows = position.probe_rows(probe_result(fs, b, opts), opts.protocol or fs.spec.protocol)
+    for r in rows:
+        r["variant"] = "tokens" if b.full else "summary_tokens"
+    return _label(fs, block, rows)
+
+
+def probe_result(fs: FeatureStore, b: _Block, opts: MetricOptions, repeat: int = 0) -> position.ProbeResult:
+    """The probe on one block. `repeat` > 0: the standard protocol on another image-level split (seed + repeat),
+    one of the bootstrap's repeated splits."""
+    block = b.name
     protocol = opts.protocol or fs.spec.protocol
     settings = replace(opts.probe, protocol=protocol, chunk_images=opts.chunk_images)
     classes = fs.labels[b.rows] if (fs.labels[b.rows] >= 0).all() else None
+    if repeat:
+        protocol = "standard"
+        settings = replace(settings, protocol=protocol, seed=settings.seed + repeat)
+        classes = classes if classes is not None else np.zeros(len(b.rows), dtype=np.int64)  # one class: random
     n_train = int(len(b.rows) * settings.train_fraction)
     prior = _prior_blocks(fs, block, n_train) if protocol == "paper" else ()
     seed = position.block_seed(settings.seed, block)
@@ -125,19 +148,18 @@ def position_task(store_path: str, block: str, opts: MetricOptions) -> list[dict
         channels, n, width = fs.shape(block)[-3:]
         if n != width:
             raise StoreError(f"position probe needs square maps; block '{block}' is {n}x{width}")
-        result = position.probe_block(lambda idx: b.read(b.rows[idx]), len(b.rows), channels, n, settings,
-                                      classes, prior, seed)
-    else:
-        feats = np.concatenate([b.summary("tokens", c) for c in b.chunks(b.rows)])
-        yx = np.concatenate([b.summary("token_yx", c) for c in b.chunks(b.rows)])
-        result = position.probe_tokens(feats, yx, b.height(), settings, classes, prior, seed)
-    rows = position.probe_rows(result, protocol)
-    for r in rows:
-        r["variant"] = "tokens" if b.full else "summary_tokens"
-    return _label(fs, block, rows)
+        return position.probe_block(lambda idx: b.read(b.rows[idx]), len(b.rows), channels, n, settings,
+                                    classes, prior, seed)
+    feats = np.concatenate([b.summary("tokens", c) for c in b.chunks(b.rows)])
+    yx = np.concatenate([b.summary("token_yx", c) for c in b.chunks(b.rows)])
+    return position.probe_tokens(feats, yx, b.height(), settings, classes, prior, seed)
 
 
 def corners_task(store_path: str, block: str, opts: MetricOptions) -> list[dict]:
+    if opts.bootstrap:
+        from sdfeat.metrics.bootstrap import bootstrap_task
+
+        return bootstrap_task(store_path, block, "corners", opts)
     fs = open_store(store_path)
     b = _Block(fs, block, opts)
     n = b.height()
@@ -146,24 +168,27 @@ def corners_task(store_path: str, block: str, opts: MetricOptions) -> list[dict]
     cropped, reprcropped = corners.GroupTotals.empty(n - 2), corners.GroupTotals.empty(n - 2)
     keys = ("groups", "groups_diag", "corner_groups")
     margin = fs.spec.resolution // n
+    rows = b.rows[b.rows < fs.crop_samples]  # crops exist for the first rows only (`variants.samples`)
     if b.full:
         if margin not in fs.crops or f"crops/{margin}/{block}" not in fs.group:
             log.info("corners: block %s has no crop-%d variant; skipped", block, margin)
             return []
-        for c in b.chunks(b.rows):
+        for c in b.chunks(rows):
             reprcropped.add(corners.group_similarity_sums(corners.inner(torch.from_numpy(b.read(c)))))
             cropped.add(corners.group_similarity_sums(torch.from_numpy(b.read(c, crop=margin))))
     else:
         if f"summaries/{block}/crop_groups" not in fs.group:
             return []
-        for c in b.chunks(b.rows):
+        for c in b.chunks(rows):
             reprcropped.add({k: b.summary(k, c) for k in keys})
             cropped.add({k: b.summary("crop_" + k, c) for k in keys})
-    rows = corners.corner_rows(cropped, reprcropped)
+    table = corners.corner_rows(cropped, reprcropped)
     if opts.paper_counts:
-        rows += [r for r in corners.corner_rows(cropped, reprcropped, paper_counts=True)
-                 if r["statistic"] in ("group_mean", "ratio") and "|" not in r["group"]]
-    return _label(fs, block, rows)
+        table += [r for r in corners.corner_rows(cropped, reprcropped, paper_counts=True)
+                  if r["statistic"] in ("group_mean", "ratio") and "|" not in r["group"]]
+    for r in table:
+        r["n_images"] = len(rows)
+    return _label(fs, block, table)
 
 
 def _ref_size(fs: FeatureStore, opts: MetricOptions) -> int:
@@ -174,6 +199,10 @@ def _ref_size(fs: FeatureStore, opts: MetricOptions) -> int:
 
 
 def anomaly_task(store_path: str, block: str, labels: np.ndarray, source: str, opts: MetricOptions) -> list[dict]:
+    if opts.bootstrap:
+        from sdfeat.metrics.bootstrap import bootstrap_task
+
+        return bootstrap_task(store_path, block, "anomalies", opts, labels, source)
     fs = open_store(store_path)
     b = _Block(fs, block, opts)
     images = np.unique(labels[:, 0])
@@ -208,7 +237,9 @@ def _execute(calls: list[tuple[Callable[..., Any], tuple]], local: bool, address
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False)
+        from sdfeat.rayconnect import init_ray
+
+        log.info("Ray: %s", init_ray(address))
     remote = {fn: ray.remote(num_cpus=1)(fn) for fn, _ in calls}
     return ray.get([remote[fn].remote(*args) for fn, args in calls])
 

@@ -1,0 +1,290 @@
+"""Confidence intervals for every metric row: an image-level bootstrap over small per-image statistics.
+
+`sdfeat metrics STORE --bootstrap B` runs the same Ray tasks as without it (`runner.position_task`, `corners_task`,
+`anomaly_task` hand over to `bootstrap_task`). A task reads its block once, in chunks, and keeps only per-image
+contributions (never the activations):
+  corners    per image the pair sums of each group, cropped and repr-cropped (`corners.group_similarity_sums`),
+  anomalies  per label its relative norms and its image,
+  position   per test image the correct coordinates per scale, cells, summed position error and token count.
+A table row is a function of weighted sums of these (`*Parts.rows(weights)`): all weights 1 give the point value
+(the same number as without the bootstrap, up to summation order), resampled weights give a replicate.
+
+Seed scheme (documented so an independent bootstrap can reproduce it): the population is the store's usable
+images (`ok` rows, store order), n of them. Replicate b (0..B-1) draws
+    idx = numpy.random.default_rng([seed, b]).integers(0, n, n)
+and weighs image i by the number of times it was drawn, `bincount(idx, minlength=n)`. The same draw serves every
+block, metric, timestep and seed of the store (so blocks are comparable). The interval is the percentile interval
+`numpy.nanpercentile(replicates, [50 - 50·level, 50 + 50·level])` (linear interpolation; level 0.95).
+
+Probe: the probe is trained once per split, so its interval mixes `probe_repeats` R image-level splits: repeat 0
+is the metric's own run (its protocol's split), repeats r = 1..R-1 train the standard protocol on the stratified
+split seeded `probe.seed + r` (one class where the store has no labels). Replicate b resamples the images of
+repeat b mod R, whose test images count. The interval thus holds both the split/training variation and the
+test-image sampling; with R = 1 it is the plain test-image bootstrap of one trained probe.
+
+Several timesteps or seeds: one set of rows per (timestep, seed) and, with more than one, a pooled set
+(columns timestep/seed null, pooled true): per-image contributions summed over them (the probe: over the
+probes trained per (timestep, seed)), resampled with the same image weights. `n_images` is the number of images
+a row's value stands on (probe: test images; anomalies: labelled images; corners: images with crops).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Union
+
+import numpy as np
+import torch
+
+from sdfeat.metrics import anomalies, corners, position, runner
+from sdfeat.query import FeatureStore, open_store
+
+log = logging.getLogger(__name__)
+
+LEVEL = 0.95
+CORNER_KEYS = ("groups", "groups_diag", "corner_groups")
+POOLED = (None, None)  # the (timestep, seed) key of the pooled rows
+
+
+def replicate_weights(n: int, replicate: int, seed: int, stream: int | None = None) -> np.ndarray:
+    """(n,) int64 times each image is drawn in replicate `replicate` (module docstring); `stream` gives an
+    independent draw for a second store (`compare` of unpaired stores uses streams 0 and 1)."""
+    key = [seed, replicate] if stream is None else [seed, replicate, stream]
+    return np.bincount(np.random.default_rng(key).integers(0, n, n), minlength=n)
+
+
+def percentile_interval(replicates: np.ndarray, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    """replicates (B, R) -> (low (R,), high (R,)) percentile interval; NaN replicates ignored, all-NaN -> NaN."""
+    tail = 50.0 * (1.0 - level)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a row with only NaN replicates
+        low, high = np.nanpercentile(np.asarray(replicates, dtype=np.float64), [tail, 100.0 - tail], axis=0)
+    return low, high
+
+
+def _weighted_sum(w: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Σ_i w_i values_i over the first axis; (k,) x (k, ...) -> (...)."""
+    return np.tensordot(w.astype(np.float64), values, axes=1)
+
+
+@dataclass
+class CornerParts:
+    """Per-image group pair sums of one block: index (k,) population positions of the images with crops;
+    sums[f"{variant}/{key}"] (k, ...) for variant in cropped/reprcropped and key in CORNER_KEYS."""
+
+    m: int
+    index: np.ndarray
+    sums: dict[str, np.ndarray]
+    paper_counts: bool
+
+    def rows(self, w: np.ndarray, replicate: int = 0) -> list[dict]:
+        wk = w[self.index]
+        totals = {v: corners.GroupTotals(self.m, int(wk.sum()), *(_weighted_sum(wk, self.sums[f"{v}/{k}"])
+                                                                 for k in CORNER_KEYS))
+                  for v in corners.VARIANTS}
+        rows = corners.corner_rows(totals["cropped"], totals["reprcropped"])
+        if self.paper_counts:
+            rows += [r for r in corners.corner_rows(totals["cropped"], totals["reprcropped"], paper_counts=True)
+                     if r["statistic"] in ("group_mean", "ratio") and "|" not in r["group"]]
+        return rows
+
+    def n_images(self) -> int:
+        return len(self.index)
+
+    @staticmethod
+    def pool(parts: Sequence["CornerParts"]) -> "CornerParts":
+        first = parts[0]
+        return CornerParts(first.m, first.index, {k: sum(p.sums[k] for p in parts) for k in first.sums},
+                           first.paper_counts)
+
+
+@dataclass
+class AnomalyParts:
+    """Per label (L,): its image's population position and its two relative norms."""
+
+    index: np.ndarray
+    vs_mean: np.ndarray
+    vs_median: np.ndarray
+    source: str
+
+    def rows(self, w: np.ndarray, replicate: int = 0) -> list[dict]:
+        times = w[self.index]  # a label counts as often as its image was drawn
+        rows = anomalies.anomaly_rows(np.repeat(self.vs_mean, times), np.repeat(self.vs_median, times))
+        for r in rows:
+            r["labels"] = self.source
+        return rows
+
+    def n_images(self) -> int:
+        return len(np.unique(self.index))
+
+    @staticmethod
+    def pool(parts: Sequence["AnomalyParts"]) -> "AnomalyParts":
+        return AnomalyParts(*(np.concatenate([getattr(p, a) for p in parts]) for a in ("index", "vs_mean",
+                                                                                         "vs_median")),
+                            parts[0].source)
+
+
+@dataclass
+class ProbeParts:
+    """per_image (R, E, n_pop, S + 3): per repeat and epoch, per population image the test counts of
+    `position.EpochScores.per_image` (zero for images not in that repeat's test split)."""
+
+    n: int
+    protocol: str
+    variant: str
+    scales: tuple[int, ...]
+    per_image: np.ndarray
+
+    def rows(self, w: np.ndarray, replicate: int = 0) -> list[dict]:
+        sums = np.tensordot(w.astype(np.float64), self.per_image[replicate % len(self.per_image)],
+                            axes=([0], [1]))  # (E, S + 3)
+        n_scales = len(self.scales)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tokens = sums[:, -1]
+            acc = sums[:, :n_scales] / (2 * tokens[:, None])
+            cells, error = sums[:, n_scales] / tokens, sums[:, n_scales + 1] / tokens
+        epochs = [position.EpochScores(e + 1, dict(zip(self.scales, map(float, acc[e]))), float(cells[e]),
+                                       float(error[e])) for e in range(len(sums))]
+        rows = position.probe_rows(position.ProbeResult(self.n, 0, 0, False, epochs), self.protocol)
+        for r in rows:
+            r["variant"] = self.variant
+        return rows
+
+    def n_images(self) -> int:
+        return int((self.per_image[0, 0, :, -1] > 0).sum())
+
+    @staticmethod
+    def pool(parts: Sequence["ProbeParts"]) -> "ProbeParts":
+        return replace(parts[0], per_image=sum(p.per_image for p in parts))
+
+
+Parts = Union[CornerParts, AnomalyParts, ProbeParts]
+
+
+@dataclass
+class Collected:
+    """One block's per-image statistics of one metric for every (timestep, seed) measured."""
+
+    fs: FeatureStore
+    block: str
+    sample_ids: list[str]  # the population: usable images in store order
+    parts: dict[tuple[int | None, int | None], Parts]
+
+    def with_pooled(self) -> dict[tuple[int | None, int | None], Parts]:
+        """The parts, and the pooled parts where there are several (timestep, seed)."""
+        if len(self.parts) < 2:
+            return dict(self.parts)
+        values = list(self.parts.values())
+        return {**self.parts, POOLED: type(values[0]).pool(values)}
+
+    def summary(self) -> Parts:
+        """The pooled parts, or the only ones."""
+        return self.with_pooled()[POOLED if len(self.parts) > 1 else next(iter(self.parts))]
+
+
+def _corner_parts(fs: FeatureStore, b: runner._Block, opts: runner.MetricOptions) -> CornerParts | None:
+    n = b.height()
+    if n < 5:
+        return None
+    margin = fs.spec.resolution // n
+    rows = b.rows[b.rows < fs.crop_samples]  # crops exist for the first rows only (`variants.samples`)
+    found: dict[str, list[np.ndarray]] = {f"{v}/{k}": [] for v in corners.VARIANTS for k in CORNER_KEYS}
+    if b.full:
+        if margin not in fs.crops or f"crops/{margin}/{b.name}" not in fs.group:
+            return None
+        for c in b.chunks(rows):
+            for variant, acts in (("reprcropped", corners.inner(torch.from_numpy(b.read(c)))),
+                                  ("cropped", torch.from_numpy(b.read(c, crop=margin)))):
+                for k, v in corners.group_similarity_sums(acts).items():
+                    found[f"{variant}/{k}"].append(v.numpy())
+    else:
+        if f"summaries/{b.name}/crop_groups" not in fs.group:
+            return None
+        for c in b.chunks(rows):
+            for k in CORNER_KEYS:
+                found[f"reprcropped/{k}"].append(np.asarray(b.summary(k, c), dtype=np.float64))
+                found[f"cropped/{k}"].append(np.asarray(b.summary("crop_" + k, c), dtype=np.float64))
+    sums = {k: np.concatenate(v) for k, v in found.items()}
+    return CornerParts(n - 2, np.searchsorted(b.rows, rows), sums, opts.paper_counts)
+
+
+def _anomaly_parts(fs: FeatureStore, b: runner._Block, opts: runner.MetricOptions, labels: np.ndarray,
+                   source: str) -> AnomalyParts:
+    index = np.searchsorted(b.rows, labels[:, 0])
+    usable = (index < len(b.rows)) & (b.rows[np.minimum(index, len(b.rows) - 1)] == labels[:, 0])
+    if not usable.all():
+        log.warning("anomalies: %d labels sit on images that did not extract; left out of the bootstrap",
+                    int((~usable).sum()))
+        labels, index = labels[usable], index[usable]
+    images = np.unique(labels[:, 0])
+    local = labels.copy()
+    local[:, 0] = np.searchsorted(images, labels[:, 0])
+    vs_mean, vs_median = anomalies.relative_norms(b.norm_maps(images), local, runner._ref_size(fs, opts))
+    return AnomalyParts(index, vs_mean, vs_median, source)
+
+
+def _probe_parts(fs: FeatureStore, b: runner._Block, opts: runner.MetricOptions) -> ProbeParts:
+    results = [runner.probe_result(fs, b, opts, r) for r in range(max(1, opts.probe_repeats))]
+    epochs, scales = len(results[0].epochs), tuple(opts.probe.scales)
+    per_image = np.zeros((len(results), epochs, len(b.rows), len(scales) + 3))
+    for r, result in enumerate(results):
+        for e, scores in enumerate(result.epochs):
+            per_image[r, e, result.test_images] = scores.per_image
+    return ProbeParts(results[0].n, opts.protocol or fs.spec.protocol, "tokens" if b.full else "summary_tokens",
+                      scales, per_image)
+
+
+def collect(store_path: str, block: str, metric: str, opts: runner.MetricOptions, labels: np.ndarray | None = None,
+            source: str = "given") -> Collected:
+    """Per-image statistics of `metric` at `block` for every (timestep, seed) of the store, or the one `opts`
+    names; no parts where the metric does not apply to the block (corners on small maps or without crops)."""
+    fs = open_store(store_path)
+    timesteps = [opts.timestep] if opts.timestep is not None else fs.timesteps
+    seeds = [opts.seed] if opts.seed is not None else fs.seeds
+    parts: dict[tuple[int | None, int | None], Parts] = {}
+    for t in timesteps:
+        for s in seeds:
+            b = runner._Block(fs, block, replace(opts, timestep=t, seed=s))
+            if metric == "corners":
+                part = _corner_parts(fs, b, opts)
+            elif metric == "anomalies":
+                part = _anomaly_parts(fs, b, opts, np.asarray(labels)[:, :3].astype(np.int64), source)
+            else:
+                part = _probe_parts(fs, b, opts)
+            if part is None:
+                return Collected(fs, block, [fs.sample_ids[r] for r in b.rows], {})
+            parts[(t, s)] = part
+    return Collected(fs, block, [fs.sample_ids[r] for r in b.rows], parts)
+
+
+def interval_rows(collected: Collected, replicates: int, seed: int, level: float = LEVEL) -> list[dict]:
+    """Rows of every (timestep, seed) (+ pooled) with `ci_low`, `ci_high`, `n_images` added."""
+    parts = collected.with_pooled()
+    n = len(collected.sample_ids)
+    point = {key: p.rows(np.ones(n, dtype=np.int64), 0) for key, p in parts.items()}
+    values = {key: np.empty((replicates, len(rows))) for key, rows in point.items()}
+    for rep in range(replicates):
+        w = replicate_weights(n, rep, seed)
+        for key, p in parts.items():
+            values[key][rep] = [r["value"] for r in p.rows(w, rep)]
+    out: list[dict] = []
+    for key, rows in point.items():
+        low, high = percentile_interval(values[key], level)
+        for row, lo, hi in zip(rows, low, high):
+            row.update(ci_low=float(lo), ci_high=float(hi), n_images=parts[key].n_images(), timestep=key[0],
+                       seed=key[1], pooled=key == POOLED)
+            out.append(row)
+    return out
+
+
+def bootstrap_task(store_path: str, block: str, metric: str, opts: runner.MetricOptions,
+                   labels: np.ndarray | None = None, source: str = "given") -> list[dict]:
+    """The metric task with intervals (what `runner`'s tasks run when `opts.bootstrap` > 0)."""
+    collected = collect(store_path, block, metric, opts, labels, source)
+    if not collected.parts:
+        return []
+    rows = interval_rows(collected, opts.bootstrap, opts.bootstrap_seed, opts.level)
+    return runner._label(collected.fs, block, rows)

@@ -1,0 +1,140 @@
+"""Joining Ray the way a new user expects; used by the extraction driver (`cluster`), the metrics runner and
+`submit`. The only place that decides which cluster a command talks to.
+
+- No address: a private local instance (`ray.init(address="local")`), its services on 127.0.0.1 where Ray 2.60
+  lets them be (the dashboard and its agent; the GCS and raylet gRPC servers still listen on all interfaces).
+  Never the cluster `ray start` last recorded on the machine, which is Ray's own default.
+- `auto`: the cluster `ray start` recorded on this machine (an error naming `ray start --head` when none).
+- `HOST:PORT` / `ray://HOST:PORT`: that cluster. Before Ray is asked, a short TCP connect to the port: a wrong
+  address fails in seconds with one line instead of Ray's minutes of retries.
+- Token authentication: `ray start --head` turns it on once a token exists (`~/.ray/auth_token`, or
+  `RAY_AUTH_TOKEN_PATH` / `RAY_AUTH_TOKEN`), but a client given an explicit address does not; when a token is
+  there and `RAY_AUTH_MODE` is unset, `RAY_AUTH_MODE=token` is set for this process (and its children).
+- Jobs API addresses: `HOST:PORT` gets `http://` (the dashboard port, 8265 by default).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+from sdfeat.errors import ClusterConnectionError
+
+log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 3.0
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+
+
+def token_file() -> Path:
+    """Where Ray 2.60 reads its token from: RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token
+    (`ray._private.authentication.authentication_token_setup._get_default_token_path`)."""
+    custom = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    return Path(custom).expanduser() if custom else Path.home() / ".ray" / "auth_token"
+
+
+def has_token() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or token_file().is_file()
+
+
+def enable_token_auth_if_available() -> bool:
+    """Set RAY_AUTH_MODE=token when a token exists and the user has not chosen a mode; True when token mode is
+    on for this process."""
+    mode = os.environ.get(AUTH_MODE_ENV)
+    if mode is None and has_token():
+        os.environ[AUTH_MODE_ENV] = "token"
+        log.info("Ray token found at %s: %s=token", token_file(), AUTH_MODE_ENV)
+        return True
+    return (mode or "").lower() == "token"
+
+
+def auth_advice() -> str:
+    where = token_file()
+    state = f"{where} exists" if where.is_file() else f"no token at {where}"
+    mode = os.environ.get(AUTH_MODE_ENV, "unset")
+    return (f"the cluster requires token authentication ({AUTH_MODE_ENV}={mode}, {state}); copy the head's "
+            f"~/.ray/auth_token to {where} (or set RAY_AUTH_TOKEN), or start the head with {AUTH_MODE_ENV}=disabled")
+
+
+def split_host_port(address: str, default_port: int) -> tuple[str, int]:
+    """('host', port) of `HOST`, `HOST:PORT`, `ray://HOST:PORT` or `http(s)://HOST:PORT/...`."""
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if not parsed.hostname:
+        raise ClusterConnectionError(f"--address {address!r}: expected HOST:PORT")
+    try:
+        port = parsed.port or default_port
+    except ValueError:
+        raise ClusterConnectionError(f"--address {address!r}: the port is not a number") from None
+    return parsed.hostname, port
+
+
+def probe(address: str, default_port: int, what: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """A TCP connect to the address's port; one line naming the address and what to check when nothing answers."""
+    host, port = split_host_port(address, default_port)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return
+    except OSError as err:
+        reason = "timed out" if isinstance(err, TimeoutError) else (err.strerror or type(err).__name__)
+    raise ClusterConnectionError(
+        f"--address {address}: nothing answers on {host}:{port} ({reason}); check that {what} is running "
+        "there (`ray status` on the head) and that the port is reachable from here")
+
+
+def recorded_address() -> str | None:
+    """The GCS address `ray start` recorded on this machine (Ray's current-cluster file), or None."""
+    from ray._common.utils import get_ray_temp_dir
+
+    path = Path(get_ray_temp_dir()) / "ray_current_cluster"
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return text or None
+
+
+def init_ray(address: str | None, **local_options: object) -> str:
+    """Connect this process to Ray (see the module docstring) and return a description of the cluster for the log.
+    `local_options` go to `ray.init` for a private local instance only (e.g. include_dashboard)."""
+    import ray
+
+    if address in (None, "", "local"):
+        options: dict = {"include_dashboard": False, "dashboard_host": "127.0.0.1"}
+        options.update(local_options)
+        ray.init(address="local", _node_ip_address="127.0.0.1", log_to_driver=True, **options)
+        where = "a private local Ray instance (127.0.0.1; `--address auto` joins the one `ray start` runs)"
+        log.info("running on %s", where)
+        return where
+    if address == "auto":
+        found = recorded_address()
+        if found is None:
+            raise ClusterConnectionError("--address auto: no Ray cluster is recorded on this machine; start one "
+                                         "with `ray start --head`, or drop --address for a private local instance")
+        address = found
+    probe(address, 10001 if address.startswith("ray://") else 6379, "a Ray head (`ray start --head`)")
+    enable_token_auth_if_available()
+    from ray.exceptions import AuthenticationError
+
+    try:
+        ray.init(address=address)
+    except AuthenticationError:
+        raise ClusterConnectionError(f"--address {address}: {auth_advice()}") from None
+    except ConnectionError as err:
+        if isinstance(err.__cause__, AuthenticationError) or "Authentication" in str(err.__cause__ or ""):
+            raise ClusterConnectionError(f"--address {address}: {auth_advice()}") from None
+        raise ClusterConnectionError(f"--address {address}: {str(err).splitlines()[0]}") from None
+    return f"the Ray cluster at {address}"
+
+
+def jobs_api_url(address: str | None) -> str:
+    """The Jobs API URL for `address` (HOST:PORT gets http://; None = RAY_ADDRESS, else the local default), after
+    a TCP probe of its port and with token auth switched on when a token exists."""
+    address = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+    if "://" not in address:
+        address = f"http://{address}"
+    probe(address, 8265, "the Ray dashboard / Jobs API (default port 8265)")
+    enable_token_auth_if_available()
+    return address

@@ -1,0 +1,34 @@
+"""The per-stage clock of a unit: host stages by wall time, unknown stages refused, shares of a wall time."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from sdfeat.stages import STAGES, StageClock, shares
+
+
+def test_host_stages_accumulate_and_added_time_counts() -> None:
+    clock = StageClock(torch.device("cpu"))
+    for _ in range(2):
+        with clock.stage("unet"):
+            time.sleep(0.02)
+    clock.add("decode", 1.5)
+    seconds = clock.seconds()
+    assert set(seconds) == set(STAGES)
+    assert seconds["unet"] >= 0.04 and seconds["decode"] == 1.5 and seconds["vae"] == 0.0
+    assert clock.seconds() == seconds  # reading twice does not count twice
+    assert clock.wall() >= 0.04
+
+
+def test_unknown_stage_is_refused() -> None:
+    with pytest.raises(KeyError, match="unknown stage 'encode'"):
+        with StageClock(torch.device("cpu")).stage("encode"):
+            pass
+
+
+def test_shares_are_fractions_of_the_wall_time() -> None:
+    assert shares({"vae": 1.0, "unet": 3.0}, 4.0) == {"vae": 0.25, "unet": 0.75}
+    assert shares({"vae": 1.0}, 0.0) == {"vae": 0.0}
