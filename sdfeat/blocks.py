@@ -72,6 +72,44 @@ def _sd_positions() -> list[str]:
     return names + ["conv_out"]
 
 
+_DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # block type -> has attentions
+_UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+
+
+def config_positions(unet_config: dict) -> list[str] | None:
+    """Every position of a U-Net config in execution order, from the config alone (no torch): for the SD block
+    types (CrossAttn/plain down and up blocks, the cross-attention mid block); None for any other layout, whose
+    names only the meta forward knows. Lets a job refuse a misspelt block before anything heavy is imported."""
+    down, up = unet_config.get("down_block_types"), unet_config.get("up_block_types")
+    layers = unet_config.get("layers_per_block", 2)
+    mid = unet_config.get("mid_block_type") or "UNetMidBlock2DCrossAttn"
+    if (not isinstance(down, list) or not isinstance(up, list) or not isinstance(layers, int)
+            or any(t not in _DOWN_TYPES for t in down) or any(t not in _UP_TYPES for t in up)
+            or mid != "UNetMidBlock2DCrossAttn"):
+        return None
+    names = ["conv_in"]
+    for i, kind in enumerate(down):
+        for j in range(layers):
+            names += [f"down_blocks.{i}.resnets.{j}"] + ([f"down_blocks.{i}.attentions.{j}"] if _DOWN_TYPES[kind] else [])
+        if i < len(down) - 1:
+            names.append(f"down_blocks.{i}.downsamplers.0")
+    names += ["mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1"]
+    for i, kind in enumerate(up):
+        for j in range(layers + 1):
+            names += [f"up_blocks.{i}.resnets.{j}"] + ([f"up_blocks.{i}.attentions.{j}"] if _UP_TYPES[kind] else [])
+        if i < len(up) - 1:
+            names.append(f"up_blocks.{i}.upsamplers.0")
+    return names + ["conv_out"]
+
+
+def check_names(requested: list[str] | str, valid: list[str], field: str) -> None:
+    """UnknownBlockError naming `field` and the closest valid names for the first requested name not in `valid`."""
+    names = preset_names(requested) if isinstance(requested, str) else [canonical_name(n) for n in requested]
+    for name in names:
+        if name not in valid:
+            raise UnknownBlockError(f"field '{field}': {_closest(name, valid)}")
+
+
 _PRESETS: dict[str, list[str]] = {"all": _sd_positions()}
 _PRESETS["paper"] = [n for n in _PRESETS["all"] if n != "up_blocks.0.resnets.2"]  # the paper omits this one
 

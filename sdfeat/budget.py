@@ -37,7 +37,7 @@ def pass_costs(spec: JobSpec, layout: Layout) -> list[PassCost]:
     for p in layout.passes:
         side = spec.resolution - 2 * p.margin
         costs.append(PassCost(p.margin, vae_flops(spec.model, side),
-                              repeats * unet_flops_to(spec.model, side, p.names)))
+                              repeats * unet_flops_to(spec.model, side, p.names[-1])))  # names: execution order
     return costs
 
 

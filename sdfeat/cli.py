@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
@@ -24,8 +25,12 @@ err_console = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+_writing: ContextVar[Optional[str]] = ContextVar("sdfeat_output", default=None)  # the output a command writes
+
+
 def domain_errors(func: F) -> F:
-    """Turn an `SdfeatError` into one line on stderr and exit code 2."""
+    """Turn an `SdfeatError` into one line on stderr and exit code 2; so too an OSError that means the storage
+    refused (read-only, full, no permission: `errors.storage_error`), naming the path and the errno."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -33,6 +38,14 @@ def domain_errors(func: F) -> F:
             return func(*args, **kwargs)
         except SdfeatError as err:
             err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as err:
+            from sdfeat.errors import storage_error
+
+            mapped = storage_error(err, _writing.get())
+            if mapped is None:
+                raise
+            err_console.print(f"[red]error:[/red] {mapped}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -93,18 +106,26 @@ def extract(
     device: Annotated[Optional[str], typer.Option(help="--local only: cpu, cuda, cuda:1 (default: auto).")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="--local only: torch threads.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    allow_version_change: Annotated[bool, typer.Option(help="Resume a store started under other library versions "
+                                                            "(torch, diffusers, sdfeat, zarr); recorded in it.")] = False,
 ) -> None:
     """Run a job: images -> hooked U-Net -> Zarr store. Resumes where a previous run stopped."""
+    from sdfeat.checks import check_job
+
     spec = _load(job, output)
+    check_job(spec)  # output, block names, source: before torch, diffusers or Ray are imported
+    _writing.set(spec.output)
     if local:
         from sdfeat.extract import run_local
 
-        summary = run_local(spec, overwrite=overwrite, progress=not quiet, device=device, threads=threads)
+        summary = run_local(spec, overwrite=overwrite, progress=not quiet, device=device, threads=threads,
+                            allow_version_change=allow_version_change)
     else:
         from sdfeat.cluster import run_on_ray
 
         summary = run_on_ray(spec, address=address, workers=workers, gpus_per_worker=gpus_per_worker,
-                             overwrite=overwrite, progress=not quiet, unit_timeout_s=unit_timeout)
+                             overwrite=overwrite, progress=not quiet, unit_timeout_s=unit_timeout,
+                             allow_version_change=allow_version_change)
     _print_summary(summary)
 
 
@@ -226,6 +247,8 @@ def query(
     timestep: Annotated[Optional[int], typer.Option()] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write a .npy file.")] = None,
+    allow_missing: Annotated[bool, typer.Option("--allow-missing", help="NaN (with a warning) for a sample that "
+                                                "is unfinished or failed, instead of an error.")] = False,
 ) -> None:
     """Read activations of samples at a block; print their shape and statistics or save them as .npy."""
     import numpy as np
@@ -233,13 +256,14 @@ def query(
     from sdfeat.query import open_store
 
     samples = [int(s) if s.lstrip("-").isdigit() else s for s in sample]
-    values = open_store(path).read(block, samples, timestep=timestep, seed=seed)
+    values = open_store(path).read(block, samples, timestep=timestep, seed=seed, allow_missing=allow_missing)
     if out is not None:
         np.save(out, values)
         console.print(f"wrote {out} {values.shape} float32", highlight=False)
     else:
-        console.print(f"shape {values.shape}, mean {values.mean():.4g}, std {values.std():.4g}, "
-                      f"min {values.min():.4g}, max {values.max():.4g}", highlight=False)
+        console.print(f"shape {values.shape}, mean {np.nanmean(values):.4g}, std {np.nanstd(values):.4g}, "
+                      f"min {np.nanmin(values):.4g}, max {np.nanmax(values):.4g}"
+                      + (" (NaN rows skipped)" if np.isnan(values).any() else ""), highlight=False)
 
 
 @app.command()
@@ -354,6 +378,12 @@ def logs(submission_id: str, address: AddressOpt = None,
     _exit_for(state)
 
 
+BootstrapSeedOpt = Annotated[int, typer.Option(min=0, help="Seed of the image resampling (replicate b draws with "
+                                                         "numpy default_rng([seed, b])).")]
+ProbeRepeatsOpt = Annotated[int, typer.Option(min=1, help="With intervals: image-level splits the probe is trained "
+                                                          "on (the first is the metric's own).")]
+
+
 @app.command()
 @domain_errors
 def metrics(
@@ -366,17 +396,71 @@ def metrics(
     labels: Annotated[Optional[str], typer.Option(help="Anomaly labels (.csv image_index,x_col,y_row or the "
                                                        "paper's .npy); default: detected ones.")] = None,
     paper_counts: Annotated[bool, typer.Option(help="Also the corner means with the reference's counts (Q3).")] = False,
-    timestep: Annotated[Optional[int], typer.Option(help="Timestep to measure (default: the store's first).")] = None,
+    allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Measure a store with unfinished units "
+                                                "(their images are skipped and named).")] = False,
+    timestep: Annotated[Optional[int], typer.Option(help="Timestep to measure (default: the store's first; with "
+                                                        "--bootstrap every timestep and seed, and pooled).")] = None,
+    bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap replicates: add a 95% interval (ci_low, ci_high) "
+                                                       "and n_images to every row (0: none).")] = 0,
+    bootstrap_seed: BootstrapSeedOpt = 0,
+    probe_repeats: ProbeRepeatsOpt = 5,
 ) -> None:
     """Compute the paper's metrics per block as Ray tasks; tidy Parquet tables land in STORE/results/."""
     from sdfeat.blocks import canonical_name
     from sdfeat.metrics.runner import METRICS, MetricOptions, run_metrics
 
     written = run_metrics(path, metrics=metric or METRICS, blocks=[canonical_name(b) for b in block or []] or None,
-                          local=local, address=address, labels=labels,
-                          options=MetricOptions(paper_counts=paper_counts, timestep=timestep))
+                          local=local, address=address, labels=labels, allow_partial=allow_partial,
+                          options=MetricOptions(paper_counts=paper_counts, timestep=timestep, bootstrap=bootstrap,
+                                                bootstrap_seed=bootstrap_seed, probe_repeats=probe_repeats))
     for name, table in written.items():
         console.print(f"{name}: {table}", highlight=False)
+
+
+@app.command()
+@domain_errors
+def compare(
+    store_a: Annotated[str, typer.Argument(help="Store A (the baseline).")],
+    store_b: Annotated[str, typer.Argument(help="Store B: differences are B - A.")],
+    metric: Annotated[Optional[list[str]], typer.Option(help="position, corners or anomalies; repeatable "
+                                                              "(default: all three).")] = None,
+    block: Annotated[Optional[list[str]], typer.Option(help="Only these blocks (default: those both hold).")] = None,
+    local: Annotated[bool, typer.Option("--local", help="Run in this process, without Ray.")] = False,
+    address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Join this Ray cluster.")] = None,
+    labels: Annotated[Optional[str], typer.Option(help="Anomaly labels for both stores (default: each store's "
+                                                       "detected ones).")] = None,
+    timestep: Annotated[Optional[int], typer.Option(help="Compare this timestep (default: pooled).")] = None,
+    bootstrap: Annotated[int, typer.Option(min=1, help="Bootstrap replicates.")] = 1000,
+    bootstrap_seed: BootstrapSeedOpt = 0,
+    probe_repeats: ProbeRepeatsOpt = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON rows instead of a table.")] = False,
+) -> None:
+    """Per block and metric the difference B - A with its 95% bootstrap interval, paired when both stores hold the
+    same images; `*` flags intervals that exclude zero."""
+    import math
+
+    from sdfeat.blocks import canonical_name
+    from sdfeat.compare import COLUMNS, compare_stores, render_text
+    from sdfeat.metrics.runner import METRICS, MetricOptions
+
+    rows = compare_stores(store_a, store_b, metrics=metric or METRICS,
+                          blocks=[canonical_name(b) for b in block or []] or None, local=local, address=address,
+                          labels=labels, options=MetricOptions(timestep=timestep, bootstrap=bootstrap,
+                                                               bootstrap_seed=bootstrap_seed,
+                                                               probe_repeats=probe_repeats))
+    if as_json:
+        clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
+        console.out(json.dumps(clean, indent=1), highlight=False)
+    elif not console.is_terminal:
+        console.out(render_text(rows), highlight=False)
+    else:
+        pairing = rows[0]["pairing"] if rows else "-"
+        table = Table(*COLUMNS[:-1], title=f"B - A, B = {store_b}, A = {store_a} ({pairing})")
+        for r in rows:
+            table.add_row(r["block"], r["metric"], r["series"], f"{r['a']:.4g}", f"{r['b']:.4g}",
+                          f"{r['difference']:+.4g}", f"{r['ci_low']:+.4g}", f"{r['ci_high']:+.4g}",
+                          "[bold]*[/bold]" if r["excludes_zero"] else "", str(r["n_a"]), str(r["n_b"]))
+        console.print(table)
 
 
 @app.command()
@@ -392,6 +476,27 @@ def report(
     if reference not in (None, "sd15", "sd21", "sdturbo"):
         raise typer.BadParameter("must be sd15, sd21 or sdturbo", param_hint="--reference")
     console.print(f"wrote {write_report(stores, str(out), reference)}", highlight=False)
+
+
+@app.command()
+@domain_errors
+def explore(
+    stores: Annotated[list[str], typer.Argument(help="One or more stores (directories or URLs) to serve.")],
+    host: Annotated[str, typer.Option(help="Interface to bind; the default serves this machine only.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8765,
+) -> None:
+    """Serve a read-only web page to explore tokens: similarity and norm maps, anomalies, top-k across images."""
+    import uvicorn
+
+    from sdfeat.explore.app import create_app
+
+    app_ = create_app(stores)  # opens every store now: a wrong path fails here with one line
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err_console.print(f"[yellow]warning:[/yellow] binding {host}: anyone who can reach this machine can read "
+                          "these stores through the explorer", highlight=False)
+    shown = f"[{host}]" if ":" in host else host
+    console.print(f"sdfeat explore: {len(stores)} store(s) at http://{shown}:{port}/  (Ctrl-C stops)", highlight=False)
+    uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
 
 
 @app.command("imagenet-subset")

@@ -270,7 +270,8 @@ def _first_line(err: BaseException) -> str:
 def run_on_ray(spec: JobSpec, address: str | None = None, workers: int | None = None,
                gpus_per_worker: float | None = None, overwrite: bool = False, progress: bool = True, *,
                max_retries: int = 3, runtime_env: dict | None = None,
-               worker_class: type[ExtractionWorker] = ExtractionWorker, unit_timeout_s: float | None = None) -> dict:
+               worker_class: type[ExtractionWorker] = ExtractionWorker, unit_timeout_s: float | None = None,
+               allow_version_change: bool = False) -> dict:
     """Extract `spec` on Ray and return the job summary (`finalize_job`'s, plus a `ray` section).
 
     address: a Ray address (`HEAD:6379`, `ray://…`, `auto` = the cluster `ray start` recorded here); None =
@@ -285,7 +286,7 @@ def run_on_ray(spec: JobSpec, address: str | None = None, workers: int | None = 
     log.info("Ray: %s", cluster)
     try:
         start = time.perf_counter()
-        plan = prepare_job(spec, overwrite)          # store template complete before any actor exists
+        plan = prepare_job(spec, overwrite, allow_version_change)  # store template complete before any actor
         todo = pending_units(plan)
         layout = _cluster_layout(workers, gpus_per_worker)
         log.info("%d of %d units to run on %d actor(s) (%s, %s CPU / %s GPU each, %d threads)", len(todo),

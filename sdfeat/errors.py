@@ -3,6 +3,8 @@ and exits with code 2. Each also subclasses the builtin a Python caller would ex
 
 from __future__ import annotations
 
+import errno
+
 
 class SdfeatError(Exception):
     """Base of every error sdfeat raises for bad input or a failed job."""
@@ -45,3 +47,25 @@ class ClusterConnectionError(SdfeatError, ConnectionError):
 
 class RowNotReadyError(StoreError):
     """A store row has no activations to show yet (its unit is unfinished) or never will (its image failed)."""
+
+
+class StorageError(SdfeatError, OSError):
+    """Storage refused an operation (read-only, full, no permission, quota); the message names the path and the
+    errno. Made from an OSError by `storage_error`, the one place that maps them."""
+
+    def __str__(self) -> str:  # OSError would prefix "[Errno N]" and append the file name again
+        return str(self.args[0]) if self.args else ""
+
+
+_STORAGE_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
+def storage_error(err: OSError, path: str | None = None) -> StorageError | None:
+    """A one-line StorageError for an OSError that means "this storage cannot be written or read" (EROFS, ENOSPC,
+    EDQUOT, EACCES, EPERM, EFBIG, EIO), naming the file (else `path`, the output being written); None for others."""
+    if err.errno not in _STORAGE_ERRNOS:
+        return None
+    where = err.filename or path or "the output"
+    mapped = StorageError(f"{where}: {err.strerror or err} ({errno.errorcode.get(err.errno, err.errno)})")
+    mapped.errno, mapped.filename = err.errno, where
+    return mapped

@@ -28,6 +28,8 @@ import torch
 from sdfeat import store
 from sdfeat.errors import SourceError, SpecError, StoreError, UnitFailedError
 from sdfeat.hooks import capture
+from sdfeat.latent_cache import LatentCache, cache_key, plan_batches
+from sdfeat.interventions import check_padding
 from sdfeat.models import LoadedModel, load_model
 from sdfeat.plan import Layout, Pass, Unit, job_layout, plan_units, unit_size
 from sdfeat.protocol import encode, noisy_latents
@@ -57,18 +59,48 @@ def _library_versions() -> dict[str, str]:
             "zarr": zarr.__version__}
 
 
-def prepare_job(spec: JobSpec, overwrite: bool = False) -> JobPlan:
-    """Plan the samples and units and write the store template; reuse a store made by the same spec (resume)."""
+def _check_versions(output: str, attrs: dict, allow_change: bool) -> None:
+    """Resuming under other library versions would mix numerics in one store: refuse, or record the change."""
+    before, now = attrs.get("versions") or {}, _library_versions()
+    changed = {k: (before.get(k, "unknown"), v) for k, v in now.items() if before.get(k) != v}
+    if not changed:
+        return
+    text = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+    if not allow_change:
+        raise StoreError(f"{output} was started under other library versions ({text}); resuming would mix "
+                         "numerics: pass --allow-version-change to continue anyway (recorded in the store), "
+                         "or --overwrite to start again")
+    log.warning("%s: continuing under other library versions (%s); recorded in the store's attrs", output, text)
+    history = [*attrs.get("version_changes", []), {"from": {k: old for k, (old, _) in changed.items()},
+                                                    "to": {k: new for k, (_, new) in changed.items()},
+                                                    "units_done": len(store.done_units(output))}]
+    store.update_attrs(output, {"version_changes": history})
+
+
+def prepare_job(spec: JobSpec, overwrite: bool = False, allow_version_change: bool = False) -> JobPlan:
+    """Plan the samples and units and write the store template; reuse a store made by the same spec (resume).
+
+    Cheap checks (output, block names, source) come first; everything that can refuse the job (the source's
+    layout and schema, nothing readable, other library versions on resume) does so before anything is written.
+    A finished job is returned as it is, without writing anything."""
+    from sdfeat.checks import check_job
+
+    check_job(spec)
     output = spec.output
     digest = spec_hash(spec)
     layout = job_layout(spec)
+    if spec.intervention is not None:
+        check_padding(spec.intervention.padding, {p.margin: spec.resolution - 2 * p.margin for p in layout.passes})
     existing = _existing_hash(output)
     if existing is not None and existing != digest and not overwrite:
         raise StoreError(f"{output} holds a store of another spec (hash {existing}, this spec {digest}); "
                          "choose another output or pass --overwrite")
     if existing == digest and not overwrite:
         attrs = store.read_attrs(output)
-        return JobPlan(spec, output, layout, plan_units(attrs["n_samples"], attrs["unit_size"]), attrs["n_samples"])
+        plan = JobPlan(spec, output, layout, plan_units(attrs["n_samples"], attrs["unit_size"]), attrs["n_samples"])
+        if pending_units(plan):
+            _check_versions(output, attrs, allow_version_change)
+        return plan
 
     samples = plan_samples(spec.source, spec.source_format, spec.limit, spec.classes)
     if "{class_name}" in spec.prompt and not samples.class_names:
@@ -76,8 +108,12 @@ def prepare_job(spec: JobSpec, overwrite: bool = False) -> JobPlan:
     n = len(samples.refs)
     if n == 0:
         raise SourceError(f"source {spec.source} has no images after the filters (limit, classes)")
+    if "{class_name}" in spec.prompt and max(r.label for r in samples.refs) >= len(samples.class_names):
+        raise SourceError(f"source {spec.source}: label {max(r.label for r in samples.refs)} has no class name "
+                          f"({len(samples.class_names)} names), but field 'prompt' uses {{class_name}}")
     size = unit_size(spec, layout.bytes_per_sample())
-    if overwrite:
+    if overwrite and (entries := store.store_entries(output)):
+        log.warning("--overwrite: removing %s from %s", ", ".join(entries), output)
         store.remove_store(output)
     store.write_manifest(output, _manifest_table(samples.refs))
     attrs = {
@@ -99,6 +135,11 @@ def _padding(spec: JobSpec) -> dict[str, str]:
     if spec.intervention is None:
         return {}
     return {"padding": spec.intervention.padding, "padding_scope": spec.intervention.scope}
+
+
+def _numpy_dtype(dtype: torch.dtype) -> str:
+    """The dtype the latent cache keeps a compute dtype in (numpy has no bfloat16: float32 holds it exactly)."""
+    return "float32" if dtype == torch.bfloat16 else str(dtype).removeprefix("torch.")
 
 
 def _existing_hash(output: str) -> str | None:
@@ -183,9 +224,15 @@ class UnitRunner:
         self.class_names: list[str] | None = attrs.get("class_names")
         self.manifest = store.read_manifest(self.output)  # one row per store row; read once per worker
         self.group = store.open_features(self.output, mode="r+")
+        # With a latent cache the VAE loads only when a unit misses the cache; a fixed prompt is embedded
+        # before the U-Net loads, so the text encoder never sits beside the weights (peak RSS).
         self.model: LoadedModel = load_model(spec.model, self.device, self._compute_dtype(), spec.revision,
                                              fp16_rounded_weights=spec.protocol == "paper", compiled=spec.compile,
+                                             lazy_vae=spec.latent_cache is not None,
+                                             prompts=[] if "{class_name}" in spec.prompt else [spec.prompt],
                                              **_padding(spec))
+        self.cache: LatentCache | None = self._open_cache() if spec.latent_cache is not None else None
+        self._new_latents: list[tuple[list[str], int, torch.Tensor]] | None = None  # the cold unit's posteriors
         # Host buffers for whole units, reused: fresh arrays would page-fault on every first write. On a GPU two
         # sets (one being filled while the other is written), pinned so device->host copies run asynchronously.
         self._buffers: queue.Queue[dict[str, np.ndarray]] = queue.Queue()
@@ -205,6 +252,67 @@ class UnitRunner:
         pin = self.device.type == "cuda"
         return {a.path: torch.zeros((rows, *a.sample_shape), dtype=getattr(torch, a.dtype), pin_memory=pin).numpy()
                 for a in self.layout.arrays}
+
+    def _open_cache(self) -> LatentCache:
+        """The latent cache's folder for this runner's VAE weights, pixel scaling and numerics."""
+        import diffusers
+        import PIL
+
+        spec = self.spec
+        vae_padding = spec.intervention.padding if spec.intervention and spec.intervention.scope == "unet+vae" \
+            else "zeros"
+        key = cache_key(self.model.vae_weights_digest(), spec.protocol, spec.resolution,
+                        str(self._compute_dtype()).removeprefix("torch."), self.device.type,
+                        spec.compile and self.device.type == "cuda", vae_padding,
+                        {"torch": torch.__version__, "diffusers": diffusers.__version__, "pillow": PIL.__version__})
+        return LatentCache(spec.latent_cache, key, spec.source)
+
+    def _cached_unit(self, unit: Unit, refs: list[SampleRef]) -> tuple[list, list[dict]] | None:
+        """(the unit's VAE batches, its failure rows) when the latent cache holds every posterior the unit would
+        compute — the same batches as a cold run forms, at every margin it encodes — else None."""
+        if self.cache is None:
+            return None
+        ids = [r.sample_id for r in refs]
+        known = self.cache.failures(ids)
+        failed = {i for i, sid in enumerate(ids) if sid in known}
+        crop_rows = min((self._unit_rows(path, unit) for path in self._row_limits), default=None)
+        batches = plan_batches(len(ids), failed, self.spec.batch_size, [p.margin for p in self.layout.passes],
+                               crop_rows)
+        if not self.cache.has_all([([ids[r] for r in b.rows], m) for b in batches for m in b.margins]):
+            return None
+        return batches, [{"sample_id": ids[i], "reason": known[ids[i]], "unit": unit.index} for i in sorted(failed)]
+
+    def _posterior(self, margin: int, pixels: torch.Tensor | None, sample_ids: list[str]) -> Any:
+        """The VAE posterior of one batch: read from the latent cache when `pixels` is None (a warm unit), else
+        encoded (and kept for the cache). `DiagonalGaussianDistribution(parameters)` is what the VAE returns."""
+        if pixels is not None:
+            dist = encode(self.model, pixels, self.spec.protocol)
+            if self._new_latents is not None:
+                self._new_latents.append((list(sample_ids), margin, dist.parameters))
+            return dist
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        dtype = self._compute_dtype()
+        values, memory_format = self.cache.load(sample_ids, margin, _numpy_dtype(dtype))  # (B, 2C, h, w)
+        parameters = torch.from_numpy(values).to(self.device, dtype)
+        if memory_format == "channels_last":  # as the VAE gave it: elementwise kernels may round per layout
+            parameters = parameters.contiguous(memory_format=torch.channels_last)
+        return DiagonalGaussianDistribution(parameters)
+
+    def _store_latents(self, failures: list[dict]) -> None:
+        """Write the cold unit's posteriors and failures to the latent cache (failures first, then each batch
+        array and its marker)."""
+        if self.cache is None or self._new_latents is None:
+            return
+        for failure in failures:
+            self.cache.put_failure(failure["sample_id"], failure["reason"])
+        for sample_ids, margin, parameters in self._new_latents:
+            channels_last = not parameters.is_contiguous() and \
+                parameters.is_contiguous(memory_format=torch.channels_last)
+            host = parameters.float() if parameters.dtype == torch.bfloat16 else parameters
+            self.cache.put(sample_ids, margin, host.cpu().numpy(),
+                           "channels_last" if channels_last else "contiguous")
+        self._new_latents = None
 
     def _compute_dtype(self) -> torch.dtype:
         if self.spec.compute_dtype == "auto":
@@ -277,6 +385,15 @@ class UnitRunner:
             values.fill(0)  # rows of failed images stay zero
         ok = np.zeros(unit.rows, dtype=bool)
         failures: list[dict] = []
+        cached = self._cached_unit(unit, refs)
+        if cached is not None:  # a warm latent cache: no image is decoded, no VAE runs
+            batches, failures = cached
+            for b in batches:
+                self._run_batch([DecodedImage(r, None, None) for r in b.rows], refs, buffers, clock, cached=True)
+                ok[b.rows] = True
+            self._sync()
+            return unit, full, ok, failures, clock
+        self._new_latents = [] if self.cache is not None else None
         images = _prefetch(read_images(refs, self.spec.resolution, threads=self.decode_threads),
                            depth=2 * self.spec.batch_size, clock=clock)
         batch: list[DecodedImage] = []
@@ -295,6 +412,8 @@ class UnitRunner:
                 batch = []
             if item is None:
                 self._sync()  # the asynchronous device->host copies have landed
+                with clock.stage("write"):
+                    self._store_latents(failures)
                 return unit, full, ok, failures, clock
 
     def _commit(self, unit: Unit, full: dict[str, np.ndarray], ok: np.ndarray, failures: list[dict],
@@ -313,14 +432,17 @@ class UnitRunner:
         return report
 
     def _run_batch(self, batch: list[DecodedImage], refs: list[SampleRef], buffers: dict[str, np.ndarray],
-                   clock: StageClock) -> None:
+                   clock: StageClock, cached: bool = False) -> None:
+        """`cached`: the batch's posteriors come from the latent cache (its images carry no pixels)."""
         rows = [b.index for b in batch]
         sample_ids = [refs[i].sample_id for i in rows]
         emb = self.model.prompt_embeddings(self._prompts([refs[i].label for i in rows]))  # (B, 77, D)
-        with clock.stage("h2d"):
-            pixels = torch.from_numpy(np.stack([b.pixels for b in batch]))  # (B, H, W, 3) uint8
-            if self.device.type == "cuda":
-                pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        pixels = None
+        if not cached:
+            with clock.stage("h2d"):
+                pixels = torch.from_numpy(np.stack([b.pixels for b in batch]))  # (B, H, W, 3) uint8
+                if self.device.type == "cuda":
+                    pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         # Consecutive rows (no failed image inside the batch) are copied with one slice per block.
         row_index: slice | list[int] = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) \
             else rows
@@ -332,13 +454,13 @@ class UnitRunner:
             m = p.margin
             if m and crop_rows is not None and min(rows) >= crop_rows:
                 continue
-            cropped = pixels[:, m:-m, m:-m] if m else pixels  # (B, H-2m, W-2m, 3)
+            cropped = pixels[:, m:-m, m:-m] if m and pixels is not None else pixels  # (B, H-2m, W-2m, 3)
             self._forward(p, cropped, sample_ids, emb, row_index, buffers, clock)
 
-    def _forward(self, p: Pass, pixels: torch.Tensor, sample_ids: list[str], emb: torch.Tensor,
+    def _forward(self, p: Pass, pixels: torch.Tensor | None, sample_ids: list[str], emb: torch.Tensor,
                  rows: slice | list[int], buffers: dict[str, np.ndarray], clock: StageClock) -> None:
         with clock.stage("vae"):
-            dist = encode(self.model, pixels, self.spec.protocol)
+            dist = self._posterior(p.margin, pixels, sample_ids)
         tokens = self.spec.summaries.tokens_per_image if self.spec.summaries else 0
         with capture(self.model.unet, p.names) as hooked:
             for si, seed in enumerate(self.spec.seeds):
@@ -385,22 +507,22 @@ def finalize_job(plan: JobPlan) -> dict:
     missing = [u.index for u in plan.units if u.index not in done]
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (" …" if len(missing) > 10 else "")
-        raise UnitFailedError(f"{len(missing)} of {len(plan.units)} units have no done marker: {shown}")
+        raise UnitFailedError(f"{len(missing)} of {len(plan.units)} units have no sound done marker: {shown}")
     reports = store.read_markers(plan.output, [u.index for u in plan.units])
     failures = [f for r in reports for f in r["failures"]]
-    store.write_failures(plan.output, failures)
-    seconds = {k: round(sum(r["seconds"].get(k, 0.0) for r in reports), 3) for k in STAGES}
+    store.write_failures(plan.output, failures)  # writes nothing when unchanged (a finished job rerun)
+    seconds = {k: round(sum(r.get("seconds", {}).get(k, 0.0) for r in reports), 3) for k in STAGES}
     return {"output": plan.output, "units": len(plan.units), "rows": plan.n_samples,
             "ok": sum(r["ok"] for r in reports), "failures": len(failures), "seconds": seconds,
             "share": shares(seconds, sum(r.get("wall", 0.0) for r in reports))}
 
 
 def run_local(spec: JobSpec, overwrite: bool = False, progress: bool = True, device: str | None = None,
-              threads: int | None = None) -> dict:
+              threads: int | None = None, allow_version_change: bool = False) -> dict:
     """Prepare, run every pending unit in this process, finalize. A failing unit is named; others are kept."""
     from sdfeat.progress import UnitProgress
 
-    plan = prepare_job(spec, overwrite)
+    plan = prepare_job(spec, overwrite, allow_version_change)
     todo = pending_units(plan)
     failed: dict[int, str] = {}
     start = time.perf_counter()

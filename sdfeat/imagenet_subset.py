@@ -70,7 +70,9 @@ def build_paper_subset(
         if len(manifest) == total or all(n >= per_class for n in kept_per_class.values()):
             break
     if len(manifest) < total:
-        log.warning("imagenet-subset: source '%s' gave only %d of %d images", source, len(manifest), total)
+        short = ", ".join(f"{c}: {kept_per_class[c]}/{per_class}" for c in classes if kept_per_class[c] < per_class)
+        log.warning("imagenet-subset: source '%s' gave only %d of %d images; short per class (kept/wanted, min "
+                    "side %d): %s", source, len(manifest), total, min_side, short)
 
     names = [plan.class_names[c] if plan.class_names and c < len(plan.class_names) else str(c) for c in classes]
     out = Path(out_dir)

@@ -18,6 +18,8 @@ import logging
 
 import torch
 
+from sdfeat.errors import SpecError
+
 log = logging.getLogger(__name__)
 
 PADDING_MODES: tuple[str, ...] = ("zeros", "reflect", "replicate", "circular")
@@ -53,3 +55,25 @@ def apply_padding(unet: torch.nn.Module, vae: torch.nn.Module, mode: str = "zero
         switched += set_padding(vae, mode)
     log.info("padding intervention: %d convolutions now pad with %r (scope %s)", switched, mode, scope)
     return switched
+
+
+def smallest_map(side_px: int) -> int:
+    """Side (tokens) of the deepest U-Net map for a `side_px` image: the latent (side / 8) halved three times by
+    stride-2 convolutions with padding 1 (ceil each time)."""
+    size = side_px // 8
+    for _ in range(3):
+        size = (size + 1) // 2
+    return size
+
+
+def check_padding(mode: str, sides_px: dict[int, int]) -> None:
+    """Reflection needs every padded map wider than its padding (1 token). sides_px: crop margin (0: the full
+    image) -> the image side the U-Net sees. Raises SpecError naming the pass that is too small."""
+    if mode != "reflect":
+        return
+    for margin, side in sorted(sides_px.items()):
+        if smallest_map(side) < 2:
+            what = f"the crop pass of margin {margin} px" if margin else "the full image"
+            raise SpecError(f"field 'intervention.padding': 'reflect' cannot pad {what}: its {side} px images "
+                            f"give {smallest_map(side)}-token maps in the deepest U-Net blocks (needs 2; "
+                            "use a larger resolution, fewer crop variants, or replicate/circular)")

@@ -4,9 +4,11 @@ Names: `sd15`, `sd21`, `sdturbo` (REGISTRY, hub ids), any hub id (`owner/name`),
 directory, `tiny` (an offline SD-shaped pipeline built in code, for tests and demos) and `random:<registry name>`
 (the full architecture from the shipped configs with deterministic random weights, for slow tests and benchmarks).
 
-Hub ids and local directories go through the real loading path: each component separately with
-`from_pretrained(..., use_safetensors=True)` (never pickled weights), resolved by huggingface_hub, so HF_HOME,
-HF_HUB_CACHE and HF_HUB_OFFLINE apply. Missing weights raise `ModelNotFoundError` with one line.
+Hub ids and local directories go through the real loading path: each component separately from safetensors
+(never pickled weights), resolved by huggingface_hub, so HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE apply. The
+U-Net and the VAE are read tensor by tensor into modules built on the meta device (`sdfeat.weights`; peak =
+final weights + one tensor), falling back to diffusers' `from_pretrained` for checkpoints that do not map name for
+name. Missing weights raise `ModelNotFoundError` with one line.
 
 For extraction only the U-Net, the VAE's encoder, the schedulers and one prompt embedding are needed: the VAE
 decoder is dropped after loading, the text encoder is loaded when a new prompt is first embedded and freed right
@@ -18,7 +20,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 
 from sdfeat.errors import ModelNotFoundError
-from sdfeat.interventions import apply_padding
+from sdfeat.interventions import apply_padding, set_padding
 
 log = logging.getLogger(__name__)
 
@@ -258,33 +260,90 @@ def _components_random(name: str) -> tuple[Any, Any, Any, TextLoader]:
     the tokenizer is the tiny in-code one (its token ids are valid for any CLIP vocabulary size)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel.from_config(shipped_config(name, "unet"))
-        torch.manual_seed(1)
-        vae = AutoencoderKL.from_config(shipped_config(name, "vae"))
+    def unet() -> torch.nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return UNet2DConditionModel.from_config(shipped_config(name, "unet"))
+
+    def vae_built() -> torch.nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            return _encoder_only(AutoencoderKL.from_config(shipped_config(name, "vae")))
 
     def text_loader() -> tuple[Any, torch.nn.Module]:
         tokenizer = _tiny_tokenizer()
         return tokenizer, _text_encoder_from_config(shipped_config(name, "text_encoder"), tokenizer, 2)
 
+    vae = _VaeSource(shipped_config(name, "vae"), vae_built, lambda: vae_built().state_dict().items())
     return unet, vae, _scheduler_from_config(shipped_config(name, "scheduler")), text_loader
 
 
-def _components_pretrained(model: str, source: str, revision: str | None,
-                           load_dtype: torch.dtype) -> tuple[Any, Any, Any, TextLoader]:
+def _weights_file(source: str, subfolder: str, revision: str | None) -> Path | None:
+    """The component's single safetensors file (local directory or HF cache/hub), or None (sharded, absent)."""
+    name = "diffusion_pytorch_model.safetensors"
+    if Path(source).is_dir():
+        path = Path(source) / subfolder / name
+        return path if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(source, name, subfolder=subfolder, revision=revision))
+    except EntryNotFoundError:
+        return None
+
+
+def _components_pretrained(model: str, source: str, revision: str | None, dtype: torch.dtype,
+                           fp16_rounded: bool, device: torch.device) -> tuple[Any, Any, Any, TextLoader]:
+    """U-Net and VAE read tensor by tensor into modules built on the meta device (`weights.load_module`): the
+    load peak is the final weights plus one tensor. Both come back already rounded and cast (`prepared`).
+    Checkpoints that do not map name for name (old attention names) go through diffusers' `from_pretrained`."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from huggingface_hub.errors import HFValidationError
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from sdfeat import weights
+
     common = {"revision": revision, "use_safetensors": True}
+    load_dtype = torch.float16 if fp16_rounded else dtype
+
+    def pretrained(cls: Any, subfolder: str, file: Path | None, config: dict[str, Any],
+                   prepare: Callable[[Any], Any] = lambda m: m) -> tuple[Any, bool]:
+        """(module, already rounded and cast)."""
+        if file is not None:
+            module = weights.load_module(lambda: prepare(cls.from_config(config)), file, dtype, fp16_rounded,
+                                         device)
+            if module is not None:
+                return module, True
+        module = prepare(cls.from_pretrained(source, subfolder=subfolder, torch_dtype=load_dtype, **common))
+        return module, False
+
     try:
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=load_dtype, **common)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=load_dtype, **common)
+        unet_file, vae_file = _weights_file(source, "unet", revision), _weights_file(source, "vae", revision)
+        unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", revision=revision)
+        vae_config = AutoencoderKL.load_config(source, subfolder="vae", revision=revision)
         scheduler = _scheduler_from_config(DDIMScheduler.load_config(source, subfolder="scheduler",
                                                                      revision=revision))
     except (OSError, HFValidationError) as err:
         raise _not_found(model, source, type(err).__name__) from None
+
+    def unet() -> torch.nn.Module:
+        try:
+            module, prepared = pretrained(UNet2DConditionModel, "unet", unet_file, unet_config)
+        except (OSError, HFValidationError) as err:
+            raise _not_found(model, source, type(err).__name__) from None
+        return module if prepared else _prepare(module, device, dtype, fp16_rounded)
+
+    def vae_loader() -> torch.nn.Module:
+        vae, prepared = pretrained(AutoencoderKL, "vae", vae_file, vae_config, _encoder_only)
+        return vae if prepared else _prepare(vae, device, dtype, fp16_rounded)
+
+    def encoder_weights() -> Iterable[tuple[str, torch.Tensor]]:
+        if vae_file is None:
+            return _encoder_only(AutoencoderKL.from_pretrained(source, subfolder="vae", **common)).state_dict().items()
+        return weights.read_tensors(vae_file, keep=lambda n: n.startswith(ENCODER_PREFIXES))
+
+    vae = _VaeSource(dict(vae_config), vae_loader, encoder_weights, prepared=True)
 
     def text_loader() -> tuple[Any, torch.nn.Module]:
         try:
@@ -300,8 +359,31 @@ def _components_pretrained(model: str, source: str, revision: str | None,
 
 def _components_tiny() -> tuple[Any, Any, Any, TextLoader]:
     pipe = build_tiny_pipeline()
-    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
-    return pipe.unet, pipe.vae, pipe.scheduler, lambda: (tokenizer, text_encoder)
+    tokenizer, text_encoder, vae = pipe.tokenizer, pipe.text_encoder, _encoder_only(pipe.vae)
+    source = _VaeSource(dict(TINY_VAE_CONFIG), lambda: vae, lambda: vae.state_dict().items())
+    return lambda: pipe.unet, source, pipe.scheduler, lambda: (tokenizer, text_encoder)
+
+
+ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # the VAE weights extraction uses (and the latent cache keys)
+
+
+def _encoder_only(vae: Any) -> Any:
+    """Extraction never decodes: drop the decoder, keep one copy of the encoder's weights only."""
+    vae.decoder = None
+    vae.post_quant_conv = None
+    return vae
+
+
+@dataclass
+class _VaeSource:
+    """How a model's VAE is had: `load()` gives it without its decoder (already rounded, cast and on the device
+    when `prepared`); `encoder_weights()` the (name, tensor) pairs of the encoder and quant_conv as stored, read
+    without keeping a module where a weights file exists."""
+
+    config: dict[str, Any]
+    load: Callable[[], Any]
+    encoder_weights: Callable[[], Iterable[tuple[str, torch.Tensor]]]
+    prepared: bool = False
 
 
 def compile_unet_blocks(unet: torch.nn.Module, backend: str = "inductor") -> int:
@@ -321,8 +403,14 @@ def compile_unet_blocks(unet: torch.nn.Module, backend: str = "inductor") -> int
 
 def load_model(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                revision: str | None = None, fp16_rounded_weights: bool = False,
-               compiled: bool = False, padding: str = "zeros", padding_scope: str = "unet") -> LoadedModel:
-    """Load `model` for extraction on `device` in `dtype`.
+               compiled: bool = False, padding: str = "zeros", padding_scope: str = "unet",
+               lazy_vae: bool = False, prompts: Sequence[str] = ()) -> LoadedModel:
+    """Load `model` for extraction on `device` in `dtype`, component by component (U-Net, then the VAE encoder;
+    the text encoder only while new prompts are embedded).
+
+    `lazy_vae=True` loads the VAE on first use of `LoadedModel.vae` (a job whose latents all come from the
+    latent cache never loads it). `prompts` are embedded before the U-Net is loaded, so the text encoder is
+    never resident beside it (the peak RSS is the weights' and not the weights' plus the text encoder's).
 
     `padding`/`padding_scope`: the spec's padding intervention (`interventions.apply_padding`); `zeros` = as released.
 
@@ -335,29 +423,49 @@ def load_model(model: str, device: str | torch.device = "cpu", dtype: torch.dtyp
     device = torch.device(device)
     kind, source = _locate(model)
     if kind == "tiny":
-        unet, vae, scheduler, raw_text_loader = _components_tiny()
+        unet_loader, vae_source, scheduler, raw_text_loader = _components_tiny()
     elif kind == "random":
-        unet, vae, scheduler, raw_text_loader = _components_random(source)
+        unet_loader, vae_source, scheduler, raw_text_loader = _components_random(source)
         source = model
-    else:
-        load_dtype = torch.float16 if fp16_rounded_weights else dtype
-        unet, vae, scheduler, raw_text_loader = _components_pretrained(model, source, revision, load_dtype)
-    vae.decoder = None  # extraction never decodes; keeps one copy of weights only
-    vae.post_quant_conv = None
-    apply_padding(unet, vae, padding, padding_scope)
-    # channels_last speeds up the U-Net's convolutions on a GPU but slows the VAE encoder, whose time goes to
-    # GroupNorm/SiLU at 512x512 (H200, batch 32: 132 img/s channels_last vs 180 contiguous, 312 compiled).
-    _prepare(unet, device, dtype, fp16_rounded_weights, channels_last=device.type == "cuda")
-    _prepare(vae, device, dtype, fp16_rounded_weights)
-    if compiled and device.type == "cuda":
-        vae.encoder = torch.compile(vae.encoder)
-        compile_unet_blocks(unet)
+    else:  # the U-Net comes back rounded and cast already
+        unet_loader, vae_source, scheduler, raw_text_loader = _components_pretrained(
+            model, source, revision, dtype, fp16_rounded_weights, device)
+
+    def vae_loader() -> Any:
+        vae = vae_source.load()
+        if padding_scope == "unet+vae" and padding != "zeros":
+            set_padding(vae, padding)
+        _prepare(vae, device, dtype, fp16_rounded_weights and not vae_source.prepared)
+        if compiled and device.type == "cuda":
+            vae.encoder = torch.compile(vae.encoder)
+        return vae
+
+    def vae_digest() -> str:
+        from sdfeat import weights
+
+        return weights.digest(((n, t) for n, t in vae_source.encoder_weights() if n.startswith(ENCODER_PREFIXES)),
+                              dtype, fp16_rounded_weights)
 
     def text_loader() -> tuple[Any, torch.nn.Module]:
         tokenizer, text_encoder = raw_text_loader()
         return tokenizer, _prepare(text_encoder, device, dtype, fp16_rounded_weights)
 
+    loaded = LoadedModel(name=model, source=source, revision=revision, unet=None, _vae=None, scheduler=scheduler,
+                         noise_scheduler=DDIMScheduler.from_config(scheduler.config), device=device, dtype=dtype,
+                         scaling_factor=float(vae_source.config["scaling_factor"]), _text_loader=text_loader,
+                         _vae_loader=vae_loader, _vae_digest=vae_digest)
+    if prompts:  # embedded before the U-Net exists: the text encoder's load peak never adds to the weights
+        loaded.prompt_embeddings(list(prompts))
+    unet = unet_loader()
+    apply_padding(unet, torch.nn.Module(), padding, padding_scope)  # the VAE's convs: in `vae_loader`
+    # channels_last speeds up the U-Net's convolutions on a GPU but slows the VAE encoder, whose time goes to
+    # GroupNorm/SiLU at 512x512 (H200, batch 32: 132 img/s channels_last vs 180 contiguous, 312 compiled).
+    _prepare(unet, device, dtype, fp16_rounded_weights and kind in ("tiny", "random"),
+             channels_last=device.type == "cuda")
+    if compiled and device.type == "cuda":
+        compile_unet_blocks(unet)
+    loaded.unet = unet
+    if not lazy_vae:
+        loaded._vae = vae_loader()
     log.info("loaded %s from %s on %s (%s)", model, source, device, dtype)
-    return LoadedModel(name=model, source=source, revision=revision, unet=unet, vae=vae, scheduler=scheduler,
-                       noise_scheduler=DDIMScheduler.from_config(scheduler.config), device=device, dtype=dtype,
-                       scaling_factor=float(vae.config.scaling_factor), _text_loader=text_loader)
+    return loaded

@@ -8,6 +8,7 @@ Only numpy, zarr and xarray: a store can be queried on a machine without torch.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -18,6 +19,8 @@ import zarr
 from sdfeat import store
 from sdfeat.errors import StoreError, UnknownBlockError
 from sdfeat.spec import JobSpec, parse_spec, spec_hash
+
+log = logging.getLogger(__name__)
 
 Samples = None | slice | int | str | Sequence[int] | Sequence[str]
 
@@ -129,12 +132,37 @@ class FeatureStore:
             raise StoreError(f"{what} {wanted} is not in {self.path} (stored: {values})")
         return values.index(wanted)
 
+    def row_states(self, rows: slice | np.ndarray | None = None) -> dict[int, str]:
+        """{row: state} of the rows (default: all) that hold no activations: 'unfinished (unit U has no done
+        marker)' or 'failed (reason in failures.parquet)'. Empty when every row was extracted."""
+        index = np.arange(len(self))[rows if rows is not None else slice(None)]
+        bad = index[~self.ok[index]]
+        if not len(bad):
+            return {}
+        size = int(self.attrs["unit_size"])
+        done = store.done_units(self.path)
+        return {int(r): (f"unfinished (unit {r // size} has no done marker; run the job again to finish it)"
+                         if r // size not in done else
+                         f"failed (its reason is in {store.join(self.path, store.FAILURES)})") for r in bad}
+
     def read(self, block: str, samples: Samples = None, timestep: int | None = None, seed: int | None = None,
-             crop: int | None = None, raw: bool = False) -> np.ndarray:
+             crop: int | None = None, raw: bool = False, allow_missing: bool = False) -> np.ndarray:
         """Activations (sample, [timestep], [seed], channel, y, x); a given timestep/seed drops its axis.
-        float32 unless `raw` (the stored dtype)."""
+        float32 unless `raw` (the stored dtype).
+
+        A sample whose unit is unfinished or whose image failed has no activations: `StoreError` naming it and its
+        state, or with `allow_missing` NaN in its place and a warning."""
         arr = self.array(block, crop)
         rows = self._rows(samples)
+        missing = self.row_states(rows)
+        if missing and not allow_missing:
+            row, state = next(iter(missing.items()))
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise StoreError(f"sample '{self.sample_ids[row]}' (row {row}) of {self.path} is {state}{more}; "
+                             "pass allow_missing=True (CLI: --allow-missing) to get NaN for it")
+        if missing:
+            log.warning("%d of the requested samples have no activations (e.g. '%s': %s); returned as NaN",
+                        len(missing), self.sample_ids[next(iter(missing))], next(iter(missing.values())))
         if crop is not None:
             rows = self._crop_rows(rows)
         t = self._axis_index(self.timesteps, timestep, "timestep")
@@ -145,7 +173,12 @@ class FeatureStore:
         else:
             data = arr[rows]
         data = data[:, t][:, :, s] if isinstance(t, slice) else data[:, t][:, s]
-        return data if raw else data.astype(np.float32)
+        data = data if raw else data.astype(np.float32)
+        if missing:
+            index = np.arange(len(self))[rows]
+            data = data.astype(np.result_type(data.dtype, np.float16), copy=False)
+            data[np.isin(index, list(missing))] = np.nan
+        return data
 
     def iter_samples(self, block: str, batch: int | None = None, timestep: int | None = None,
                      seed: int | None = None, crop: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:

@@ -1,8 +1,9 @@
 """Joining Ray the way a new user expects; used by the extraction driver (`cluster`), the metrics runner and
 `submit`. The only place that decides which cluster a command talks to.
 
-- No address: a private local instance (`ray.init(address="local")`), its services on 127.0.0.1 where Ray 2.60
-  lets them be (the dashboard and its agent; the GCS and raylet gRPC servers still listen on all interfaces).
+- No address: a private local instance (`ray.init(address="local")`), its dashboard HTTP server on 127.0.0.1
+  (Ray 2.60 offers no setting for the rest: the GCS, raylet, worker and agent gRPC servers listen on all
+  interfaces, token authentication, on by default for a new local instance, guards them).
   Never the cluster `ray start` last recorded on the machine, which is Ray's own default.
 - `auto`: the cluster `ray start` recorded on this machine (an error naming `ray start --head` when none).
 - `HOST:PORT` / `ray://HOST:PORT`: that cluster. Before Ray is asked, a short TCP connect to the port: a wrong
@@ -46,6 +47,12 @@ def enable_token_auth_if_available() -> bool:
     mode = os.environ.get(AUTH_MODE_ENV)
     if mode is None and has_token():
         os.environ[AUTH_MODE_ENV] = "token"
+        try:  # Ray reads its config once, at import: refresh it as `ray start` does for its own process
+            from ray._raylet import Config
+
+            Config.initialize("")
+        except ImportError:
+            pass
         log.info("Ray token found at %s: %s=token", token_file(), AUTH_MODE_ENV)
         return True
     return (mode or "").lower() == "token"
@@ -86,14 +93,12 @@ def probe(address: str, default_port: int, what: str, timeout_s: float = PROBE_T
 
 def recorded_address() -> str | None:
     """The GCS address `ray start` recorded on this machine (Ray's current-cluster file), or None."""
-    from ray._common.utils import get_ray_temp_dir
+    from ray._private.utils import read_ray_address
 
-    path = Path(get_ray_temp_dir()) / "ray_current_cluster"
     try:
-        text = path.read_text().strip()
+        return read_ray_address() or None
     except OSError:
         return None
-    return text or None
 
 
 def init_ray(address: str | None, **local_options: object) -> str:
@@ -104,8 +109,10 @@ def init_ray(address: str | None, **local_options: object) -> str:
     if address in (None, "", "local"):
         options: dict = {"include_dashboard": False, "dashboard_host": "127.0.0.1"}
         options.update(local_options)
-        ray.init(address="local", _node_ip_address="127.0.0.1", log_to_driver=True, **options)
-        where = "a private local Ray instance (127.0.0.1; `--address auto` joins the one `ray start` runs)"
+        # Ray 2.60 turns a node IP of 127.0.0.1 into the machine's address (services.resolve_ip_for_localhost), and
+        # its C++ gRPC servers (GCS, raylet, workers) and agents bind all interfaces: only the HTTP side obeys.
+        ray.init(address="local", **options)
+        where = "a private local Ray instance (`--address auto` joins the one `ray start` runs)"
         log.info("running on %s", where)
         return where
     if address == "auto":

@@ -60,6 +60,13 @@ TIDY_SCHEMA = pa.schema(
         ("group", pa.string()),
         ("variant", pa.string()),
         ("paper_counts", pa.bool_()),  # corners: the reference's n-based pair counts (quirk Q3)
+        # `sdfeat metrics --bootstrap` (metrics/bootstrap.py): interval, its images, and which (timestep, seed)
+        ("ci_low", pa.float64()),
+        ("ci_high", pa.float64()),
+        ("n_images", pa.int64()),
+        ("timestep", pa.int64()),  # null: pooled over the store's timesteps and seeds
+        ("seed", pa.int64()),
+        ("pooled", pa.bool_()),
     ]
 )
 REQUIRED_COLUMNS = ("model", "block", "order", "metric", "statistic", "value")
@@ -108,6 +115,12 @@ FIGURE2_ROWS = (
 )
 CROSS_MODEL_ROWS = (
     ("probe accuracy (S=8)", PROBE[8], False),
+    ("corner relative\nsimilarity", RATIO["corner"], True),
+    ("border relative\nsimilarity", RATIO["border"], True),
+    ("anomaly relative\nnorm (mean)", ANOMALY_MEAN, True),
+)
+INTERVENTION_ROWS = (  # one curve per padding mode (spec `intervention`)
+    ("probe accuracy (S=64)", PROBE[64], False),
     ("corner relative\nsimilarity", RATIO["corner"], True),
     ("border relative\nsimilarity", RATIO["border"], True),
     ("anomaly relative\nnorm (mean)", ANOMALY_MEAN, True),
@@ -176,21 +189,33 @@ def load_results(store: str | Path) -> pa.Table:
     return pa.concat_tables(parts)
 
 
-def select(table: pa.Table, series: Series) -> dict[str, float]:
-    """{block: value} of one series: the preferred variant, and the last epoch where there are several."""
+def _best_rows(table: pa.Table, series: Series) -> dict[str, dict]:
+    """{block: row} of one series: the preferred variant, the pooled row where a bootstrap table has several
+    (timestep, seed), and the last epoch where there are several."""
     preferred = PREFERRED_VARIANT[series.metric]
-    best: dict[str, tuple[tuple, float]] = {}
+    best: dict[str, tuple[tuple, dict]] = {}
     for row in table.to_pylist():
         if (row["metric"], row["statistic"], row["scale"], row["group"]) != (
             series.metric, series.statistic, series.scale, series.group
         ):
             continue
         variant, epoch = row["variant"], row["epoch"]
-        rank = (variant not in (None, preferred), bool(row["paper_counts"]), variant or "",
+        rank = (variant not in (None, preferred), bool(row["paper_counts"]), variant or "", not row.get("pooled"),
                 -(epoch if epoch is not None else float("inf")))
         if row["block"] not in best or rank < best[row["block"]][0]:
-            best[row["block"]] = (rank, row["value"])
-    return {block: value for block, (_, value) in best.items()}
+            best[row["block"]] = (rank, row)
+    return {block: row for block, (_, row) in best.items()}
+
+
+def select(table: pa.Table, series: Series) -> dict[str, float]:
+    """{block: value} of one series (the row `_best_rows` picks)."""
+    return {block: row["value"] for block, row in _best_rows(table, series).items()}
+
+
+def select_interval(table: pa.Table, series: Series) -> dict[str, tuple[float, float]]:
+    """{block: (ci_low, ci_high)} of the rows `select` reads, where the table has intervals."""
+    return {block: (row["ci_low"], row["ci_high"]) for block, row in _best_rows(table, series).items()
+            if row.get("ci_low") is not None and row.get("ci_high") is not None}
 
 
 def block_axis(*tables: pa.Table) -> list[str]:
@@ -244,6 +269,17 @@ def _plot(ax: Axes, x: np.ndarray, y: np.ndarray, **style: object) -> None:
     ax.plot(x[have], y[have], marker=".", markersize=4, linewidth=1.4, **style)
 
 
+def _band(ax: Axes, x: np.ndarray, intervals: Mapping[str, tuple[float, float]], blocks: Sequence[str],
+          log_scale: bool, exclude=frozenset(), **style: object) -> None:
+    """The bootstrap interval as a band around a curve (nothing where the table has no intervals)."""
+    if not intervals:
+        return
+    low = _on_axis({b: v[0] for b, v in intervals.items()}, blocks, log_scale, exclude)
+    high = _on_axis({b: v[1] for b, v in intervals.items()}, blocks, log_scale, exclude)
+    have = ~np.isnan(low) & ~np.isnan(high)
+    ax.fill_between(x[have], low[have], high[have], alpha=0.25, linewidth=0, **style)
+
+
 def _legend(ax: Axes, handles: list[Line2D]) -> None:
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False)
 
@@ -272,6 +308,7 @@ def figure_2(table: pa.Table, reference: pa.Table | None = None, title: str = ""
                 if src_table is reference and len(row.curves) == 1:
                     colour = "0.45"
                 _plot(ax, x, y, linestyle=linestyle, color=colour, alpha=alpha)
+                _band(ax, x, select_interval(src_table, series), blocks, row.log, exclude, color=colour)
                 if series == ANOMALY_MEAN:
                     std = _on_axis(select(src_table, ANOMALY_STD), blocks, False, exclude)
                     have = ~np.isnan(y) & ~np.isnan(std)
@@ -287,17 +324,20 @@ def figure_2(table: pa.Table, reference: pa.Table | None = None, title: str = ""
     return fig
 
 
-def figure_cross_model(tables: Mapping[str, pa.Table], reference: tuple[str, pa.Table] | None = None) -> Figure:
-    """One line per store (label -> tidy table) per metric; `reference` = (label, table) drawn dashed grey."""
+def figure_cross_model(tables: Mapping[str, pa.Table], reference: tuple[str, pa.Table] | None = None,
+                       rows: Sequence[tuple[str, Series, bool]] = CROSS_MODEL_ROWS,
+                       title: str = "Across models") -> Figure:
+    """One line per store (label -> tidy table) per metric; `reference` = (label, table) drawn dashed grey;
+    bootstrap intervals as bands where the tables have them."""
     all_tables = list(tables.values()) + ([reference[1]] if reference else [])
     blocks = block_axis(*all_tables)
-    fig, axes = _new_figure(len(CROSS_MODEL_ROWS), len(blocks), 11.0)
+    fig, axes = _new_figure(len(rows), len(blocks), 11.0)
     x = np.arange(len(blocks))
     colours = [f"C{i}" for i in range(len(tables))]
     lines = [(name, t, "-", c) for (name, t), c in zip(tables.items(), colours)]
     if reference:
         lines.append((reference[0], reference[1], "--", "0.45"))
-    for ax, (ylabel, series, log_scale) in zip(axes, CROSS_MODEL_ROWS):
+    for ax, (ylabel, series, log_scale) in zip(axes, rows):
         _style_axis(ax, ylabel, log_scale)
         exclude = CORNERS_EXCLUDED if series.metric == "corners" else frozenset()
         handles = []
@@ -307,11 +347,32 @@ def figure_cross_model(tables: Mapping[str, pa.Table], reference: tuple[str, pa.
                 name = f"{name}: not computed"
             else:
                 _plot(ax, x, y, linestyle=linestyle, color=colour)
+                _band(ax, x, select_interval(table, series), blocks, log_scale, exclude, color=colour)
             handles.append(Line2D([], [], color=colour, linestyle=linestyle, label=name))
         _legend(ax, handles)
     _block_ticks(axes[-1], blocks)
-    fig.suptitle("Across models", fontsize=11)
+    fig.suptitle(title, fontsize=11)
     return fig
+
+
+def intervention_label(store: Path) -> str | None:
+    """`padding reflect (unet)` from a store's spec, `padding zeros (as released)` without an intervention; None
+    where the folder holds no feature store (only results)."""
+    if not (store / "features.zarr").exists():
+        return None
+    from sdfeat.store import read_attrs
+
+    try:
+        found = read_attrs(str(store))["spec"].get("intervention")
+    except StoreError:
+        return None
+    return f"padding {found['padding']} ({found['scope']})" if found else "padding zeros (as released)"
+
+
+def figure_interventions(tables: Mapping[str, pa.Table]) -> Figure:
+    """One curve per intervention (label -> tidy table): probe accuracy at S=64, corner and border relative
+    similarity, anomaly relative norm; bootstrap intervals as bands where the tables have them."""
+    return figure_cross_model(tables, rows=INTERVENTION_ROWS, title="Padding interventions")
 
 
 def save_figure(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
@@ -427,6 +488,12 @@ def write_report(stores: list[str], out_dir: str, reference: str | None = None) 
                                  (f"{PUBLISHED_LABEL}: {reference}", ref_table) if ref_table is not None else None)
         save_figure(fig, out, "cross_model")
         lines += ["![Across models](cross_model.png)", ""]
+    interventions = [intervention_label(p) for p in paths]
+    if len(tables) > 1 and len({i for i in interventions if i}) > 1:
+        legend = [i or n for i, n in zip(interventions, names)]
+        legend = legend if len(set(legend)) == len(legend) else [f"{i} · {n}" for i, n in zip(legend, names)]
+        save_figure(figure_interventions(dict(zip(legend, tables))), out, "interventions")
+        lines += ["![Padding interventions](interventions.png)", ""]
     for name, store, table in zip(names, paths, tables):
         stem = f"figure2_{name}"
         save_figure(figure_2(table, ref_table, title=f"{name} — Figure 2 layout"), out, stem)

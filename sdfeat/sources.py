@@ -166,7 +166,8 @@ def _list_source(source: str) -> _Listing:
         raise SourceNotFoundError(f"source '{source}': no such file or directory, or the glob matches nothing")
     listing.files = sorted(entries, key=lambda f: listing.relative(f).split("/"))
     if _is_local(fs):
-        listing.irregular = {f: _irregular_reason(f) for f, info in entries.items() if info.get("type") != "file"}
+        listing.irregular = {f: _irregular_reason(f) for f, info in entries.items()
+                             if info.get("type") != "file" and not os.path.isfile(f)}  # links to files are files
     return listing
 
 

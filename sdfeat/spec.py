@@ -2,7 +2,8 @@
 
 Everything downstream (planning, the store template, the workers, the metrics) reads a validated `JobSpec`.
 Validation is strict (unknown keys are errors) and happens before any model is loaded. `spec_hash` identifies
-the work a spec describes; it ignores `output`, so the same job written elsewhere keeps its identity.
+the work a spec describes; it ignores `output`, so the same job written elsewhere keeps its identity, and
+`latent_cache`, which changes no stored byte (a job with a warm, cold or no cache is the same job).
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class JobSpec(_Strict):
     variants: Variants = Field(default_factory=Variants)
     summaries: Summaries | None = None
     intervention: Intervention | None = None
+    latent_cache: str | None = None  # folder or fsspec URL of the VAE latent cache (`sdfeat.latent_cache`)
     output: str
 
     @field_validator("resolution")
@@ -167,8 +169,8 @@ class JobSpec(_Strict):
 
 
 def spec_hash(spec: JobSpec) -> str:
-    """16 hex digits identifying the work (every field except `output`)."""
-    payload = spec.model_dump(mode="json", exclude={"output"})
+    """16 hex digits identifying the work (every field except `output` and `latent_cache`)."""
+    payload = spec.model_dump(mode="json", exclude={"output", "latent_cache"})
     if payload["variants"].get("samples") is None:
         payload["variants"].pop("samples", None)  # unset: the hash of stores made before the key existed
     if payload.get("intervention", 0) is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -160,6 +161,7 @@ def write_unit(group: zarr.Group, start: int, stop: int, data: dict[str, np.ndar
             array = group[path]
             planned = None if target is None else shard_writer.plan_shards(array, start, start + len(values), values)
             if planned is None:
+                log.debug("%s: layout not covered by the shard writer, written by zarr-python", path)
                 array[start:start + len(values)] = values
             else:
                 jobs += planned
@@ -187,31 +189,74 @@ def marker_path(output: str, unit: int) -> str:
     return join(output, PROGRESS, f"unit-{unit:06d}.json")
 
 
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write `data` to a hidden temporary name beside `path`, then rename it: a reader sees the whole file or none
+    (a rename within a local filesystem is atomic; an object store's upload is whole or absent)."""
+    folder, name = path.rsplit("/", 1)
+    temporary = f"{folder}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        fs.pipe_file(temporary, data)
+        fs.mv(temporary, path)
+    except BaseException:
+        if fs.exists(temporary):
+            fs.rm(temporary)
+        raise
+
+
 def write_marker(output: str, unit: int, report: dict) -> None:
-    """Written after the unit's data: its existence says the unit is done."""
+    """Written after the unit's data, atomically: a marker that exists and parses says the unit is done."""
     fs, _ = filesystem(output)
     path = marker_path(output, unit)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "w") as f:
-        json.dump(report, f)
+    write_atomic(fs, path, json.dumps(report).encode())
 
 
-def done_units(output: str) -> set[int]:
+def _parse_marker(data: bytes | Exception, unit: int) -> dict | None:
+    """The report of a sound marker, else None (a torn, foreign or unreadable file: the unit is redone)."""
+    if isinstance(data, Exception):
+        return None
+    try:
+        report = json.loads(data)
+    except ValueError:
+        return None
+    sound = (isinstance(report, dict) and report.get("unit") == unit and isinstance(report.get("rows"), int)
+             and isinstance(report.get("ok"), int) and isinstance(report.get("failures"), list))
+    return report if sound else None
+
+
+def _markers(output: str) -> dict[int, dict]:
+    """{unit: report} of every sound marker; a marker that does not parse is logged and counts as not done."""
     fs, root = filesystem(output)
     folder = join(root, PROGRESS)
     if not fs.exists(folder):
-        return set()
-    names = (p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False))
-    return {int(n[5:-5]) for n in names if n.startswith("unit-") and n.endswith(".json")}
+        return {}
+    paths = {}
+    for path in fs.ls(folder, detail=False):
+        name = path.rsplit("/", 1)[-1]
+        if name.startswith("unit-") and name.endswith(".json") and name[5:-5].isdigit():
+            paths[path] = int(name[5:-5])
+    found = fs.cat(list(paths), on_error="return") if paths else {}
+    reports = {}
+    for path, unit in paths.items():
+        report = _parse_marker(found.get(path, OSError("not read")), unit)
+        if report is None:
+            log.warning("%s: done marker does not parse; unit %d will be redone", path, unit)
+        else:
+            reports[unit] = report
+    return reports
+
+
+def done_units(output: str) -> set[int]:
+    return set(_markers(output))
 
 
 def read_markers(output: str, units: Iterable[int]) -> list[dict]:
-    fs, _ = filesystem(output)
-    reports = []
-    for unit in units:
-        with fs.open(marker_path(output, unit), "r") as f:
-            reports.append(json.load(f))
-    return reports
+    """The reports of `units`, which must have sound markers (`done_units`)."""
+    reports = _markers(output)
+    missing = [u for u in units if u not in reports]
+    if missing:
+        raise StoreError(f"{output}: unit {missing[0]} has no sound done marker")
+    return [reports[u] for u in units]
 
 
 def clear_markers(output: str) -> None:
@@ -221,18 +266,51 @@ def clear_markers(output: str) -> None:
         fs.rm(folder, recursive=True)
 
 
-def write_failures(output: str, failures: Sequence[dict]) -> None:
+def write_failures(output: str, failures: Sequence[dict]) -> bool:
+    """Write failures.parquet unless it already holds exactly these rows (a finished job rerun writes nothing).
+    Returns whether it wrote."""
     fs, root = filesystem(output)
+    path = join(root, FAILURES)
     table = pa.table({
         "sample_id": pa.array([f["sample_id"] for f in failures], pa.string()),
         "reason": pa.array([f["reason"] for f in failures], pa.string()),
         "unit": pa.array([f.get("unit", -1) for f in failures], pa.int64()),
     })
-    with fs.open(join(root, FAILURES), "wb") as f:
-        pq.write_table(table, f)
+    if fs.exists(path):
+        try:
+            with fs.open(path, "rb") as f:
+                if pq.read_table(f).equals(table):
+                    return False
+        except (pa.ArrowException, OSError):
+            pass  # unreadable: rewrite it
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    write_atomic(fs, path, buffer.getvalue().to_pybytes())
+    return True
 
 
-def remove_store(output: str) -> None:
+# What sdfeat writes under an output: `--overwrite` removes these and nothing else.
+STORE_ENTRIES = (FEATURES, MANIFEST, PROGRESS, FAILURES, "results", "report")
+
+
+def store_entries(output: str) -> list[str]:
+    """The entries of STORE_ENTRIES present under `output` (what `remove_store` would remove)."""
     fs, root = filesystem(output)
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
+    return [name for name in STORE_ENTRIES if fs.exists(join(root, name))]
+
+
+def remove_store(output: str) -> list[str]:
+    """Remove sdfeat's entries under `output` (the store, its markers and failures, results/ and report/); other
+    files there are kept. Returns the names removed."""
+    fs, root = filesystem(output)
+    removed = store_entries(output)
+    for name in removed:
+        fs.rm(join(root, name), recursive=True)
+    return removed
+
+
+def update_attrs(output: str, changes: dict) -> None:
+    """Merge `changes` into the store's sdfeat attrs (and its consolidated metadata)."""
+    group = open_features(output, mode="r+")
+    group.attrs[ATTRS_KEY] = {**group.attrs.asdict().get(ATTRS_KEY, {}), **changes}
+    zarr.consolidate_metadata(join(output, FEATURES))

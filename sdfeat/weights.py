@@ -84,14 +84,15 @@ def load_module(build: Callable[[], torch.nn.Module], path: str | Path, dtype: t
                 fp16_rounded: bool, device: torch.device) -> torch.nn.Module | None:
     """`build()` on the meta device, then every weight read from `path`, cast and assigned on `device`.
 
-    Returns None (the caller falls back to diffusers' loader) when the file's names are not exactly the
-    module's state-dict names (checkpoints with old attention names, which diffusers converts)."""
+    Tensors the module does not hold (a dropped VAE decoder) are not read. Returns None (the caller falls back
+    to diffusers' loader) when the file lacks one of the module's state-dict names (checkpoints with old
+    attention names, which diffusers converts)."""
     with torch.device("meta"):
         module = build()
     expected = set(module.state_dict())
-    if set(tensor_names(path)) != expected:
+    if not expected <= set(tensor_names(path)):
         return None
-    for name, tensor in read_tensors(path):
+    for name, tensor in read_tensors(path, keep=expected.__contains__):
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name)
         value = cast(tensor, dtype, fp16_rounded).to(device)

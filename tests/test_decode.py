@@ -122,3 +122,17 @@ def test_read_images_keeps_good_images_and_reports_bad_ones(tmp_path):
     assert np.abs(ok["f_cmyk.JPEG"].pixels.astype(int) - (255, 0, 0)).max() <= 3
     failed = [r for r in results if r.pixels is None]
     assert all(r.error for r in failed) and len(failed) == 3
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 5000), (5000, 1), (3, 1), (1, 2)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_images_with_a_one_pixel_side_give_their_own_pixels(size: tuple[int, int]):
+    """The paper's box is empty for a 1 px short side; the middle pixel, resized up, is the image's own colour."""
+    data = imagegen.encode(Image.new("RGB", size, (201, 37, 90)), "PNG")
+    out = center_crop_resize(decode_rgb(data), 64)
+    assert out.shape == (64, 64, 3) and (out == (201, 37, 90)).all()
+
+
+def test_one_pixel_side_takes_the_middle_pixel():
+    row = np.zeros((1, 5, 3), np.uint8)
+    row[0, :, 0] = [10, 20, 30, 40, 50]  # w=5, h=1: the middle pixel is x = 5 // 2 = 2
+    assert (center_crop_resize(Image.fromarray(row), 8)[..., 0] == 30).all()

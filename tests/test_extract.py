@@ -139,7 +139,7 @@ def test_bad_images_become_failure_rows(tmp_path: Path) -> None:
     assert sorted(f["sample_id"] for f in failures) == sorted(fs.sample_ids[i] for i in bad)
     assert all(f["reason"] for f in failures)
     assert fs.ok.tolist() == [i not in bad for i in range(8)]
-    assert (fs.read("conv_in", [2]) == 0).all() and (fs.read("conv_in", [3]) != 0).any()
+    assert (fs.array("conv_in")[2] == 0).all() and (fs.read("conv_in", [3]) != 0).any()
     assert fs.verify() == []
 
 

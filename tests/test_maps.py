@@ -77,3 +77,20 @@ def test_figure_1_marks_the_brightest_token_of_each_panel() -> None:
     assert image_axes[1].images[0].get_array()[6, 2] == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(SdfeatError, match="panels: give at least one"):
         figure_1([])
+
+
+def test_cosine_to_a_batch_equals_each_images_similarity_map() -> None:
+    from sdfeat.maps import cosine_to, token_norms
+
+    batch = np.stack([_acts(s) for s in range(5, 8)])  # (3, C, H, W)
+    query = batch[1, :, 2, 3]
+    sims = cosine_to(batch, query)
+    assert sims.shape == (3, 8, 12)
+    np.testing.assert_allclose(sims[1], similarity_map(batch[1], 2, 3), atol=1e-6)
+    a = batch[2].astype(np.float64)
+    expected = np.einsum("chw,c->hw", a, query) / (np.linalg.norm(a, axis=0) * np.linalg.norm(query))
+    np.testing.assert_allclose(sims[2], expected, atol=1e-6)
+    np.testing.assert_allclose(token_norms(batch)[0], norm_map(batch[0]), rtol=1e-6)
+    assert not cosine_to(batch, np.zeros(16, np.float32)).any()  # a zero vector: similarity 0, not NaN
+    with pytest.raises(SdfeatError, match=r"vector: expected \(16,\)"):
+        cosine_to(batch, np.ones(3, np.float32))

@@ -84,3 +84,47 @@ def test_yaml_round_trip_keeps_the_hash(resolution: int, timesteps: list[int], s
     spec = parse_spec({**BASE, "resolution": resolution, "timesteps": timesteps, "seeds": seeds})
     again = parse_spec(yaml.safe_load(spec_to_yaml(spec)))
     assert again == spec and spec_hash(again) == spec_hash(spec)
+
+
+@pytest.mark.parametrize("key, value, field", [
+    ("output", "", "output"),
+    ("output", "   ", "output"),
+    ("seeds", [2**63], "seeds"),
+    ("seeds", [2**64], "seeds"),
+    ("batch_size", True, "batch_size"),   # YAML's `yes`
+    ("batch_size", 4.0, "batch_size"),
+    ("resolution", "128", "resolution"),
+    ("compile", 1, "compile"),
+    ("limit", False, "limit"),
+    ("timesteps", [True], "timesteps"),
+    ("model", 15, "model"),
+])
+def test_hardened_fields_are_refused_by_name(key: str, value: object, field: str) -> None:
+    with pytest.raises(SpecError, match=f"field '{field}"):
+        parse_spec({**BASE, key: value})
+
+
+def test_largest_seed_torch_takes_is_accepted() -> None:
+    import torch
+
+    spec = parse_spec({**BASE, "seeds": [0, 2**63 - 1]})
+    torch.Generator().manual_seed(spec.seeds[1])  # the RNG takes it (and the store's int64 coordinate holds it)
+
+
+def test_yes_in_yaml_is_not_an_integer(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("source: synthetic:4\noutput: out\nbatch_size: yes\n")
+    with pytest.raises(SpecError, match="field 'batch_size'"):
+        load_spec(path)
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("source: synthetic:4\noutput: a\nbatch_size: 4\noutput: b\n", "output", "lines 2 and 4"),
+    ("source: synthetic:4\noutput: a\nvariants: {crops: [8], crops: [16]}\n", "crops", "lines 3 and 3"),
+    ("source: synthetic:4\noutput: a\nsummaries:\n  blocks: paper\n  blocks: all\n", "blocks", "lines 4 and 5"),
+])
+def test_duplicate_yaml_keys_are_errors(tmp_path: Path, text: str, key: str, lines: str) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match=f"duplicate key '{key}' \\({lines}\\)"):
+        load_spec(path)

@@ -34,6 +34,10 @@ from sdfeat.explore.views import MAX_K, MAX_PAGE, MAX_TOPK_IMAGES, StoreView
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
+# Parameter types at module level: the endpoints' annotations are strings (PEP 563) that FastAPI resolves here.
+Block = Annotated[str, Query(min_length=1, max_length=200)]
+Row = Annotated[int, Query()]
+Opt = Annotated[int | None, Query()]
 
 
 def _json(payload: object, status: int = 200) -> Response:
@@ -89,10 +93,6 @@ def create_app(paths: Sequence[str]) -> FastAPI:
             raise StoreError(f"store: index {s} is out of range (serving {len(views)} store(s): 0..{len(views) - 1})")
         return views[s]
 
-    Block = Annotated[str, Query(min_length=1, max_length=200)]
-    Row = Annotated[int, Query()]
-    Opt = Annotated[int | None, Query()]
-
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
@@ -142,9 +142,3 @@ def create_app(paths: Sequence[str]) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
-
-def serve(paths: Sequence[str], host: str = "127.0.0.1", port: int = 8765) -> None:
-    """Run the explorer until interrupted (uvicorn, one process)."""
-    import uvicorn
-
-    uvicorn.run(create_app(paths), host=host, port=port, log_level="warning", access_log=False)

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 METRICS: tuple[str, ...] = ("position", "corners", "anomalies")
 DETECT_BLOCK = "up_blocks.1.upsamplers.0"
+MIN_CORNER_MAP = 4  # n×n maps from 4×4 up: the (n-2)² inner map has 4 distinct corners (at 4×4 it is all corners)
 LEAD_COLUMNS = ["model", "block", "order", "metric", "statistic", "value"]
 
 
@@ -52,6 +53,9 @@ class MetricOptions:
     detect_k: float = 6.0
     detect_min_ratio: float = 1.5
     match_tolerance: int = 2
+    # torch threads per task, locally and in Ray tasks (one CPU each): a probe's Adam steps on (512, C) batches are
+    # too small for threads to pay (120 images × 46 blocks here: 433 s with the default threads, 53 s with one)
+    task_threads: int = 1
     # Confidence intervals (`metrics.bootstrap`): replicates (0: none), their seed, the probe's repeated splits
     bootstrap: int = 0
     bootstrap_seed: int = 0
@@ -163,7 +167,7 @@ def corners_task(store_path: str, block: str, opts: MetricOptions) -> list[dict]
     fs = open_store(store_path)
     b = _Block(fs, block, opts)
     n = b.height()
-    if n < 5:
+    if n < MIN_CORNER_MAP:
         return []
     cropped, reprcropped = corners.GroupTotals.empty(n - 2), corners.GroupTotals.empty(n - 2)
     keys = ("groups", "groups_diag", "corner_groups")
@@ -231,17 +235,28 @@ def _all_blocks(fs: FeatureStore) -> list[str]:
     return fs.blocks + [s for s in summary_blocks if s not in fs.blocks]
 
 
-def _execute(calls: list[tuple[Callable[..., Any], tuple]], local: bool, address: str | None) -> list[Any]:
+def _threaded(threads: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run one task with `threads` torch threads; the process's previous count is restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _execute(calls: list[tuple[Callable[..., Any], tuple]], local: bool, address: str | None,
+             threads: int = 1) -> list[Any]:
     if local:
-        return [fn(*args) for fn, args in calls]
+        return [_threaded(threads, fn, *args) for fn, args in calls]
     import ray
 
     if not ray.is_initialized():
         from sdfeat.rayconnect import init_ray
 
         log.info("Ray: %s", init_ray(address))
-    remote = {fn: ray.remote(num_cpus=1)(fn) for fn, _ in calls}
-    return ray.get([remote[fn].remote(*args) for fn, args in calls])
+    task = ray.remote(num_cpus=1)(_threaded)
+    return ray.get([task.remote(threads, fn, *args) for fn, args in calls])
 
 
 def _write(fs: FeatureStore, name: str, rows: list[dict]) -> str:
@@ -257,10 +272,52 @@ def _write(fs: FeatureStore, name: str, rows: list[dict]) -> str:
     return path
 
 
+def _say_corner_skips(fs: FeatureStore, names: list[str], opts: MetricOptions) -> None:
+    """Name, at the default log level, the blocks the corner metric cannot measure and what would enable it."""
+    no_variant, too_small = [], []
+    for name in names:
+        b = _Block(fs, name, opts)
+        n = b.height()
+        if n < MIN_CORNER_MAP:
+            too_small.append(f"{name} ({n}×{n})")
+        elif b.full and f"crops/{fs.spec.resolution // n}/{name}" not in fs.group or \
+                not b.full and f"summaries/{name}/crop_groups" not in fs.group:
+            no_variant.append(name)
+    if no_variant:
+        shown = ", ".join(no_variant[:5]) + (" …" if len(no_variant) > 5 else "")
+        log.warning("corners: skipped %d block(s) without crop variants (%s); add `variants: {crops: auto}` to the "
+                    "job spec and extract again to measure them", len(no_variant), shown)
+    if too_small:
+        log.warning("corners: skipped %s: corners need maps of at least %d×%d tokens", ", ".join(too_small),
+                    MIN_CORNER_MAP, MIN_CORNER_MAP)
+
+
+def _check_complete(fs: FeatureStore, allow_partial: bool) -> None:
+    """Refuse an unfinished store unless `allow_partial`; say which units and failed images are left out."""
+    size = int(fs.attrs["unit_size"])
+    n_units = -(-len(fs) // size)
+    unfinished = sorted(set(range(n_units)) - store_layout.done_units(fs.path))
+    shown = ", ".join(map(str, unfinished[:10])) + (" …" if len(unfinished) > 10 else "")
+    if unfinished and not allow_partial:
+        raise StoreError(f"{fs.path} is incomplete: {len(unfinished)} of {n_units} units have no done marker "
+                         f"(units {shown}); finish the job (run it again), or pass --allow-partial to measure the "
+                         "finished units only")
+    if unfinished:
+        log.warning("metrics on a partial store: skipped %d of %d units (%s; %d images)", len(unfinished), n_units,
+                    shown, sum(min(len(fs), (u + 1) * size) - u * size for u in unfinished))
+    failed = int((~fs.ok).sum()) - sum(min(len(fs), (u + 1) * size) - u * size for u in unfinished)
+    if failed > 0:
+        log.warning("metrics: %d failed image(s) left out (see %s)", failed,
+                    store_layout.join(fs.path, store_layout.FAILURES))
+
+
 def run_metrics(store_path: str, metrics: Sequence[str] = METRICS, blocks: Sequence[str] | None = None,
                 local: bool = False, address: str | None = None, labels: str | None = None,
-                options: MetricOptions | None = None) -> dict[str, str]:
+                options: MetricOptions | None = None, allow_partial: bool = False) -> dict[str, str]:
     """Compute `metrics` for `blocks` (default: every stored block), write the tables; returns {metric: path}.
+
+    A store with unfinished units is refused (StoreError) unless `allow_partial`; then the metrics use the
+    finished, extracted rows and a warning names what was skipped. Failed images are always left out (logged).
 
     labels: anomaly labels (.csv / .npy, store-row image indices); without them the anomaly metric uses the
     detected anomalies. Detections go to results/anomalies_detected.parquet (+ .csv in the paper's format)."""
@@ -269,10 +326,13 @@ def run_metrics(store_path: str, metrics: Sequence[str] = METRICS, blocks: Seque
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise StoreError(f"--metric: unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+    _check_complete(fs, allow_partial)
     names = list(blocks) if blocks else _all_blocks(fs)
     missing = [n for n in names if n not in _all_blocks(fs)]
     if missing:
         raise StoreError(f"block '{missing[0]}' is not in {fs.path}")
+    if "corners" in metrics:
+        _say_corner_skips(fs, names, opts)
     calls: list[tuple[Callable[..., Any], tuple]] = []
     tags: list[str] = []
     for metric, task in (("position", position_task), ("corners", corners_task)):
@@ -283,7 +343,7 @@ def run_metrics(store_path: str, metrics: Sequence[str] = METRICS, blocks: Seque
     if detecting:
         calls.append((detect_task, (fs.path, opts)))
         tags.append("detect")
-    results = _execute(calls, local, address)
+    results = _execute(calls, local, address, opts.task_threads)
     tables: dict[str, list[dict]] = {m: [] for m in metrics}
     detected = None
     for tag, result in zip(tags, results):
@@ -296,7 +356,7 @@ def run_metrics(store_path: str, metrics: Sequence[str] = METRICS, blocks: Seque
         use, source = (given, "given") if given is not None else (detected, "detected")
         if use is not None and len(use):
             runs = _execute([(anomaly_task, (fs.path, n, use[:, :3].astype(np.int64), source, opts))
-                             for n in names], local, address)
+                             for n in names], local, address, opts.task_threads)
             tables["anomalies"] += [r for rows in runs for r in rows]
         if detected is not None:
             tables["anomalies"] += _detection_rows(fs, opts, detected, given)

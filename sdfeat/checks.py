@@ -1,0 +1,84 @@
+"""Cheap checks of a job against the world, run before anything heavy (torch, diffusers, a model, a meta forward):
+the output can hold a store, the source exists, and the requested block names exist in the model's config.
+
+`cli extract` runs `check_job` before it imports the extraction modules, so a misspelt block or a missing source
+is reported in a fraction of a second; `extract.prepare_job` runs it too (for Python callers and Ray). Each
+failure is one line naming the field. Imports fsspec and json only (no torch, no diffusers, no pyarrow).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from sdfeat.blocks import check_names, config_positions
+from sdfeat.errors import SourceNotFoundError, SpecError
+from sdfeat.spec import JobSpec
+
+_DATA = Path(__file__).parent / "data"
+_GLOB_CHARS = "*?["
+_RANDOM_PREFIX = "random:"
+
+
+def check_output(spec: JobSpec) -> None:
+    """The output must be a directory or a path that does not exist yet (never an existing file)."""
+    fs, path = fsspec.core.url_to_fs(spec.output)
+    if fs.isfile(path):
+        raise SpecError(f"field 'output': {spec.output} is an existing file; the store needs a directory (or a "
+                        "path that does not exist yet)")
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        parent = Path(path).parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise SpecError(f"field 'output': {spec.output} lies under {parent}, which is a file")
+
+
+def check_source(spec: JobSpec) -> None:
+    """The source path exists (or its glob matches something). Synthetic sources always exist."""
+    if spec.source.startswith("synthetic:"):
+        return
+    fs, path = fsspec.core.url_to_fs(spec.source)
+    if any(c in path for c in _GLOB_CHARS):
+        if not fs.glob(path):
+            raise SourceNotFoundError(f"field 'source': {spec.source}: the glob matches nothing")
+    elif not fs.exists(path):
+        raise SourceNotFoundError(f"field 'source': {spec.source}: no such file or directory")
+
+
+def _config_without_torch(model: str) -> dict[str, Any] | None:
+    """The U-Net config where it is a file: the shipped ones (registry names, `random:`, and `tiny`, which has
+    SD-1.5's block types and nesting: tests pin that the names agree) or a local pipeline directory's. None for a
+    hub id (its config is read later, through huggingface_hub)."""
+    name = "sd15" if model == "tiny" else model.removeprefix(_RANDOM_PREFIX)
+    shipped = _DATA / f"{name}_unet.json"
+    if "/" not in name and shipped.is_file():
+        return json.loads(shipped.read_text())
+    local = Path(model) / "unet" / "config.json"
+    if local.is_file():
+        try:
+            return json.loads(local.read_text())
+        except ValueError:
+            return None  # the model loader reports it
+    return None
+
+
+def check_blocks(spec: JobSpec) -> None:
+    """Every requested block (and summary block) is a position of the model, by name only."""
+    config = _config_without_torch(spec.model)
+    positions = config_positions(config) if config is not None else None
+    if positions is None:
+        return  # names checked by the meta forward later
+    check_names(spec.blocks, positions, "blocks")
+    if spec.summaries is not None:
+        check_names(spec.summaries.blocks, positions, "summaries.blocks")
+
+
+def check_job(spec: JobSpec) -> None:
+    """All cheap checks, cheapest first. Raises SpecError, SourceNotFoundError or UnknownBlockError."""
+    check_output(spec)
+    check_blocks(spec)
+    check_source(spec)
