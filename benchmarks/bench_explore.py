@@ -44,7 +44,8 @@ def build_store(path: str, images: int) -> None:
         channel = rng.standard_normal((rows, 1, 1, 1280, 1, 1), dtype=np.float32)
         values = (channel + rng.standard_normal((rows, 1, 1, 1280, 32, 32), dtype=np.float32)).astype(np.float16)
         store.write_unit(group, unit.start, unit.stop, {BLOCK: values}, np.ones(rows, dtype=bool))
-        store.write_marker(path, unit.index, {"ok": rows, "failures": [], "seconds": {}})
+        store.write_marker(path, unit.index, {"unit": unit.index, "rows": rows, "ok": rows, "failures": [],
+                                              "seconds": {}})
         print(f"  built unit {unit.index} ({unit.stop}/{plan.n_samples} rows)", flush=True)
 
 

@@ -11,9 +11,11 @@ Configurations (see benchmarks/README.md for targets and how to read the output)
   2 early   paper blocks up to up_blocks.1.upsamplers.0     sdfeat stops the forward there (early exit)
   3 steps4  45 blocks, timesteps 50, 200, 500, 800          sdhelper: one img2repr call per timestep
   4 flat    sdfeat peak RSS at --flat-sizes images          SD-1.5 at --flat-resolution px, and the tiny model
+  5 warm    config 1 with a warm latent cache               warmed by an untimed sdfeat run first
+  6 warm    config 2 with a warm latent cache               (the VAE is neither run nor loaded)
 
-    /work/venv/bin/python benchmarks/bench_extract.py --n 8 --repeats 2
-    /work/venv/bin/python benchmarks/bench_extract.py --model tiny --n 4 --flat-sizes 20,60   # smoke test
+    .venv/bin/python benchmarks/bench_extract.py --n 8 --repeats 2
+    .venv/bin/python benchmarks/bench_extract.py --model tiny --n 4 --flat-sizes 20,60   # smoke test
 """
 
 from __future__ import annotations
@@ -146,7 +148,7 @@ def child_sdfeat(job: dict) -> dict:
         spec = parse_spec({
             "model": job["model_dir"], "source": f"synthetic:{job['n']}", "resolution": job["resolution"],
             "protocol": "paper", "blocks": _blocks(job["blocks"]), "timesteps": job["timesteps"], "seeds": [SEED],
-            "batch_size": job["batch_size"], "output": out,
+            "batch_size": job["batch_size"], "output": out, "latent_cache": job.get("cache"),
         })
         t = time.perf_counter()
         summary = extract.run_local(spec, progress=False, threads=job["threads"])
@@ -241,7 +243,10 @@ def run_child(tool: str, job: dict) -> Run:
     run.result = json.loads(lines[-1].removeprefix(RESULT_TAG))
     r = run.result
     extra = f" img/s={run.images_per_s:.3f} img/cpu-s={run.images_per_cpu_s:.3f}" if tool != "build" else ""
-    print(f"  [{tool:8s}] {json.dumps({k: v for k, v in job.items() if k not in ('model_dir', 'tmp')})}"
+    shown = {k: v for k, v in job.items() if k not in ("model_dir", "tmp", "cache")}
+    if job.get("cache") and tool == "sdfeat":
+        shown["latent_cache"] = "yes"
+    print(f"  [{tool:8s}] {json.dumps(shown)}"
           f" load={r.get('load_s', 0):.1f}s extract={r.get('extract_s', 0):.1f}s{extra}"
           f" (units {r.get('units_s', 0):.1f}s) peak={r['peak_rss_gb']:.2f}GB (load peak "
           f"{r.get('load_peak_gb', 0):.2f}, after load {r.get('loaded_rss_gb', 0):.2f}, extraction peak "
@@ -323,10 +328,34 @@ def print_table(rows: list[dict], flat: list[dict], targets: dict) -> None:
         print(f"| {f['config']} | – | – | – | – | – | {peaks} | {f['ratio']:.3f}× (large/small; extraction "
               f"phase {f['extraction_ratio']:.3f}×) "
               f"| flat (≤1.05×) {'ok' if f['ratio'] <= 1.05 else 'MISS'} | – | – | – | – |")
-    print("\nsdfeat stage seconds (fastest repeat; read = waiting for decoded images, encode = VAE + noise, "
-          "unet = forward + copies into the unit buffer, write = Zarr):")
+    print("\nsdfeat stage seconds (fastest repeat; busy time per stage, see sdfeat/stages.py):")
     for r in rows:
         print(f"  {r['config']}: {r['f_stages']}")
+
+
+def weights_gb(model_dir: Path, bytes_per_value: int = 4) -> float:
+    """U-Net + VAE encoder (+ quant_conv) in the compute dtype (float32 on a CPU), from the safetensors headers."""
+    import struct
+
+    total = 0
+    for sub, keep in (("unet", lambda n: True), ("vae", lambda n: n.startswith(("encoder.", "quant_conv.")))):
+        with open(model_dir / sub / "diffusion_pytorch_model.safetensors", "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            if keep(name):
+                n = 1
+                for d in info["shape"]:
+                    n *= d
+                total += n
+    return total * bytes_per_value / 1e9
+
+
+def print_rss_target(rows: list[dict], model_dir: Path) -> None:
+    limit = weights_gb(model_dir) + 1.0
+    print(f"\nsdfeat peak RSS target: weights in float32 {limit - 1:.2f} GB + 1 GB = {limit:.2f} GB")
+    for r in rows:
+        print(f"  {r['config']}: {r['f_rss']:.2f} GB {'ok' if r['f_rss'] <= limit else 'MISS'}")
 
 
 def main() -> None:
@@ -339,7 +368,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of config 1 (A B A B ...)")
     parser.add_argument("--repeats-other", type=int, default=1, help="repeats of configs 2 and 3")
-    parser.add_argument("--configs", default="1,2,3,4", help="comma-separated subset of 1,2,3,4")
+    parser.add_argument("--configs", default="1,2,3,4,5,6", help="comma-separated subset of 1,2,3,4,5,6")
     parser.add_argument("--flat-sizes", default="100,1000", help="config 4: image counts compared")
     parser.add_argument("--flat-resolution", type=int, default=64, help="config 4: resolution for SD-1.5")
     parser.add_argument("--flat-tiny-resolution", type=int, default=256, help="config 4: resolution for tiny")
@@ -360,7 +389,8 @@ def main() -> None:
             "resolution": args.resolution, "threads": args.threads, "blocks": "paper", "timesteps": [50]}
     rows, flat = [], []
     targets = {"1 paper 45 blocks": (1.0, 0.6), "2 early exit (up_blocks.1)": (1.5, None),
-               "3 four timesteps": (1.7, None)}
+               "3 four timesteps": (1.7, None), "5 paper 45 blocks, warm latent cache": (2.0, None),
+               "6 early exit (up_blocks.1), warm latent cache": (3.0, None)}
     if 1 in configs:
         print(f"config 1: 45 paper blocks, t=50, {args.n} images, {args.resolution} px", flush=True)
         rows.append(compare("1 paper 45 blocks", base, args.repeats))
@@ -370,6 +400,15 @@ def main() -> None:
     if 3 in configs:
         print(f"config 3: timesteps {FOUR_TIMESTEPS}", flush=True)
         rows.append(compare("3 four timesteps", {**base, "timesteps": FOUR_TIMESTEPS}, args.repeats_other))
+    for config, name, blocks in ((5, "5 paper 45 blocks, warm latent cache", "paper"),
+                                 (6, "6 early exit (up_blocks.1), warm latent cache", "early")):
+        if config in configs:
+            cache = args.cache / f"latent-cache-{config}"
+            shutil.rmtree(cache, ignore_errors=True)
+            job = {**base, "blocks": blocks, "cache": str(cache)}
+            print(f"config {name}: warming {cache} (untimed sdfeat run)", flush=True)
+            run_child("sdfeat", job)
+            rows.append(compare(name, job, args.repeats_other))
     if 4 in configs:
         for model in args.flat_models.split(","):
             res = args.flat_tiny_resolution if model == "tiny" else args.flat_resolution
@@ -378,6 +417,8 @@ def main() -> None:
             print(f"config {label}: sdfeat at {sizes} images (batch {args.batch_size})", flush=True)
             flat.append(flatness(label, {**base, "model_dir": str(mdir), "resolution": res}, sizes))
     print_table(rows, flat, targets)
+    if rows:
+        print_rss_target(rows, model_dir)
     print(f"\nload average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 

@@ -90,13 +90,15 @@ def config_positions(unet_config: dict) -> list[str] | None:
     names = ["conv_in"]
     for i, kind in enumerate(down):
         for j in range(layers):
-            names += [f"down_blocks.{i}.resnets.{j}"] + ([f"down_blocks.{i}.attentions.{j}"] if _DOWN_TYPES[kind] else [])
+            names.append(f"down_blocks.{i}.resnets.{j}")
+            names += [f"down_blocks.{i}.attentions.{j}"] if _DOWN_TYPES[kind] else []
         if i < len(down) - 1:
             names.append(f"down_blocks.{i}.downsamplers.0")
     names += ["mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1"]
     for i, kind in enumerate(up):
         for j in range(layers + 1):
-            names += [f"up_blocks.{i}.resnets.{j}"] + ([f"up_blocks.{i}.attentions.{j}"] if _UP_TYPES[kind] else [])
+            names.append(f"up_blocks.{i}.resnets.{j}")
+            names += [f"up_blocks.{i}.attentions.{j}"] if _UP_TYPES[kind] else []
         if i < len(up) - 1:
             names.append(f"up_blocks.{i}.upsamplers.0")
     return names + ["conv_out"]

@@ -35,6 +35,11 @@ def check_output(spec: JobSpec) -> None:
             parent = parent.parent
         if not parent.is_dir():
             raise SpecError(f"field 'output': {spec.output} lies under {parent}, which is a file")
+        source = Path(spec.source)
+        if not spec.source.startswith("synthetic:") and source.is_dir() and \
+                Path(path).resolve().is_relative_to(source.resolve()):
+            raise SpecError(f"field 'output': {spec.output} lies inside the source {spec.source}; the store's "
+                            "files would become part of the source")
 
 
 def check_source(spec: JobSpec) -> None:

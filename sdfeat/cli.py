@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
@@ -63,6 +64,11 @@ def _print_version(value: bool) -> None:
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
          version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
                                                help="Print the version and exit.")] = False) -> None:
+    if not verbose:  # only sdfeat's own lines: no transformers/diffusers notices or weight-loading bars (also in
+        # the processes a private Ray instance starts, which inherit this environment)
+        for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                            ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
+            os.environ.setdefault(name, value)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
@@ -76,9 +82,8 @@ def _print_table(columns: list[str], rows: list[list[str]], title: str | None = 
     """A rich table on a terminal; plain tab-separated lines (header first, never cut) when piped. `--json` gives
     the same data as JSON where a command has it."""
     if not console.is_terminal:
-        if title:
-            console.out(f"# {title}", highlight=False)
-        console.out("\n".join("\t".join(line) for line in [columns, *rows]), highlight=False)
+        lines = ([f"# {title}"] if title else []) + ["\t".join(line) for line in [columns, *rows]]
+        typer.echo("\n".join(lines))              # not rich: it would expand the tabs
         return
     table = Table(*columns, title=title)
     for row in rows:
@@ -106,8 +111,9 @@ def extract(
     device: Annotated[Optional[str], typer.Option(help="--local only: cpu, cuda, cuda:1 (default: auto).")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="--local only: torch threads.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    allow_version_change: Annotated[bool, typer.Option(help="Resume a store started under other library versions "
-                                                            "(torch, diffusers, sdfeat, zarr); recorded in it.")] = False,
+    allow_version_change: Annotated[bool, typer.Option(
+        help="Resume a store started under other library versions (torch, diffusers, sdfeat, zarr); recorded in "
+             "it.")] = False,
 ) -> None:
     """Run a job: images -> hooked U-Net -> Zarr store. Resumes where a previous run stopped."""
     from sdfeat.checks import check_job
@@ -115,30 +121,53 @@ def extract(
     spec = _load(job, output)
     check_job(spec)  # output, block names, source: before torch, diffusers or Ray are imported
     _writing.set(spec.output)
-    if local:
-        from sdfeat.extract import run_local
+    try:
+        if local:
+            from sdfeat.extract import run_local
 
-        summary = run_local(spec, overwrite=overwrite, progress=not quiet, device=device, threads=threads,
-                            allow_version_change=allow_version_change)
-    else:
-        from sdfeat.cluster import run_on_ray
+            summary = run_local(spec, overwrite=overwrite, progress=not quiet, device=device, threads=threads,
+                                allow_version_change=allow_version_change)
+        else:
+            from sdfeat.cluster import run_on_ray
 
-        summary = run_on_ray(spec, address=address, workers=workers, gpus_per_worker=gpus_per_worker,
-                             overwrite=overwrite, progress=not quiet, unit_timeout_s=unit_timeout,
-                             allow_version_change=allow_version_change)
+            summary = run_on_ray(spec, address=address, workers=workers, gpus_per_worker=gpus_per_worker,
+                                 overwrite=overwrite, progress=not quiet, unit_timeout_s=unit_timeout,
+                                 allow_version_change=allow_version_change)
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted: {_units_done(spec.output)} units done; run the same command to resume",
+                          highlight=False)
+        raise typer.Exit(130) from None
     _print_summary(summary)
+
+
+def _units_done(output: str) -> str:
+    """'N of M' finished units of the store at `output` (what a rerun skips)."""
+    from sdfeat import store
+
+    try:
+        attrs = store.read_attrs(output)
+        total = -(-int(attrs["n_samples"]) // int(attrs["unit_size"]))
+        return f"{len(store.done_units(output) & set(range(total)))} of {total}"
+    except (SdfeatError, OSError, KeyError, ValueError):
+        return "0 of ?"
 
 
 def _print_summary(summary: dict) -> None:
     from sdfeat.store import join
 
-    seconds = ", ".join(f"{k} {v:.1f}s" for k, v in summary["seconds"].items())
+    this_run = summary.get("this_run") or {}
+    # stage seconds of this run's units (a resumed run does not count the earlier runs' time)
+    seconds = ", ".join(f"{k} {v:.1f}s" for k, v in (this_run.get("seconds") or summary["seconds"]).items())
     rate = f", {summary['images_per_second']:.2f} img/s" if "images_per_second" in summary else ""
     failed = f"{summary['failures']} failed"
     if summary["failures"]:
         failed += f" (see {join(summary['output'], 'failures.parquet')})"
     console.print(f"{summary['ok']}/{summary['rows']} images extracted, {failed}, "
                   f"{summary['units']} units{rate}; stages: {seconds}", highlight=False)
+    if summary.get("units_skipped"):
+        console.print(f"resumed: {summary['units_skipped']} of {summary['units']} units were already done; this run "
+                      f"extracted {this_run.get('rows', 0)} images in {this_run.get('units', 0)} units (rate and "
+                      "stages count this run only)", highlight=False)
     if "ray" in summary and summary["ray"].get("cluster"):
         console.print(f"ran on {summary['ray']['cluster']}", highlight=False)
     console.print(f"store: {summary['output']}", highlight=False)
@@ -410,7 +439,7 @@ def metrics(
     from sdfeat.metrics.runner import METRICS, MetricOptions, run_metrics
 
     written = run_metrics(path, metrics=metric or METRICS, blocks=[canonical_name(b) for b in block or []] or None,
-                          local=local, address=address, labels=labels, allow_partial=allow_partial,
+                          local=local, address=address, labels=labels, allow_partial=allow_partial, progress=True,
                           options=MetricOptions(paper_counts=paper_counts, timestep=timestep, bootstrap=bootstrap,
                                                 bootstrap_seed=bootstrap_seed, probe_repeats=probe_repeats))
     for name, table in written.items():
@@ -475,7 +504,7 @@ def report(
 
     if reference not in (None, "sd15", "sd21", "sdturbo"):
         raise typer.BadParameter("must be sd15, sd21 or sdturbo", param_hint="--reference")
-    console.print(f"wrote {write_report(stores, str(out), reference)}", highlight=False)
+    console.print(f"wrote {write_report(stores, str(out), reference, progress=True)}", highlight=False)
 
 
 @app.command()

@@ -46,12 +46,16 @@ class ExtractionWorker:
     so the driver can report it as such instead of as an anonymous actor death.
     """
 
-    def __init__(self, spec: JobSpec, output: str, device: str | None, threads: int | None) -> None:
+    def __init__(self, spec: JobSpec, output: str, device: str | None, threads: int | None,
+                 tally: Any = None) -> None:
         self.error: SdfeatError | None = None
         try:
             self.runner = UnitRunner(spec, output, device, threads)
         except SdfeatError as err:
             self.error = err
+            return
+        if tally is not None:  # progress per batch: fire-and-forget to the driver's tally
+            self.runner.on_batch = lambda unit, rows: tally.add.remote(unit, rows)
 
     def ready(self) -> str:
         if self.error is not None:
@@ -60,6 +64,28 @@ class ExtractionWorker:
 
     def run(self, unit: Unit) -> dict:
         return self.runner.run(unit)
+
+
+class BatchTally:
+    """A small actor (no CPU) that the extraction actors tell about each finished batch; the driver drains it while
+    it waits for unit reports, so the progress bar moves per batch."""
+
+    def __init__(self) -> None:
+        self.rows: Counter[int] = Counter()
+
+    def add(self, unit: int, rows: int) -> None:
+        self.rows[unit] += rows
+
+    def take(self) -> dict[int, int]:
+        taken = dict(self.rows)
+        self.rows.clear()
+        return taken
+
+
+# Environment that keeps library notices out of a run without -v (set by the CLI); given to the actors too, so a
+# joined cluster's workers are as quiet as the driver.
+QUIET_ENV = ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "TRANSFORMERS_NO_ADVISORY_WARNINGS",
+             "HF_HUB_DISABLE_PROGRESS_BARS")
 
 
 @dataclass(frozen=True)
@@ -152,13 +178,20 @@ class _Driver:
         self.actor_class = ray.remote(worker_class).options(**options)
         self.failed_starts = 0
         self.last_start_error = ""
+        self.tally: Any = None
 
     def _start(self, index: int) -> _Slot:
-        actor = self.actor_class.remote(self.plan.spec, self.plan.output, self.layout.device, self.layout.threads)
+        actor = self.actor_class.remote(self.plan.spec, self.plan.output, self.layout.device, self.layout.threads,
+                                        self.tally)
         return _Slot(index, actor, actor.ready.remote())
+
+    def _drain_tally(self, bar: UnitProgress) -> None:
+        for unit, rows in ray.get(self.tally.take.remote()).items():
+            bar.advance(unit, rows)
 
     def run(self, todo: list[Unit], bar: UnitProgress) -> _Outcome:
         out = _Outcome()
+        self.tally = ray.remote(num_cpus=0)(BatchTally).remote()
         queue: deque[Unit] = deque(todo)
         attempts: Counter[int] = Counter()
         slots = [self._start(i) for i in range(min(self.layout.count, len(todo)))]
@@ -202,6 +235,7 @@ class _Driver:
                     break
                 self._kill_hung(slots)
                 done, _ = ray.wait([*tasks, *starting], num_returns=1, timeout=WAIT_S)
+                self._drain_tally(bar)
                 if not done:
                     if time.monotonic() - last_progress > STARVED_WARN_S and starting and not tasks:
                         log.warning("%d actor(s) wait for resources (num_cpus=%s, num_gpus=%s each; cluster: %s)",
@@ -282,6 +316,9 @@ def run_on_ray(spec: JobSpec, address: str | None = None, workers: int | None = 
     None = wait forever. Set it well above one unit's time (it covers one running and one queued unit).
     Raises UnitFailedError naming the unit(s) that failed `max_retries` + 1 times; finished units are kept.
     """
+    quiet = {k: os.environ[k] for k in QUIET_ENV if k in os.environ}
+    if quiet:
+        runtime_env = {**(runtime_env or {}), "env_vars": {**quiet, **(runtime_env or {}).get("env_vars", {})}}
     connected_here, cluster = _connect(address)
     log.info("Ray: %s", cluster)
     try:
@@ -293,7 +330,8 @@ def run_on_ray(spec: JobSpec, address: str | None = None, workers: int | None = 
                  len(plan.units), min(layout.count, len(todo)), layout.device, layout.num_cpus, layout.num_gpus,
                  layout.threads)
         driver = _Driver(plan, layout, max_retries, runtime_env, worker_class, unit_timeout_s)
-        with UnitProgress(plan.n_samples, plan.n_samples - sum(u.rows for u in todo), enabled=progress) as bar:
+        with UnitProgress(plan.n_samples, plan.n_samples - sum(u.rows for u in todo), enabled=progress,
+                          total_units=len(plan.units), done_units=len(plan.units) - len(todo)) as bar:
             outcome = driver.run(todo, bar) if todo else _Outcome()
         if outcome.failed:
             units = {u.index: u for u in plan.units}
@@ -309,6 +347,8 @@ def run_on_ray(spec: JobSpec, address: str | None = None, workers: int | None = 
         new_rows = sum(r["rows"] for r in outcome.reports)
         summary["wall_seconds"] = round(wall, 2)
         summary["images_per_second"] = round(new_rows / wall, 3)
+        summary["units_skipped"] = len(plan.units) - len(todo)
+        summary["this_run"] = bar.this_run()
         summary["ray"] = {"cluster": cluster, "actors": min(layout.count, len(todo)), "device": layout.device,
                           "num_cpus": layout.num_cpus, "num_gpus": layout.num_gpus, "threads": layout.threads,
                           "units_run": len(outcome.reports), "units_skipped": len(plan.units) - len(todo),

@@ -110,7 +110,7 @@ def _labels(paths: Sequence[str], labels: str | None, opts: runner.MetricOptions
     found: list[Labels] = [None] * len(paths)
     detect = [i for i, p in enumerate(paths) if opts.detect_block in runner._all_blocks(open_store(p))]
     for i, detected in zip(detect, runner._execute([(runner.detect_task, (paths[i], opts)) for i in detect],
-                                                   local, address)):
+                                                   local, address, opts.task_threads)):
         found[i] = (detected[:, :3].astype(np.int64), "detected") if len(detected) else None
     return found
 
@@ -125,7 +125,10 @@ def compare_stores(path_a: str, path_b: str, metrics: Sequence[str] = runner.MET
     unknown = [m for m in metrics if m not in runner.METRICS]
     if unknown:
         raise StoreError(f"--metric: unknown metric {unknown[0]!r}; choose from {', '.join(runner.METRICS)}")
-    held = [runner._all_blocks(open_store(p)) for p in (path_a, path_b)]
+    stores = [open_store(p) for p in (path_a, path_b)]
+    for fs in stores:
+        runner._check_complete(fs, allow_partial=False)  # unfinished units: refused, as by `sdfeat metrics`
+    held = [runner._all_blocks(fs) for fs in stores]
     names = list(blocks) if blocks else [blk for blk in held[0] if blk in held[1]]
     for path, have in zip((path_a, path_b), held):
         missing = [n for n in names if n not in have]
@@ -141,7 +144,7 @@ def compare_stores(path_a: str, path_b: str, metrics: Sequence[str] = runner.MET
             log.warning("compare: no anomaly labels for one of the stores (none given, none detected); skipped")
             continue
         calls += [(compare_task, (path_a, path_b, n, metric, opts, label_a, label_b)) for n in names]
-    rows = [r for found in runner._execute(calls, local, address) for r in found]
+    rows = [r for found in runner._execute(calls, local, address, opts.task_threads) for r in found]
     return sorted(rows, key=lambda r: (r["order"], runner.METRICS.index(r["metric"])))
 
 

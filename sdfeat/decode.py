@@ -4,7 +4,8 @@
 Real ImageNet oddities are handled here: the format is sniffed from the bytes (a PNG named `.JPEG` decodes),
 EXIF orientation is applied, CMYK / grayscale / palette / RGBA / 16-bit images become 8-bit RGB, and
 truncated, corrupt, non-image and oversized ("decompression bomb") inputs raise `ImageDecodeError` with a short
-reason, which the caller records as a failed image.
+reason, which the caller records as a failed image. `IMAGE_EXTENSIONS` (every format PIL decodes here) is what the
+sources count as image files and tar image members.
 """
 
 from __future__ import annotations

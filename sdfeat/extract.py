@@ -2,7 +2,8 @@
 
 A unit is a fixed row range of the store. `UnitRunner.run(unit)`:
   1. reads the unit's rows of the manifest and decodes its images (in a background thread),
-  2. VAE-encodes each batch once,
+  2. VAE-encodes each batch once — or, when the latent cache (`latent_cache.py`) holds every batch of the unit,
+     reads the posteriors from it and decodes nothing (new posteriors are added to the cache after the unit),
   3. for every seed draws the latent sample and noise, for every timestep runs the U-Net with hooks on the
      requested blocks (stopping after the deepest), and repeats that on cropped images for the crop variants,
   4. writes the unit's whole shards into the store, then its done marker.
@@ -91,11 +92,14 @@ def prepare_job(spec: JobSpec, overwrite: bool = False, allow_version_change: bo
     layout = job_layout(spec)
     if spec.intervention is not None:
         check_padding(spec.intervention.padding, {p.margin: spec.resolution - 2 * p.margin for p in layout.passes})
-    existing = _existing_hash(output)
+    existing = _existing_hash(output, overwrite)
     if existing is not None and existing != digest and not overwrite:
         raise StoreError(f"{output} holds a store of another spec (hash {existing}, this spec {digest}); "
                          "choose another output or pass --overwrite")
-    if existing == digest and not overwrite:
+    if existing == digest and not overwrite and not store.template_complete(output):
+        log.warning("%s: the store template was not finished (a killed start); writing it again", output)
+        store.clear_markers(output)
+    elif existing == digest and not overwrite:
         attrs = store.read_attrs(output)
         plan = JobPlan(spec, output, layout, plan_units(attrs["n_samples"], attrs["unit_size"]), attrs["n_samples"])
         if pending_units(plan):
@@ -142,10 +146,12 @@ def _numpy_dtype(dtype: torch.dtype) -> str:
     return "float32" if dtype == torch.bfloat16 else str(dtype).removeprefix("torch.")
 
 
-def _existing_hash(output: str) -> str | None:
+def _existing_hash(output: str, overwrite: bool = False) -> str | None:
     try:
         return store.read_attrs(output)["spec_hash"]
-    except StoreError:
+    except StoreError as err:
+        if isinstance(err.__cause__, ValueError) and not overwrite:  # metadata that does not parse: replaced
+            raise                                                      # only when asked to
         return None
 
 
@@ -240,6 +246,7 @@ class UnitRunner:
         for _ in range(2 if self.device.type == "cuda" else 1):
             self._buffers.put(self._new_buffers(min(int(attrs["unit_size"]), int(attrs["n_samples"]))))
         self.worker = f"{socket.gethostname()}:{self.device}"
+        self.on_batch: Callable[[int, int], None] | None = None  # progress per batch (unit index, rows)
         # Arrays limited to the store's first rows (crop variants under `variants.samples`): path -> row count.
         self._row_limits = {a.path: a.rows for a in self.layout.arrays if a.rows is not None}
 
@@ -391,6 +398,7 @@ class UnitRunner:
             for b in batches:
                 self._run_batch([DecodedImage(r, None, None) for r in b.rows], refs, buffers, clock, cached=True)
                 ok[b.rows] = True
+                self._batch_done(unit, len(b.rows))
             self._sync()
             return unit, full, ok, failures, clock
         self._new_latents = [] if self.cache is not None else None
@@ -409,12 +417,18 @@ class UnitRunner:
             if batch and (item is None or len(batch) == self.spec.batch_size):
                 self._run_batch(batch, refs, buffers, clock)
                 ok[[b.index for b in batch]] = True
+                self._batch_done(unit, len(batch))
                 batch = []
             if item is None:
                 self._sync()  # the asynchronous device->host copies have landed
                 with clock.stage("write"):
                     self._store_latents(failures)
                 return unit, full, ok, failures, clock
+
+    def _batch_done(self, unit: Unit, rows: int) -> None:
+        """Progress per batch: `on_batch(unit index, rows)` when set (the local bar, or the Ray tally)."""
+        if self.on_batch is not None:
+            self.on_batch(unit.index, rows)
 
     def _commit(self, unit: Unit, full: dict[str, np.ndarray], ok: np.ndarray, failures: list[dict],
                 clock: StageClock) -> dict:
@@ -529,7 +543,10 @@ def run_local(spec: JobSpec, overwrite: bool = False, progress: bool = True, dev
     runner = UnitRunner(spec, plan.output, device, threads) if todo else None
     load_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    with UnitProgress(plan.n_samples, plan.n_samples - sum(u.rows for u in todo), enabled=progress) as bar:
+    with UnitProgress(plan.n_samples, plan.n_samples - sum(u.rows for u in todo), enabled=progress,
+                      total_units=len(plan.units), done_units=len(plan.units) - len(todo)) as bar:
+        if runner is not None:
+            runner.on_batch = bar.advance
         for report in runner.run_many(todo) if runner is not None else ():
             if "error" in report:
                 failed[report["unit"]] = report["error"]
@@ -542,5 +559,6 @@ def run_local(spec: JobSpec, overwrite: bool = False, progress: bool = True, dev
     wall = time.perf_counter() - start
     summary = finalize_job(plan)
     summary.update(load_seconds=round(load_seconds, 2), wall_seconds=round(wall, 2),
-                   images_per_second=round(sum(u.rows for u in todo) / max(wall, 1e-9), 3))
+                   images_per_second=round(sum(u.rows for u in todo) / max(wall, 1e-9), 3),
+                   units_skipped=len(plan.units) - len(todo), this_run=bar.this_run())
     return summary

@@ -50,6 +50,9 @@ def build_paper_subset(
     manifest: list[dict] = []
     for index, data, reason in read_image_bytes(plan.refs):
         ref = plan.refs[index]
+        if ref.label not in kept_per_class:  # an unreadable part of the source, its class unknown
+            log.warning("imagenet-subset: skipping %s (%s)", ref.sample_id, reason)
+            continue
         if kept_per_class[ref.label] >= per_class:
             continue
         size = None

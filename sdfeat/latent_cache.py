@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import uuid
 from collections.abc import Sequence
@@ -47,8 +46,6 @@ import numpy as np
 import zarr
 
 from sdfeat.errors import StoreError
-
-log = logging.getLogger(__name__)
 
 FORMAT = 1
 DECODE_VERSION = 1  # bump when decode.center_crop_resize changes the pixels it gives

@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from matplotlib.patches import Rectangle
 
 from sdfeat.errors import SdfeatError
@@ -73,6 +74,10 @@ def _draw(fig: Figure, ax: Axes, values: np.ndarray, title: str, mark: tuple[int
         y, x = mark
         ax.add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
     ax.set_title(title, fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))      # tokens are whole positions
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("x (token column)", fontsize=8)
+    ax.set_ylabel("y (token row)", fontsize=8)
 
 
 def render_map(values: np.ndarray, path: str | Path, title: str, mark: tuple[int, int] | None = None) -> Path:
@@ -92,14 +97,24 @@ def render_map(values: np.ndarray, path: str | Path, title: str, mark: tuple[int
     return path
 
 
-def figure_1(panels: Sequence[tuple[str, np.ndarray]], title: str = "") -> Figure:
+def figure_1(panels: Sequence[tuple[str, np.ndarray]], title: str = "",
+             images: Sequence[np.ndarray | None] | None = None) -> Figure:
     """One row per (label, acts (C, H, W)): the token-norm map, and the cosine similarity of every token to the
-    highest-norm token (marked) — the paper's Figure 1 story: anomalous tokens are bright and alike."""
+    highest-norm token (marked) — the paper's Figure 1 story: anomalous tokens are bright and alike. `images`
+    (one (H, W, 3) uint8 input image per panel, or None) adds the input image as the first column."""
     if not panels:
         raise SdfeatError("panels: give at least one (label, activations) pair")
-    fig = Figure(figsize=(8.0, 3.3 * len(panels)), layout="constrained")
+    with_images = images is not None and any(i is not None for i in images)
+    fig = Figure(figsize=(11.5 if with_images else 8.0, 3.3 * len(panels)), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(panels), 2, squeeze=False)
+    axes = fig.subplots(len(panels), 3 if with_images else 2, squeeze=False)
+    if with_images:
+        for (label, _), image, ax in zip(panels, images, axes[:, 0]):
+            if image is not None:
+                ax.imshow(image)
+            ax.set_title(f"{label.split(' · ')[0]}\ninput image", fontsize=9)
+            ax.set_axis_off()
+        axes = axes[:, 1:]
     for (label, acts), (ax_norm, ax_sim) in zip(panels, axes):
         norms = norm_map(acts)
         peak = tuple(int(i) for i in np.unravel_index(np.argmax(norms), norms.shape))

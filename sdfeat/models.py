@@ -66,8 +66,22 @@ def shipped_config(name: str, component: str) -> dict[str, Any]:
 def _not_found(model: str, source: str, reason: str) -> ModelNotFoundError:
     return ModelNotFoundError(
         f"model {model!r}: weights for {source!r} are not available locally ({reason}); with network access run "
-        f"`huggingface-cli download {source}` (cached under HF_HOME/HF_HUB_CACHE), or pass a local diffusers "
-        f"pipeline directory as the model")
+        f"`hf download {source}` (cached under HF_HOME/HF_HUB_CACHE; or set HF_HUB_OFFLINE=0 to let sdfeat "
+        f"download it), or pass a local diffusers pipeline directory as the model")
+
+
+def _require_cached(model: str, source: str, revision: str | None) -> None:
+    """Fail in one line, before any hub request, when a hub model is not in the local cache and the user has not
+    opted in to downloads (HF_HUB_OFFLINE=0): no network round trips and retries."""
+    import os
+
+    from huggingface_hub import try_to_load_from_cache
+
+    if Path(source).is_dir() or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("0", "false", "no"):
+        return
+    found = try_to_load_from_cache(source, "unet/config.json", revision=revision)
+    if not isinstance(found, str):
+        raise _not_found(model, source, "not in the Hugging Face cache")
 
 
 def _locate(model: str) -> tuple[str, str]:
@@ -318,6 +332,7 @@ def _components_pretrained(model: str, source: str, revision: str | None, dtype:
         module = prepare(cls.from_pretrained(source, subfolder=subfolder, torch_dtype=load_dtype, **common))
         return module, False
 
+    _require_cached(model, source, revision)
     try:
         unet_file, vae_file = _weights_file(source, "unet", revision), _weights_file(source, "vae", revision)
         unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", revision=revision)
@@ -340,7 +355,8 @@ def _components_pretrained(model: str, source: str, revision: str | None, dtype:
 
     def encoder_weights() -> Iterable[tuple[str, torch.Tensor]]:
         if vae_file is None:
-            return _encoder_only(AutoencoderKL.from_pretrained(source, subfolder="vae", **common)).state_dict().items()
+            vae = _encoder_only(AutoencoderKL.from_pretrained(source, subfolder="vae", **common))
+            return vae.state_dict().items()
         return weights.read_tensors(vae_file, keep=lambda n: n.startswith(ENCODER_PREFIXES))
 
     vae = _VaeSource(dict(vae_config), vae_loader, encoder_weights, prepared=True)

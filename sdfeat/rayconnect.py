@@ -41,11 +41,12 @@ def has_token() -> bool:
     return bool(os.environ.get("RAY_AUTH_TOKEN")) or token_file().is_file()
 
 
-def enable_token_auth_if_available() -> bool:
-    """Set RAY_AUTH_MODE=token when a token exists and the user has not chosen a mode; True when token mode is
+def enable_token_auth_if_available(new_instance: bool = False) -> bool:
+    """Set RAY_AUTH_MODE=token when a token exists (or, for a `new_instance`, always: Ray's own default for a new
+    local instance, said here without Ray's warning) and the user has not chosen a mode; True when token mode is
     on for this process."""
     mode = os.environ.get(AUTH_MODE_ENV)
-    if mode is None and has_token():
+    if mode is None and (new_instance or has_token()):
         os.environ[AUTH_MODE_ENV] = "token"
         try:  # Ray reads its config once, at import: refresh it as `ray start` does for its own process
             from ray._raylet import Config
@@ -101,6 +102,11 @@ def recorded_address() -> str | None:
         return None
 
 
+def _ray_log_level() -> int:
+    """Ray's own INFO lines ("Started a local Ray instance", "Connecting to ...") only with sdfeat's -v."""
+    return logging.INFO if logging.getLogger("sdfeat").isEnabledFor(logging.INFO) else logging.WARNING
+
+
 def init_ray(address: str | None, **local_options: object) -> str:
     """Connect this process to Ray (see the module docstring) and return a description of the cluster for the log.
     `local_options` go to `ray.init` for a private local instance only (e.g. include_dashboard)."""
@@ -111,7 +117,8 @@ def init_ray(address: str | None, **local_options: object) -> str:
         options.update(local_options)
         # Ray 2.60 turns a node IP of 127.0.0.1 into the machine's address (services.resolve_ip_for_localhost), and
         # its C++ gRPC servers (GCS, raylet, workers) and agents bind all interfaces: only the HTTP side obeys.
-        ray.init(address="local", **options)
+        enable_token_auth_if_available(new_instance=True)
+        ray.init(address="local", logging_level=_ray_log_level(), **options)
         where = "a private local Ray instance (`--address auto` joins the one `ray start` runs)"
         log.info("running on %s", where)
         return where
@@ -126,7 +133,7 @@ def init_ray(address: str | None, **local_options: object) -> str:
     from ray.exceptions import AuthenticationError
 
     try:
-        ray.init(address=address)
+        ray.init(address=address, logging_level=_ray_log_level())
     except AuthenticationError:
         raise ClusterConnectionError(f"--address {address}: {auth_advice()}") from None
     except ConnectionError as err:

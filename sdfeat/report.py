@@ -179,9 +179,17 @@ def _conform(table: pa.Table, path: Path) -> pa.Table:
 
 
 def load_results(store: str | Path) -> pa.Table:
-    """All metric tables of a store, concatenated (TIDY_SCHEMA); absent tables are skipped, none at all is an error."""
-    results = Path(store) / "results"
-    tables = {path: pq.read_table(path) for path in (results / f"{n}.parquet" for n in RESULT_TABLES) if path.exists()}
+    """All metric tables of a store (a path or URL, read through fsspec), concatenated (TIDY_SCHEMA); absent tables
+    are skipped, none at all is an error."""
+    from sdfeat.store import filesystem, join
+
+    fs, root = filesystem(str(store))
+    results = join(str(store), "results")
+    tables = {}
+    for name in RESULT_TABLES:
+        if fs.exists(join(root, "results", f"{name}.parquet")):
+            with fs.open(join(root, "results", f"{name}.parquet"), "rb") as f:
+                tables[join(results, f"{name}.parquet")] = pq.read_table(f)
     parts = [_conform(table, path) for path, table in tables.items() if table.num_rows]  # a metric with no rows
     if not parts:
         raise StoreError(f"{results}: no metric tables ({', '.join(RESULT_TABLES)}.parquet); "
@@ -263,10 +271,42 @@ def _block_ticks(ax: Axes, blocks: Sequence[str]) -> None:
     ax.set_xlim(-0.5, len(blocks) - 0.5)
 
 
-def _plot(ax: Axes, x: np.ndarray, y: np.ndarray, **style: object) -> None:
-    """A curve through the blocks that have a value (a block missing from one table does not break the line)."""
+def _plot(ax: Axes, x: np.ndarray, y: np.ndarray, orders: np.ndarray | None = None, **style: object) -> None:
+    """Markers at the blocks that have a value, joined only where the blocks are neighbours in execution order
+    (`orders`): a store with a few blocks is not drawn as if it had the ones between them."""
     have = ~np.isnan(y)
-    ax.plot(x[have], y[have], marker=".", markersize=4, linewidth=1.4, **style)
+    xs, ys = x[have].astype(float), y[have]
+    if orders is not None and len(xs) > 1:
+        gap = np.diff(orders[have]) > 1                          # a block left out between two drawn points
+        xs = np.insert(xs, np.flatnonzero(gap) + 1, np.nan)      # NaN breaks the line there
+        ys = np.insert(ys, np.flatnonzero(gap) + 1, np.nan)
+    ax.plot(xs, ys, marker="o", markersize=3.5, linewidth=1.4, **style)
+
+
+def _orders(blocks: Sequence[str], *tables: pa.Table | None) -> np.ndarray:
+    """(len(blocks),) execution-order position of each block on the axis (from the tables' `order` column)."""
+    order: dict[str, int] = {}
+    for table in tables:
+        if table is not None:
+            for block, position in zip(table["block"].to_pylist(), table["order"].to_pylist()):
+                order.setdefault(block, position)
+    return np.array([order.get(b, i) for i, b in enumerate(blocks)], dtype=float)
+
+
+def _random_weights_note(fig: Figure, *tables: pa.Table) -> None:
+    """A visible line on figures of `tiny` / `random:*` stores: their numbers are not the paper's."""
+    models = sorted({m for t in tables for m in t["model"].to_pylist() if weights_note(m)})
+    if models:
+        fig.text(0.01, 0.995, f"{', '.join(models)}: random weights, not the paper's results", ha="left",
+                 va="top", fontsize=10, color="#b22222", fontweight="bold")  # beside the centred title
+
+
+def _detected_none(table: pa.Table) -> bool:
+    """True when the anomaly detection ran on the store and found nothing (so there were no anomalies to measure)."""
+    for row in table.to_pylist():
+        if row["metric"] == "anomalies" and row["statistic"] == "detection_n_detected":
+            return row["value"] == 0
+    return False
 
 
 def _band(ax: Axes, x: np.ndarray, intervals: Mapping[str, tuple[float, float]], blocks: Sequence[str],
@@ -294,6 +334,7 @@ def figure_2(table: pa.Table, reference: pa.Table | None = None, title: str = ""
     blocks = block_axis(table, *([reference] if reference is not None else []))
     fig, axes = _new_figure(3, len(blocks), 9.5)
     x = np.arange(len(blocks))
+    orders = _orders(blocks, table, reference)
     sources = [(table, "-", 1.0, label)] + ([(reference, "--", 0.6, PUBLISHED_LABEL)] if reference is not None else [])
     for ax, row in zip(axes, FIGURE2_ROWS):
         _style_axis(ax, row.ylabel, row.log)
@@ -307,20 +348,24 @@ def figure_2(table: pa.Table, reference: pa.Table | None = None, title: str = ""
                 store_drawn |= src_table is table
                 if src_table is reference and len(row.curves) == 1:
                     colour = "0.45"
-                _plot(ax, x, y, linestyle=linestyle, color=colour, alpha=alpha)
+                _plot(ax, x, y, orders, linestyle=linestyle, color=colour, alpha=alpha)
                 _band(ax, x, select_interval(src_table, series), blocks, row.log, exclude, color=colour)
                 if series == ANOMALY_MEAN:
                     std = _on_axis(select(src_table, ANOMALY_STD), blocks, False, exclude)
                     have = ~np.isnan(y) & ~np.isnan(std)
                     low = np.maximum(y - std, 0.25 * np.nanmin(y))  # a log axis cannot show <= 0
                     ax.fill_between(x[have], low[have], (y + std)[have], color=colour, alpha=0.15, linewidth=0)
-        if not store_drawn:
+        if not store_drawn and row.curves[0][1] == ANOMALY_MEAN and _detected_none(table):
+            _not_computed(ax, "detection ran and found no anomalies; pass --labels to `sdfeat metrics`")
+        elif not store_drawn:
             _not_computed(ax, "not computed" if reference is None else f"not computed ({label})")
         handles = [Line2D([], [], color=c, label=lab) for lab, _, c in row.curves]
         handles += [Line2D([], [], color="0.2", linestyle=ls, alpha=a, label=src) for _, ls, a, src in sources]
         _legend(ax, handles)
     _block_ticks(axes[-1], blocks)
+    axes[-1].set_xlabel("block (execution order)", fontsize=9)
     fig.suptitle(title or "Figure 2 layout", fontsize=11)
+    _random_weights_note(fig, table)
     return fig
 
 
@@ -333,6 +378,7 @@ def figure_cross_model(tables: Mapping[str, pa.Table], reference: tuple[str, pa.
     blocks = block_axis(*all_tables)
     fig, axes = _new_figure(len(rows), len(blocks), 11.0)
     x = np.arange(len(blocks))
+    orders = _orders(blocks, *all_tables)
     colours = [f"C{i}" for i in range(len(tables))]
     lines = [(name, t, "-", c) for (name, t), c in zip(tables.items(), colours)]
     if reference:
@@ -346,19 +392,28 @@ def figure_cross_model(tables: Mapping[str, pa.Table], reference: tuple[str, pa.
             if np.isnan(y).all():
                 name = f"{name}: not computed"
             else:
-                _plot(ax, x, y, linestyle=linestyle, color=colour)
+                _plot(ax, x, y, orders, linestyle=linestyle, color=colour)
                 _band(ax, x, select_interval(table, series), blocks, log_scale, exclude, color=colour)
             handles.append(Line2D([], [], color=colour, linestyle=linestyle, label=name))
         _legend(ax, handles)
     _block_ticks(axes[-1], blocks)
+    axes[-1].set_xlabel("block (execution order)", fontsize=9)
     fig.suptitle(title, fontsize=11)
+    _random_weights_note(fig, *tables.values())
     return fig
 
 
-def intervention_label(store: Path) -> str | None:
+def _has_features(store: str | Path) -> bool:
+    from sdfeat.store import FEATURES, filesystem, join
+
+    fs, root = filesystem(str(store))
+    return fs.exists(join(root, FEATURES))
+
+
+def intervention_label(store: str | Path) -> str | None:
     """`padding reflect (unet)` from a store's spec, `padding zeros (as released)` without an intervention; None
     where the folder holds no feature store (only results)."""
-    if not (store / "features.zarr").exists():
+    if not _has_features(store):
         return None
     from sdfeat.store import read_attrs
 
@@ -375,20 +430,46 @@ def figure_interventions(tables: Mapping[str, pa.Table]) -> Figure:
     return figure_cross_model(tables, rows=INTERVENTION_ROWS, title="Padding interventions")
 
 
-def save_figure(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
-    """Write `<stem>.png` and `<stem>.svg`; returns both paths. The layout, which dominates the cost, is computed
-    by the PNG save and then kept for the SVG."""
-    png, svg = out_dir / f"{stem}.png", out_dir / f"{stem}.svg"
-    fig.savefig(png, dpi=DPI)
-    fig.set_layout_engine("none")
-    fig.savefig(svg)
-    return [png, svg]
+def save_figure(fig: Figure, out_dir: str | Path, stem: str) -> list[str]:
+    """Write `<stem>.png` and `<stem>.svg` into `out_dir` (a path or URL, through fsspec); returns both. The layout,
+    which dominates the cost, is computed by the PNG save and then kept for the SVG."""
+    import io
+
+    from sdfeat.store import filesystem, join
+
+    fs, root = filesystem(str(out_dir))
+    written = []
+    for suffix, options in (("png", {"dpi": DPI}), ("svg", {})):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=suffix, **options)
+        if suffix == "png":
+            fig.set_layout_engine("none")
+        with fs.open(join(root, f"{stem}.{suffix}"), "wb") as f:
+            f.write(buffer.getvalue())
+        written.append(join(str(out_dir), f"{stem}.{suffix}"))
+    return written
 
 
-def token_maps(store: Path, n_samples: int = MAP_SAMPLES, blocks: Sequence[str] = MAP_BLOCKS) -> Figure | None:
+def _input_images(fs, rows: Sequence[int]) -> list[np.ndarray | None]:
+    """The decoded, cropped input images of store rows (as the job saw them), or None where the source is out of
+    reach from here."""
+    from sdfeat.errors import SdfeatError as _Error
+    from sdfeat.sources import SampleRef, read_images
+    from sdfeat.store import read_manifest
+
+    try:
+        manifest = read_manifest(fs.path)
+        refs = [SampleRef(**manifest.slice(r, 1).to_pylist()[0]) for r in rows]
+        return [d.pixels for d in read_images(refs, int(fs.spec.resolution))]
+    except (_Error, OSError, TypeError, KeyError) as err:
+        log.info("token maps: input images unavailable (%s)", err)
+        return [None] * len(rows)
+
+
+def token_maps(store: str | Path, n_samples: int = MAP_SAMPLES, blocks: Sequence[str] = MAP_BLOCKS) -> Figure | None:
     """Figure-1 maps of the first `n_samples` usable images at the `blocks` the store holds in full (else its first
-    two), first timestep and seed; None for a store without full activations."""
-    if not (store / "features.zarr").exists():
+    two), first timestep and seed, each beside its input image; None for a store without full activations."""
+    if not _has_features(store):
         return None
     from sdfeat.maps import figure_1
     from sdfeat.query import open_store
@@ -400,7 +481,13 @@ def token_maps(store: Path, n_samples: int = MAP_SAMPLES, blocks: Sequence[str] 
         return None
     panels = [(f"{fs.sample_ids[r]} · {b}", fs.read(b, [r], timestep=fs.timesteps[0], seed=fs.seeds[0])[0])
               for r in rows for b in chosen]  # each (C, H, W)
-    return figure_1(panels, title=f"token maps (timestep {fs.timesteps[0]}, seed {fs.seeds[0]})")
+    images = _input_images(fs, rows)
+    fig = figure_1(panels, title=f"token maps (timestep {fs.timesteps[0]}, seed {fs.seeds[0]})",
+                   images=[images[i] for i in range(len(rows)) for _ in chosen])
+    if weights_note(fs.spec.model):
+        fig.text(0.01, 0.995, f"{fs.spec.model}: random weights, not the paper's results", va="top", fontsize=9,
+                 color="#b22222", fontweight="bold")
+    return fig
 
 
 # --------------------------------------------------------------------------------------------- summary
@@ -436,7 +523,7 @@ PEAKS = (
 )
 
 
-def _model_section(name: str, store: Path, table: pa.Table, reference: pa.Table | None, figure: str) -> list[str]:
+def _model_section(name: str, store: str | Path, table: pa.Table, reference: pa.Table | None, figure: str) -> list[str]:
     models = sorted(set(table["model"].to_pylist()))
     model = ", ".join(models)
     lines = [f"## {name}", "", f"Store: `{store}` — model `{model}`", ""]
@@ -446,7 +533,9 @@ def _model_section(name: str, store: Path, table: pa.Table, reference: pa.Table 
     for text, series in PEAKS:
         exclude = CORNERS_EXCLUDED if series.metric == "corners" else frozenset()
         peak = _peak(select(table, series), exclude)
-        line = f"- {text}: " + (f"{peak[1]:.3f} at `{peak[0]}`" if peak else "not computed")
+        missing = "detected none (pass --labels to `sdfeat metrics` to measure given anomalies)" \
+            if series == ANOMALY_MEAN and _detected_none(table) else "not computed"
+        line = f"- {text}: " + (f"{peak[1]:.3f} at `{peak[0]}`" if peak else missing)
         published = _peak(select(reference, series), exclude) if reference is not None else None
         if published:
             line += f" (published: {published[1]:.3f} at `{published[0]}`)"
@@ -461,22 +550,28 @@ def _model_section(name: str, store: Path, table: pa.Table, reference: pa.Table 
     return lines + [""]
 
 
-def _unique_names(stores: Sequence[Path], tables: Sequence[pa.Table]) -> list[str]:
+def _unique_names(stores: Sequence[str], tables: Sequence[pa.Table]) -> list[str]:
     names = []
     for store, table in zip(stores, tables):
         models = sorted(set(table["model"].to_pylist()))
-        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{'+'.join(models) or 'store'}-{store.resolve().name}")
+        leaf = store.rstrip("/").rsplit("/", 1)[-1] if "://" in store else Path(store).resolve().name
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{'+'.join(models) or 'store'}-{leaf}")
         names.append(base if base not in names else f"{base}-{len(names)}")
     return names
 
 
-def write_report(stores: list[str], out_dir: str, reference: str | None = None) -> Path:
-    """Figures (PNG + SVG) and `summary.md` for one or more stores' metric tables; returns the summary's path."""
+def write_report(stores: list[str], out_dir: str, reference: str | None = None,
+                 progress: bool = False) -> Path | str:
+    """Figures (PNG + SVG) and `summary.md` for one or more stores' metric tables (stores and `out_dir` are paths
+    or URLs, read and written through fsspec); returns the summary's path (a URL string for a remote out_dir)."""
+    from sdfeat.store import filesystem, join
+
     if not stores:
         raise SdfeatError("stores: give at least one store")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [Path(s) for s in stores]
+    out = str(out_dir)
+    out_fs, out_root = filesystem(out)
+    out_fs.makedirs(out_root, exist_ok=True)
+    paths = [str(s) for s in stores]
     tables = [load_results(p) for p in paths]
     ref_table = load_reference(reference) if reference else None
     names = _unique_names(paths, tables)
@@ -494,15 +589,26 @@ def write_report(stores: list[str], out_dir: str, reference: str | None = None) 
         legend = legend if len(set(legend)) == len(legend) else [f"{i} · {n}" for i, n in zip(legend, names)]
         save_figure(figure_interventions(dict(zip(legend, tables))), out, "interventions")
         lines += ["![Padding interventions](interventions.png)", ""]
-    for name, store, table in zip(names, paths, tables):
-        stem = f"figure2_{name}"
-        save_figure(figure_2(table, ref_table, title=f"{name} — Figure 2 layout"), out, stem)
-        lines += _model_section(name, store, table, ref_table, stem)
-        maps = token_maps(store)
-        if maps is not None:
-            save_figure(maps, out, f"maps_{name}")
-            lines += [f"![Token maps — {name}](maps_{name}.png)", ""]
-    summary = out / "summary.md"
-    summary.write_text("\n".join(lines))
+    from sdfeat.progress import TaskProgress
+
+    with TaskProgress("report", len(names), enabled=progress) as bar:
+        for name, store, table in zip(names, paths, tables):
+            lines += _store_figures(name, store, table, ref_table, out)
+            bar.step(name)
+    with out_fs.open(join(out_root, "summary.md"), "w") as f:
+        f.write("\n".join(lines))
+    summary = join(out, "summary.md") if "://" in out else Path(out) / "summary.md"
     log.info("report written to %s", summary)
     return summary
+
+
+def _store_figures(name: str, store: str, table: pa.Table, ref_table: pa.Table | None, out: str) -> list[str]:
+    """Figure 2 and the token maps of one store; its summary.md section."""
+    stem = f"figure2_{name}"
+    save_figure(figure_2(table, ref_table, title=f"{name} — Figure 2 layout"), out, stem)
+    lines = _model_section(name, store, table, ref_table, stem)
+    maps = token_maps(store)
+    if maps is not None:
+        save_figure(maps, out, f"maps_{name}")
+        lines += [f"![Token maps — {name}](maps_{name}.png)", ""]
+    return lines

@@ -33,6 +33,7 @@ machines and mounts.
 from __future__ import annotations
 
 import bisect
+import errno
 import itertools
 import json
 import math
@@ -129,7 +130,8 @@ def _irregular_reason(path: str) -> str:
     try:
         mode = os.stat(path).st_mode
     except OSError as err:  # a broken or looping symbolic link
-        return f"not a regular file: {'symbolic link loop' if err.errno == 40 else 'broken link'} ({err.strerror})"
+        kind = "symbolic link loop" if err.errno == errno.ELOOP else "broken link"
+        return f"not a regular file: {kind} ({err.strerror})"
     kinds = ((stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
              (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory"))
     return "not a regular file: " + next((name for test, name in kinds if test(mode)), "special file")
@@ -157,6 +159,8 @@ def _list_source(source: str) -> _Listing:
         entries, root = _find(fs, path, glob=False), path
     elif fs.isfile(path):  # named explicitly: kept even when hidden
         entries, root = {path: {"type": "file"}}, path.rsplit("/", 1)[0] if "/" in path else ""
+    elif _is_local(fs) and os.path.lexists(path):  # a named pipe, socket or broken link: never opened
+        raise SourceError(f"source '{source}': {_irregular_reason(path)}")
     else:
         entries, root = {}, path
     listing = _Listing(fs, root, [])
@@ -247,6 +251,8 @@ def _image_kind(schema: pa.Schema, url: str) -> str:
 def _label_values(column: pa.ChunkedArray, url: str) -> list[int | None]:
     """Integer labels (None where null). Integral floats and integer strings are converted; anything else is
     refused naming the column, never truncated."""
+    if pa.types.is_dictionary(column.type):  # e.g. a pandas categorical: its values decide
+        column = column.cast(column.type.value_type)
     kind, values = column.type, column.to_pylist()
     if pa.types.is_integer(kind) or pa.types.is_null(kind):
         labels = values
@@ -445,7 +451,8 @@ def _plan_tar(listing: _Listing, path: str) -> Iterator[SampleRef]:
         member = sample.image
         if member is None:
             found = ", ".join(f".{e}" for e in dict.fromkeys(sample.extensions))
-            yield SampleRef(f"{rel}#{key}", sample.label, url, "", error=f"{rel}#{key}: no image member (found {found})")
+            yield SampleRef(f"{rel}#{key}", sample.label, url, "",
+                            error=f"{rel}#{key}: no image member (found {found})")
             continue
         error = sample.error
         if not error and member.offset_data + member.size > size:

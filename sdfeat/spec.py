@@ -179,12 +179,31 @@ def spec_hash(spec: JobSpec) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _nearest_key(loc: tuple) -> str:
+    """'; did you mean 'x'?' for an unknown key at `loc`, from the keys of the model that holds it (difflib)."""
+    import difflib
+    import typing
+
+    model: Any = JobSpec
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return ""
+        nested = [a for a in (field.annotation, *typing.get_args(field.annotation)) if hasattr(a, "model_fields")]
+        if not nested:
+            return ""
+        model = nested[0]
+    keys = list(getattr(model, "model_fields", {}))
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(keys)}"
+
+
 def _format_validation_error(err: ValidationError, origin: str) -> str:
     first = err.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = "unknown key" + _nearest_key(first["loc"])
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{origin}: field '{field}': {msg}{more}"
 
@@ -229,7 +248,10 @@ def load_spec(path: str | Path, **overrides: Any) -> JobSpec:
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError(f"{where}: not valid YAML: {problem}") from None
     return parse_spec(data, origin=str(path), **overrides)
 
 

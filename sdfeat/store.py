@@ -133,6 +133,15 @@ def open_features(output: str, mode: str = "r") -> zarr.Group:
         return zarr.open_group(join(output, FEATURES), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
         raise StoreError(f"no feature store at {output} (expected {join(output, FEATURES)})") from None
+    except ValueError as err:  # metadata that does not parse (a torn write): named, never silently replaced
+        reason = " ".join(str(err).split())[:120]
+        raise StoreError(f"{join(output, FEATURES)}: unreadable store metadata ({reason}); pass --overwrite to "
+                         "start again") from err
+
+
+def template_complete(output: str) -> bool:
+    """Whether `create_template` finished: its last step, the consolidated metadata, is there."""
+    return open_features(output).metadata.consolidated_metadata is not None
 
 
 def read_attrs(output: str) -> dict:

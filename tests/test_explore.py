@@ -246,7 +246,7 @@ def test_cli_refuses_a_path_without_a_store(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "no feature store" in result.output
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def s3_store(tiny_store: str) -> Iterator[str]:
     """tiny_store copied to a moto S3 server on 127.0.0.1; AWS_* set while the test runs."""
     import os
@@ -287,3 +287,21 @@ def test_an_s3_store_gives_the_same_maps(s3_store: str, client: TestClient) -> N
         client.get("/api/stores/0/similarity", params=params).json()
     assert remote.get("/api/stores/0/samples/9/image.png").content == \
         client.get("/api/stores/0/samples/9/image.png").content
+
+
+def test_rows_appear_as_their_units_finish_on_s3(s3_store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fsspec
+
+    from sdfeat.explore import views
+
+    fs = fsspec.filesystem("s3")
+    marker = store.marker_path(s3_store, 2).removeprefix("s3://")
+    report = fs.cat_file(marker)
+    fs.rm(marker)  # unit 2 (rows 8..11) still being written
+    client = _client(s3_store)
+    assert client.get("/api/stores/0").json()["finished"] == 8
+    assert client.get("/api/stores/0/norm", params={"block": BLOCK, "row": 9}).status_code == 409
+    fs.pipe_file(marker, report)  # the unit finishes
+    monkeypatch.setattr(views, "STATUS_TTL_S", 0.0)
+    assert client.get("/api/stores/0").json()["finished"] == 12
+    assert client.get("/api/stores/0/norm", params={"block": BLOCK, "row": 9}).status_code == 200

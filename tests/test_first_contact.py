@@ -37,7 +37,7 @@ def _job(path: Path, **changes: object) -> Path:
 
 # A wrong address: no cluster needed.
 
-@pytest.mark.parametrize("command", [["extract", "JOB", "--address"], ["metrics", "STORE", "--address"],
+@pytest.mark.parametrize("command", [["extract", "JOB", "--address"], ["metrics", "STORE", "--metric", "position", "--address"],
                                      ["status", "sdfeat-x-1", "--address"], ["submit", "JOB", "--address"]])
 def test_wrong_address_fails_in_seconds_with_one_line(command: list[str], tmp_path: Path, request) -> None:
     job = _job(tmp_path / "job.yaml", output=str(tmp_path / "store"))

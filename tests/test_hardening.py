@@ -502,3 +502,59 @@ def test_overwrite_names_what_it_removes_and_keeps_other_files(tiny_store, tmp_p
             f"from {output}") in caplog.text
     assert (output / "notes.txt").read_text() == "mine" and not (output / "results").exists()
     assert store.done_units(str(output)) == set()
+
+
+def test_cheap_block_names_agree_with_the_meta_forward():
+    """The names `checks` refuses by (from the config, no torch) are exactly the meta forward's, for every model
+    it checks that way: tiny (checked against SD-1.5's config), sd15, sd21, sdturbo."""
+    from sdfeat.blocks import _table, config_positions
+    from sdfeat.checks import _config_without_torch
+    from sdfeat.models import TINY_UNET_CONFIG, unet_config
+
+    assert config_positions(_config_without_torch("tiny")) == config_positions(TINY_UNET_CONFIG)
+    for model in ("tiny", "sd15", "sd21", "sdturbo", "random:sd15"):
+        config = unet_config(model)
+        assert config_positions(_config_without_torch(model)) == [row[0] for row in _table(config, 256)], model
+    assert config_positions({"down_block_types": ["SomethingNew2D"], "up_block_types": []}) is None
+
+
+def test_start_killed_while_writing_the_template_is_written_again(tiny_store, tmp_path, monkeypatch):
+    from storecompare import assert_same_store
+    from sdfeat.extract import prepare_job, run_local
+
+    output = str(tmp_path / "half")
+    spec = small_spec(output)
+
+    def killed(*_args, **_kwargs):
+        raise KeyboardInterrupt  # after the arrays, before the consolidated metadata: the template's last step
+
+    monkeypatch.setattr(store.zarr, "consolidate_metadata", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_job(spec)
+    monkeypatch.undo()
+    assert store.read_attrs(output)["spec_hash"] and not store.template_complete(output)
+    assert run_local(spec, progress=False)["ok"] == 12
+    assert_same_store(output, tiny_store)
+
+
+def test_unreadable_store_metadata_is_refused_unless_overwrite(tiny_store, tmp_path):
+    from sdfeat.extract import prepare_job
+
+    output = tmp_path / "torn-meta"
+    shutil.copytree(tiny_store, output)
+    meta = output / store.FEATURES / "zarr.json"
+    meta.write_text(meta.read_text()[:40])
+    with pytest.raises(StoreError, match=r"features.zarr: unreadable store metadata .*--overwrite"):
+        prepare_job(small_spec(str(output)))
+    assert len(prepare_job(small_spec(str(output)), overwrite=True).units) == 3
+    assert store.template_complete(str(output))
+
+
+def test_output_inside_the_source_is_refused(tmp_path):
+    from sdfeat.checks import check_job
+    from sdfeat.errors import SpecError
+
+    classes = imagegen.write_ilsvrc_folders(tmp_path, synsets=("n01000000",), per_class=1)
+    with pytest.raises(SpecError, match="field 'output': .* lies inside the source"):
+        check_job(small_spec(str(classes / "n01000000" / "out"), source=str(classes)))
+    check_job(small_spec(str(tmp_path / "out"), source=str(classes)))  # beside it is fine

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from conftest import small_spec
 from storecompare import assert_same_store
@@ -21,7 +20,7 @@ BLOCKS = ["conv_in", "mid_block.resnets.1", "up_blocks.1.upsamplers.0"]
 
 
 def _spec(output: Path | str, cache: Path | str | None, **overrides):
-    data = {"source": "synthetic:8", "blocks": BLOCKS, "timesteps": [50, 400], "seeds": [42, 7], "batch_size": 2,
+    data = {"source": "synthetic:8", "blocks": BLOCKS, "timesteps": [50], "seeds": [42], "batch_size": 2,
             "unit_size": 4, "variants": {"crops": [16]}, "latent_cache": None if cache is None else str(cache)}
     return small_spec(str(output), **{**data, **overrides})
 
@@ -113,7 +112,7 @@ def test_a_torn_cache_write_is_redone(tmp_path: Path) -> None:
 
 
 def test_other_preprocessing_or_vae_gets_its_own_folder_and_a_foreign_key_folder_is_refused(tmp_path: Path) -> None:
-    from sdfeat.models import build_tiny_pipeline
+    from sdfeat.models import build_tiny_pipeline, load_model
 
     cache = tmp_path / "cache"
     _run(_spec(tmp_path / "standard", cache, variants={}))
@@ -122,15 +121,14 @@ def test_other_preprocessing_or_vae_gets_its_own_folder_and_a_foreign_key_folder
     build_tiny_pipeline(seed=5).save_pretrained(other_vae, safe_serialization=True)
     _, calls = _run(_spec(tmp_path / "other", cache, model=str(other_vae), variants={}))
     assert calls == 4  # another VAE: nothing reused
-    folders = {json.loads((p / "key.json").read_text())["pixels"] + p.name for p in cache.iterdir()}
-    assert len(folders) == 3
-    keys = [json.loads((p / "key.json").read_text()) for p in cache.iterdir()]
-    assert len({k["vae_weights"] for k in keys}) == 2 and len({k["pixels"] for k in keys}) == 2
-
-    standard_folder = next(p for p in cache.iterdir()
-                           if json.loads((p / "key.json").read_text())["pixels"] == "[-1,1]"
-                           and json.loads((p / "key.json").read_text())["vae_weights"] == keys[0]["vae_weights"])
-    with pytest.raises(StoreError, match=r"latent cache .* another VAE or preprocessing \(pixels: '\[-1,1\]'"):
+    # three folders: paper's weights are rounded through fp16 (another digest) and scale pixels to [0, 1]
+    keys = {p: json.loads((p / "key.json").read_text()) for p in cache.iterdir()}
+    assert len(keys) == 3 and len({k["vae_weights"] for k in keys.values()}) == 3
+    assert sorted(k["pixels"] for k in keys.values()) == ["[-1,1]", "[-1,1]", "[0,1]"]
+    tiny = load_model("tiny").vae_weights_digest()
+    standard_folder = next(p for p, k in keys.items() if k["vae_weights"] == tiny)
+    with pytest.raises(StoreError, match=r"latent cache .* another VAE or preprocessing \(pixels: '\[-1,1\]'.*"
+                                         r"vae_weights: "):
         _run(_spec(tmp_path / "refused", standard_folder, protocol="paper", variants={}))
     _, calls = _run(_spec(tmp_path / "direct", standard_folder, variants={}))  # its own key: accepted
     assert calls == 0

@@ -120,8 +120,14 @@ def _tables(store: str, labels: str, bootstrap: int) -> dict[str, pd.DataFrame]:
 def test_store_intervals(stores: dict[str, str]) -> None:
     plain = _tables(stores["zeros"], stores["labels"], 0)
     boot = _tables(stores["zeros"], stores["labels"], 120)
+    detections = boot["anomalies"][boot["anomalies"].statistic.str.startswith("detection_")]
+    assert set(detections.statistic) == {f"detection_{k}" for k in ("precision", "recall", "n_detected",
+                                                                    "n_labels", "matched")}
+    counted = detections[detections.value.notna()]
+    assert len(counted) >= 3 and counted.ci_low.notna().all() and (counted.n_images == 12).all()
+    assert (counted.ci_low <= counted.value).all() and (counted.value <= counted.ci_high).all()
     for metric, df in boot.items():
-        rows = df[~df.statistic.str.startswith("detection_")]  # detection counts: no interval
+        rows = df[~df.statistic.str.startswith("detection_")]  # detections: one timestep (above)
         assert len(rows) and rows.ci_low.notna().all() and (rows.n_images > 0).all(), metric
         valued = rows[rows.value.notna()]
         assert len(valued) == len(rows) or metric == "position", metric  # position_error of an empty split
@@ -212,11 +218,38 @@ def test_ray_tasks_give_the_local_intervals(stores: dict[str, str]) -> None:
     import ray
 
     opts = replace(_options(80), timestep=50)
-    local = pd.read_parquet(run_metrics(stores["zeros"], metrics=["corners", "position"], local=True,
-                                        options=opts)["corners"])
+    metrics = ["corners", "position"]
+    local = {m: pd.read_parquet(p) for m, p in run_metrics(stores["zeros"], metrics, local=True, options=opts).items()}
     ray.init(address="local", num_cpus=2, include_dashboard=False)  # own cluster; tasks only (no actors)
     try:
-        remote = pd.read_parquet(run_metrics(stores["zeros"], metrics=["corners", "position"], options=opts)["corners"])
+        remote = {m: pd.read_parquet(p) for m, p in run_metrics(stores["zeros"], metrics, options=opts).items()}
     finally:
         ray.shutdown()
-    pd.testing.assert_frame_equal(local, remote)
+    for m in metrics:
+        pd.testing.assert_frame_equal(local[m], remote[m])
+
+
+def test_summary_store_gives_the_full_store_intervals(stores: dict[str, str], tmp_path) -> None:
+    """Full-ImageNet mode: per-image summaries carry the same per-image contributions as the full tensors."""
+    from sdfeat.extract import run_local
+
+    output = str(tmp_path / "summary")
+    run_local(small_spec(output, blocks=[], summaries={"blocks": BLOCKS, "tokens_per_image": 8}, timesteps=[50],
+                         variants={"crops": "auto"}), progress=False, device="cpu")
+    opts = replace(_options(100), timestep=50)
+    got = {}
+    for name, path in (("full", stores["zeros"]), ("summary", output)):
+        paths = run_metrics(path, metrics=["corners", "anomalies", "position"], labels=stores["labels"], local=True,
+                            options=opts)
+        got[name] = {m: pd.read_parquet(p) for m, p in paths.items()}
+    for metric in ("corners", "anomalies"):
+        full, summary = (got[k][metric].query("~statistic.str.startswith('detection_')", engine="python")
+                         for k in ("full", "summary"))
+        keys = [k for k in KEY if k in full.columns]
+        merged = full.merge(summary, on=keys, suffixes=("", "_s"))
+        assert len(merged) == len(full) > 0
+        for column in ("value", "ci_low", "ci_high"):  # the full store holds fp16, summaries come from fp32
+            np.testing.assert_allclose(merged[column + "_s"], merged[column], rtol=3e-3, equal_nan=True)
+    probe = got["summary"]["position"]
+    assert (probe.variant == "summary_tokens").all() and probe.ci_low.notna().all()
+    assert (probe.ci_low <= probe.value + 1e-12).all() and (probe.value <= probe.ci_high + 1e-12).all()

@@ -27,16 +27,18 @@ from PIL import Image
 
 import imagegen
 from conftest import small_spec
+from sdfeat import store
 from sdfeat.decode import center_crop_resize, decode_rgb
 from sdfeat.extract import run_local
 from sdfeat.query import open_store
 
 RES = 64
 BLOCKS = ["conv_in", "down_blocks.1.attentions.0"]
-# fp16 storage (~3e-4 here), and the job's batches of 4 against a batch of one: CPU float32 results agree to ~1e-5
-# for textured images, but a solid image (zero variance in the VAE's GroupNorms) amplifies that to ~6e-3. Each
-# stored row must also be nearer its own image's values than any other image's (no row mix-up).
-TOLERANCE = 1e-2
+# The job runs batches of one, so each row is "a clean single-image job" and only fp16 storage (~3e-4 here)
+# separates it from the forward below. (Batches of 4 agree to ~1e-5 in float32 for textured images, but a solid
+# image - zero variance in the VAE's GroupNorms - amplifies batch-dependent rounding to ~2e-2 deep in the U-Net.)
+# Each stored row must also be nearer its own image's values than any other image's (no row mix-up).
+TOLERANCE = 2e-3
 RED, GREEN, BLUE, WHITE = (230, 30, 30), (30, 200, 60), (40, 40, 220), (255, 255, 255)
 
 
@@ -244,7 +246,7 @@ def build_webdataset(root: Path) -> tuple[str, Corpus]:
     path.write_bytes(path.read_bytes()[:cut])
     for i in range(2):
         corpus[f"b.tar#c{i}.jpg"] = Sample("tar_truncated_tail", b_members[2 * i][1], 0, color=RED)
-    corpus["b.tar#c2.jpg"] = Sample("tar_truncated_tail", None, 0, reason="truncated tar member")
+    corpus["b.tar#c2.jpg"] = Sample("tar_truncated_tail", None, -1, reason="truncated tar member")  # .cls cut off
     # c: garbage; d: zero bytes; e: good members then garbage; f: cut inside a header
     (wds / "c.tar").write_bytes(np.random.default_rng(0).bytes(4096))
     corpus["c.tar#(unreadable)"] = bad("garbage_tar", -1, "unreadable WebDataset tar")
@@ -256,7 +258,8 @@ def build_webdataset(root: Path) -> tuple[str, Corpus]:
     e.write_bytes(e.read_bytes()[:end] + b"\x01garbage after the last member" * 40)
     corpus["e.tar#e0.jpg"] = Sample("tar_garbage_appended", imagegen.solid_jpeg(30, 30, BLUE), 1, color=BLUE)
     corpus["e.tar#(unreadable tail)"] = bad("tar_garbage_appended", -1, "e.tar: truncated or invalid member header")
-    f = _tar(wds / "f.tar", [("f0.jpg", imagegen.solid_jpeg(30, 30, GREEN)), ("f1.jpg", imagegen.solid_jpeg(9, 9, RED))])
+    f = _tar(wds / "f.tar", [("f0.jpg", imagegen.solid_jpeg(30, 30, GREEN)),
+                             ("f1.jpg", imagegen.solid_jpeg(9, 9, RED))])
     with tarfile.open(f) as tar:
         header = next(m for m in tar if m.name == "f1.jpg").offset
     f.write_bytes(f.read_bytes()[: header + 100])
@@ -325,6 +328,10 @@ BUILDERS = {"folder": build_folders, "webdataset": build_webdataset, "parquet": 
 # ---- the check ----------------------------------------------------------------------------------------------------
 
 
+class _Deepest(Exception):
+    """Raised by the hook on the deepest requested block."""
+
+
 def _single_image_values(model, data: bytes, sample_id: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Pixels and activations of one image alone: decode, crop, a batch of one, plain forward hooks."""
     from sdfeat.protocol import encode, noisy_latents
@@ -333,11 +340,19 @@ def _single_image_values(model, data: bytes, sample_id: str) -> tuple[np.ndarray
     dist = encode(model, torch.from_numpy(pixels.copy())[None], "standard")
     latents = noisy_latents(model, dist, "standard", 42, [sample_id], [50])[50]  # (1, 4, RES/8, RES/8)
     got: dict[str, torch.Tensor] = {}
-    handles = [model.unet.get_submodule(b).register_forward_hook(
-        lambda _m, _i, out, b=b: got.__setitem__(b, out[0] if isinstance(out, tuple) else out)) for b in BLOCKS]
+
+    def keep(block: str, out) -> None:
+        got[block] = out[0] if isinstance(out, tuple) else out
+        if block == BLOCKS[-1]:
+            raise _Deepest  # the rest of the U-Net is not needed
+
+    handles = [model.unet.get_submodule(b).register_forward_hook(lambda _m, _i, out, b=b: keep(b, out))
+               for b in BLOCKS]
     try:
         with torch.inference_mode():
             model.unet(latents, 50, encoder_hidden_states=model.prompt_embeddings([""]))
+    except _Deepest:
+        pass
     finally:
         for handle in handles:
             handle.remove()
@@ -350,7 +365,7 @@ def test_odd_inputs_end_in_a_clear_answer(tmp_path: Path, layout: str) -> None:
 
     source, corpus = BUILDERS[layout](tmp_path / "src")
     output = tmp_path / "out"
-    spec = small_spec(str(output), source=source, resolution=RES, blocks=BLOCKS, timesteps=[50], batch_size=4,
+    spec = small_spec(str(output), source=source, resolution=RES, blocks=BLOCKS, timesteps=[50], batch_size=1,
                       unit_size=8)
     with deadline(600):
         summary = run_local(spec, progress=False, device="cpu")
@@ -384,7 +399,8 @@ def test_odd_inputs_end_in_a_clear_answer(tmp_path: Path, layout: str) -> None:
             others = [np.abs(stored - expected[o][block]).max() for o in ok if o != sid]
             assert own < min(others, default=np.inf), (sid, block, own, min(others))
     failed_rows = [i for i, sid in enumerate(fs.sample_ids) if sid in failures]
-    assert all((fs.read(b, failed_rows) == 0).all() for b in BLOCKS) if failed_rows else True
+    group = store.open_features(str(output))
+    assert all((np.asarray(group[b][:])[failed_rows] == 0).all() for b in BLOCKS)  # no stale or foreign values
 
 
 def test_the_corpus_has_more_than_forty_kinds(tmp_path: Path) -> None:

@@ -71,10 +71,17 @@ class StoreView:
 
     # -- what is there ------------------------------------------------------------------------------------
 
+    @property
+    def crop_rows(self) -> int:
+        """Crop variants exist for rows 0..crop_rows-1 (the job's `variants.samples`; all rows by default)."""
+        return int(self.fs.attrs.get("crop_samples", self.n))
+
     def status(self) -> tuple[np.ndarray, np.ndarray, int]:
         """(finished (n,) bool, ok (n,) bool, units done): re-read from the store at most every STATUS_TTL_S."""
         with self._lock:
             if self._status is None or time.monotonic() - self._status[0] > STATUS_TTL_S:
+                fs, root = store.filesystem(self.fs.path)
+                fs.invalidate_cache(store.join(root, store.PROGRESS))  # s3fs caches listings: see new markers
                 done = store.done_units(self.fs.path)
                 finished = np.zeros(self.n, dtype=bool)
                 for unit in done:
@@ -99,7 +106,7 @@ class StoreView:
             "finished": int(finished.sum()), "ok": int(ok.sum()), "failed": int((finished & ~ok).sum()),
             "units": -(-self.n // self.unit_size), "units_done": units_done, "unit_size": self.unit_size,
             "timesteps": self.fs.timesteps, "seeds": self.fs.seeds, "crops": self.fs.crops,
-            "crop_samples": getattr(self.fs, "crop_samples", self.n),
+            "crop_samples": self.crop_rows,
             "class_names": self.fs.attrs.get("class_names"),
             "blocks": [{"name": b, "shape": list(self.fs.shape(b)[-3:]), "crops": crops.get(b, [])}
                        for b in self.fs.blocks],
@@ -144,9 +151,9 @@ class StoreView:
             raise RowNotReadyError(f"row {row} is not finished yet (unit {row // self.unit_size} has no done marker)")
         if not ok[row]:
             raise RowNotReadyError(f"row {row} ({self.fs.sample_ids[row]}) failed: its image could not be used")
-        if sel is not None and sel.crop is not None and row >= getattr(self.fs, "crop_samples", self.n):
+        if sel is not None and sel.crop is not None and row >= self.crop_rows:
             raise StoreError(f"crop: row {row} has no crop variant (crops cover the first "
-                             f"{self.fs.crop_samples} rows)")
+                             f"{self.crop_rows} rows)")
         return row
 
     # -- maps ----------------------------------------------------------------------------------------------
@@ -192,7 +199,7 @@ class StoreView:
         rows = np.flatnonzero(ok)
         key = (sel, len(rows))
         if sel.crop is not None:
-            rows = rows[rows < getattr(self.fs, "crop_samples", self.n)]
+            rows = rows[rows < self.crop_rows]
         if len(rows) > THRESHOLD_IMAGES:
             rows = rows[np.linspace(0, len(rows) - 1, THRESHOLD_IMAGES).round().astype(np.int64)]
         if key not in self._thresholds:
@@ -240,7 +247,7 @@ class StoreView:
         similarity_map(acts, y, x)  # checks the token lies on the map
         query = acts[:, y, x]  # (C,)
         _, ok, _ = self.status()
-        stop = min(start + count, self.n if sel.crop is None else getattr(self.fs, "crop_samples", self.n))
+        stop = min(start + count, self.n if sel.crop is None else self.crop_rows)
         rows = np.array([r for r in range(start, stop) if ok[r] and r != row], dtype=np.int64)
         chunks = [rows[i:i + TOPK_CHUNK] for i in range(0, len(rows), TOPK_CHUNK)]
         results = list(self._pool.map(lambda c: self._topk_chunk(sel, c, query, k), chunks))

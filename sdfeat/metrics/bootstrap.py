@@ -129,18 +129,19 @@ class AnomalyParts:
 
 @dataclass
 class ProbeParts:
-    """per_image (R, E, n_pop, S + 3): per repeat and epoch, per population image the test counts of
-    `position.EpochScores.per_image` (zero for images not in that repeat's test split)."""
+    """Per repeat r (one image-level split): index[r] (n_test,) population positions of its test images and
+    per_image[r] (E, n_test, S + 3) their test counts per epoch (`position.EpochScores.per_image`)."""
 
     n: int
     protocol: str
     variant: str
     scales: tuple[int, ...]
-    per_image: np.ndarray
+    index: list[np.ndarray]
+    per_image: list[np.ndarray]
 
     def rows(self, w: np.ndarray, replicate: int = 0) -> list[dict]:
-        sums = np.tensordot(w.astype(np.float64), self.per_image[replicate % len(self.per_image)],
-                            axes=([0], [1]))  # (E, S + 3)
+        r = replicate % len(self.per_image)
+        sums = np.tensordot(w[self.index[r]].astype(np.float64), self.per_image[r], axes=([0], [1]))  # (E, S + 3)
         n_scales = len(self.scales)
         with np.errstate(invalid="ignore", divide="ignore"):
             tokens = sums[:, -1]
@@ -154,11 +155,12 @@ class ProbeParts:
         return rows
 
     def n_images(self) -> int:
-        return int((self.per_image[0, 0, :, -1] > 0).sum())
+        return len(self.index[0])
 
     @staticmethod
     def pool(parts: Sequence["ProbeParts"]) -> "ProbeParts":
-        return replace(parts[0], per_image=sum(p.per_image for p in parts))
+        """Summed over (timestep, seed): the splits depend on the labels and seeds only, so they coincide."""
+        return replace(parts[0], per_image=[sum(found) for found in zip(*(p.per_image for p in parts))])
 
 
 Parts = Union[CornerParts, AnomalyParts, ProbeParts]
@@ -228,13 +230,9 @@ def _anomaly_parts(fs: FeatureStore, b: runner._Block, opts: runner.MetricOption
 
 def _probe_parts(fs: FeatureStore, b: runner._Block, opts: runner.MetricOptions) -> ProbeParts:
     results = [runner.probe_result(fs, b, opts, r) for r in range(max(1, opts.probe_repeats))]
-    epochs, scales = len(results[0].epochs), tuple(opts.probe.scales)
-    per_image = np.zeros((len(results), epochs, len(b.rows), len(scales) + 3))
-    for r, result in enumerate(results):
-        for e, scores in enumerate(result.epochs):
-            per_image[r, e, result.test_images] = scores.per_image
     return ProbeParts(results[0].n, opts.protocol or fs.spec.protocol, "tokens" if b.full else "summary_tokens",
-                      scales, per_image)
+                      tuple(opts.probe.scales), [np.asarray(r.test_images) for r in results],
+                      [np.stack([e.per_image for e in r.epochs]) for r in results])
 
 
 def collect(store_path: str, block: str, metric: str, opts: runner.MetricOptions, labels: np.ndarray | None = None,
@@ -288,3 +286,41 @@ def bootstrap_task(store_path: str, block: str, metric: str, opts: runner.Metric
         return []
     rows = interval_rows(collected, opts.bootstrap, opts.bootstrap_seed, opts.level)
     return runner._label(collected.fs, block, rows)
+
+
+def detection_intervals(fs: FeatureStore, opts: runner.MetricOptions, detected: np.ndarray,
+                        given: np.ndarray | None) -> dict[str, dict]:
+    """Intervals of the detection rows (`detection_<stat>` -> the columns to add): per usable image its detections,
+    labels and matches (`anomalies.match` never matches across images, so per-image matching is exact), resampled
+    like every other row. Labels on images that did not extract are left out."""
+    population = np.flatnonzero(fs.ok)
+    n = len(population)
+    at = {int(r): i for i, r in enumerate(population)}
+    per_image = np.zeros((n, 3))  # detections, labels, matched
+    found = [int(s) for s in detected[:, 0]] if len(detected) else []
+    for sample in found:
+        if sample in at:
+            per_image[at[sample], 0] += 1
+    if given is not None:
+        for sample in np.unique(given[:, 0]):
+            if int(sample) in at:
+                mine = detected[detected[:, 0] == sample] if len(detected) else detected
+                stats = anomalies.match(mine, given[given[:, 0] == sample], opts.match_tolerance)
+                per_image[at[int(sample)], 1:] = stats["n_labels"], stats["matched"]
+
+    def statistics(w: np.ndarray) -> dict[str, float]:
+        d, lab, hit = _weighted_sum(w, per_image)
+        if given is None:
+            return {"n_detected": d}
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return {"precision": hit / d if d else np.nan, "recall": hit / lab if lab else np.nan,
+                    "n_detected": d, "n_labels": lab, "matched": hit}
+
+    names = list(statistics(np.ones(n, dtype=np.int64)))
+    values = np.array([[statistics(replicate_weights(n, rep, opts.bootstrap_seed))[k] for k in names]
+                       for rep in range(opts.bootstrap)]).reshape(opts.bootstrap, len(names))
+    low, high = percentile_interval(values, opts.level)
+    timestep = opts.timestep if opts.timestep is not None else fs.timesteps[0]
+    seed = opts.seed if opts.seed is not None else fs.seeds[0]
+    return {f"detection_{k}": {"ci_low": float(lo), "ci_high": float(hi), "n_images": n, "timestep": timestep,
+                               "seed": seed, "pooled": False} for k, lo, hi in zip(names, low, high)}

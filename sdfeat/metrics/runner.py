@@ -245,18 +245,38 @@ def _threaded(threads: int, fn: Callable[..., Any], *args: Any) -> Any:
         torch.set_num_threads(previous)
 
 
+def _call_name(fn: Callable[..., Any], args: tuple) -> str:
+    """'position up_blocks.1.upsamplers.0' for the progress bar."""
+    block = args[1] if len(args) > 1 and isinstance(args[1], str) else ""
+    return f"{fn.__name__.removesuffix('_task')} {block}".strip()
+
+
 def _execute(calls: list[tuple[Callable[..., Any], tuple]], local: bool, address: str | None,
-             threads: int = 1) -> list[Any]:
-    if local:
-        return [_threaded(threads, fn, *args) for fn, args in calls]
-    import ray
+             threads: int = 1, progress: bool = False) -> list[Any]:
+    """Run the task calls here or as Ray tasks; `progress`: a bar on stderr (a terminal only) over the tasks."""
+    from sdfeat.progress import TaskProgress
 
-    if not ray.is_initialized():
-        from sdfeat.rayconnect import init_ray
+    with TaskProgress("metrics", len(calls), enabled=progress) as bar:
+        if local:
+            results = []
+            for fn, args in calls:
+                results.append(_threaded(threads, fn, *args))
+                bar.step(_call_name(fn, args))
+            return results
+        import ray
 
-        log.info("Ray: %s", init_ray(address))
-    task = ray.remote(num_cpus=1)(_threaded)
-    return ray.get([task.remote(threads, fn, *args) for fn, args in calls])
+        if not ray.is_initialized():
+            from sdfeat.rayconnect import init_ray
+
+            log.info("Ray: %s", init_ray(address))
+        task = ray.remote(num_cpus=1)(_threaded)
+        refs = [task.remote(threads, fn, *args) for fn, args in calls]
+        names = {ref: _call_name(fn, args) for ref, (fn, args) in zip(refs, calls)}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            bar.step(names[done[0]])
+        return ray.get(refs)
 
 
 def _write(fs: FeatureStore, name: str, rows: list[dict]) -> str:
@@ -313,7 +333,8 @@ def _check_complete(fs: FeatureStore, allow_partial: bool) -> None:
 
 def run_metrics(store_path: str, metrics: Sequence[str] = METRICS, blocks: Sequence[str] | None = None,
                 local: bool = False, address: str | None = None, labels: str | None = None,
-                options: MetricOptions | None = None, allow_partial: bool = False) -> dict[str, str]:
+                options: MetricOptions | None = None, allow_partial: bool = False,
+                progress: bool = False) -> dict[str, str]:
     """Compute `metrics` for `blocks` (default: every stored block), write the tables; returns {metric: path}.
 
     A store with unfinished units is refused (StoreError) unless `allow_partial`; then the metrics use the
@@ -343,7 +364,7 @@ def run_metrics(store_path: str, metrics: Sequence[str] = METRICS, blocks: Seque
     if detecting:
         calls.append((detect_task, (fs.path, opts)))
         tags.append("detect")
-    results = _execute(calls, local, address, opts.task_threads)
+    results = _execute(calls, local, address, opts.task_threads, progress)
     tables: dict[str, list[dict]] = {m: [] for m in metrics}
     detected = None
     for tag, result in zip(tags, results):
@@ -356,7 +377,7 @@ def run_metrics(store_path: str, metrics: Sequence[str] = METRICS, blocks: Seque
         use, source = (given, "given") if given is not None else (detected, "detected")
         if use is not None and len(use):
             runs = _execute([(anomaly_task, (fs.path, n, use[:, :3].astype(np.int64), source, opts))
-                             for n in names], local, address, opts.task_threads)
+                             for n in names], local, address, opts.task_threads, progress)
             tables["anomalies"] += [r for rows in runs for r in rows]
         if detected is not None:
             tables["anomalies"] += _detection_rows(fs, opts, detected, given)
@@ -375,4 +396,10 @@ def _detection_rows(fs: FeatureStore, opts: MetricOptions, detected: np.ndarray,
         stats = anomalies.match(detected, given, opts.match_tolerance)
     rows = [{"metric": "anomalies", "statistic": f"detection_{k}", "value": v, "variant": "detection"}
             for k, v in stats.items()]
+    if opts.bootstrap:
+        from sdfeat.metrics.bootstrap import detection_intervals
+
+        intervals = detection_intervals(fs, opts, detected, given)
+        for r in rows:
+            r.update(intervals[r["statistic"]])
     return _label(fs, opts.detect_block, rows)
