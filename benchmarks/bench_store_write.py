@@ -1,7 +1,7 @@
 """Store write cost and speed: one unit (64 images) of the up_blocks.1 job's seven SD-1.5 arrays at 512 px (fp16,
 419 MB), written by every writer in one run, interleaved, best of `--repeats`:
 
-    plain f.write of the same bytes (the ceiling; also from 2 threads, one array per thread)
+    plain f.write of the same bytes (the ceiling; also from 2 threads, the arrays shared out by size)
     zarr-python as `store.write_unit(direct=False)` uses it (the old path)
     `store.write_unit` through `sdfeat.shard_writer` with 1, 2 and 4 writer threads (the new path)
 
@@ -63,7 +63,9 @@ def _plain_writes(folder: Path, data: dict[str, np.ndarray], threads: int) -> Ca
         if threads == 1:
             write_some(list(data))
             return
-        groups = [list(data)[i::threads] for i in range(threads)]
+        groups: list[list[str]] = [[] for _ in range(threads)]  # largest first, each to the least loaded thread
+        for path in sorted(data, key=lambda p: -data[p].nbytes):
+            min(groups, key=lambda g: sum(data[p].nbytes for p in g)).append(path)
         workers = [threading.Thread(target=write_some, args=(g,)) for g in groups]
         for w in workers:
             w.start()

@@ -190,12 +190,17 @@ class FeatureStore:
             yield rows, self.read(block, rows, timestep, seed, crop)
 
     def to_xarray(self, crop: int | None = None):  # -> xarray.Dataset
+        """Every block as a variable with named dims; `sample` indexed by sample id, `sample_id`, `label`, `ok` as
+        coordinates. The same as plain `xr.open_zarr("<store>/features.zarr")` (the store records its coordinates);
+        stores written before that are completed here."""
         import xarray as xr
 
         group = "" if crop is None else f"crops/{crop}"
         ds = xr.open_zarr(store.join(self.path, store.FEATURES), group=group or None, consolidated=None)
         if crop is None:
-            ds = ds.set_coords(["sample_id", "label", "ok"])
+            ds = ds.set_coords([c for c in ("sample_id", "label", "ok") if c in ds.data_vars])
+            if "sample" not in ds.indexes:
+                ds = ds.assign_coords(sample=ds["sample_id"].values)
         return ds
 
     def verify(self) -> list[str]:

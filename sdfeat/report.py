@@ -310,14 +310,23 @@ def _detected_none(table: pa.Table) -> bool:
 
 
 def _band(ax: Axes, x: np.ndarray, intervals: Mapping[str, tuple[float, float]], blocks: Sequence[str],
-          log_scale: bool, exclude=frozenset(), **style: object) -> None:
-    """The bootstrap interval as a band around a curve (nothing where the table has no intervals)."""
+          log_scale: bool, exclude=frozenset(), orders: np.ndarray | None = None, **style: object) -> None:
+    """The bootstrap interval as a band around a curve (nothing where the table has no intervals), broken where
+    the curve is: at blocks without an interval and between blocks that are not neighbours in execution order; a
+    lone block gets a bar."""
     if not intervals:
         return
     low = _on_axis({b: v[0] for b, v in intervals.items()}, blocks, log_scale, exclude)
     high = _on_axis({b: v[1] for b, v in intervals.items()}, blocks, log_scale, exclude)
-    have = ~np.isnan(low) & ~np.isnan(high)
-    ax.fill_between(x[have], low[have], high[have], alpha=0.25, linewidth=0, **style)
+    have = np.flatnonzero(~np.isnan(low) & ~np.isnan(high))
+    breaks = np.diff(have) > 1
+    if orders is not None and len(have):
+        breaks |= np.diff(orders[have]) > 1
+    for run in np.split(have, np.flatnonzero(breaks) + 1) if len(have) else []:
+        if len(run) == 1:
+            ax.plot(x[run].repeat(2), [low[run[0]], high[run[0]]], alpha=0.35, linewidth=4, **style)
+        else:
+            ax.fill_between(x[run], low[run], high[run], alpha=0.25, linewidth=0, **style)
 
 
 def _legend(ax: Axes, handles: list[Line2D]) -> None:
@@ -349,7 +358,7 @@ def figure_2(table: pa.Table, reference: pa.Table | None = None, title: str = ""
                 if src_table is reference and len(row.curves) == 1:
                     colour = "0.45"
                 _plot(ax, x, y, orders, linestyle=linestyle, color=colour, alpha=alpha)
-                _band(ax, x, select_interval(src_table, series), blocks, row.log, exclude, color=colour)
+                _band(ax, x, select_interval(src_table, series), blocks, row.log, exclude, orders, color=colour)
                 if series == ANOMALY_MEAN:
                     std = _on_axis(select(src_table, ANOMALY_STD), blocks, False, exclude)
                     have = ~np.isnan(y) & ~np.isnan(std)
@@ -393,7 +402,7 @@ def figure_cross_model(tables: Mapping[str, pa.Table], reference: tuple[str, pa.
                 name = f"{name}: not computed"
             else:
                 _plot(ax, x, y, orders, linestyle=linestyle, color=colour)
-                _band(ax, x, select_interval(table, series), blocks, log_scale, exclude, color=colour)
+                _band(ax, x, select_interval(table, series), blocks, log_scale, exclude, orders, color=colour)
             handles.append(Line2D([], [], color=colour, linestyle=linestyle, label=name))
         _legend(ax, handles)
     _block_ticks(axes[-1], blocks)

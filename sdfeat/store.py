@@ -102,10 +102,15 @@ def create_template(output: str, arrays: Sequence[ArrayLayout], n_samples: int, 
     xarray does not take it for the `sample` axis); units past its end do not write it.
     """
     compressors = None if codec == "none" else zarr.codecs.ZstdCodec(level=1)
-    root = zarr.open_group(join(output, FEATURES), mode="w", attributes={ATTRS_KEY: attrs})
+    # `coordinates` (the CF convention xarray decodes): plain `xr.open_zarr(".../features.zarr")` gives what
+    # `FeatureStore.to_xarray()` gives: sample_id, label and ok as coordinates, and an index by sample id (`sample`)
+    root = zarr.open_group(join(output, FEATURES), mode="w",
+                           attributes={ATTRS_KEY: attrs, "coordinates": "sample_id label ok"})
     chunk = (unit_size,)
     sid = root.create_array("sample_id", shape=(n_samples,), chunks=chunk, dtype=str, dimension_names=["sample"])
     sid[:] = np.asarray(sample_ids, dtype=str)
+    index = root.create_array("sample", shape=(n_samples,), chunks=chunk, dtype=str, dimension_names=["sample"])
+    index[:] = np.asarray(sample_ids, dtype=str)
     lab = root.create_array("label", shape=(n_samples,), chunks=chunk, dtype="int64", dimension_names=["sample"])
     lab[:] = np.asarray(labels, dtype=np.int64)
     root.create_array("ok", shape=(n_samples,), chunks=chunk, dtype="bool", fill_value=False,

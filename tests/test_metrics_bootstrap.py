@@ -199,7 +199,8 @@ def test_report_bands_and_padding_figure(stores: dict[str, str], tmp_path, monke
     tables = {name: report.load_results(stores[name]) for name in ("zeros", "reflect")}
     fig = report.figure_interventions(tables)
     corner_axis = fig.axes[1]
-    assert len(corner_axis.collections) == 2  # one band per store
+    bars = [line for line in corner_axis.lines if line.get_linewidth() == 4]  # a lone block's interval
+    assert len(corner_axis.collections) + len(bars) == 2 * 3  # 3 blocks, not neighbours: a bar each, per store
     assert report.select_interval(tables["zeros"], report.RATIO["corner"])  # from the pooled rows
     saved: dict[str, list[str]] = {}
 

@@ -106,3 +106,15 @@ def test_corners_of_a_4x4_map_are_measured(tmp_path: Path) -> None:
     assert got[("group_mean", "corner", "cropped")] == pytest.approx(corner_mean(crop), rel=1e-5)
     assert got[("ratio", "corner", "cropped/reprcropped")] == pytest.approx(corner_mean(crop) / corner_mean(full),
                                                                              rel=1e-5)
+
+
+def test_plain_xarray_gives_what_to_xarray_gives(tiny_store: str) -> None:
+    import xarray as xr
+
+    fs = open_store(tiny_store)
+    ds = xr.open_zarr(f"{tiny_store}/features.zarr")
+    assert {"sample_id", "label", "ok"} <= set(ds.coords) and not {"sample_id", "label", "ok"} & set(ds.data_vars)
+    assert list(ds.indexes["sample"]) == fs.sample_ids
+    picked = ds["mid_block.resnets.1"].sel(sample=fs.sample_ids[3], timestep=200, seed=42).values
+    np.testing.assert_array_equal(picked, fs.read("mid_block.resnets.1", [3], timestep=200, seed=42, raw=True)[0])
+    assert fs.to_xarray().identical(ds)

@@ -180,3 +180,20 @@ def test_cli_plan_imagenet_three_models(tmp_path: Path) -> None:
     for needle in ("sd15", "sd21", "sdturbo", "1,281,167", "warm latent cache", "storage:", "7.38 EFLOP",
                    "crops of the first 50,000", "VAE encoder · crop 8 px"):
         assert needle in result.output, needle
+
+
+def test_cli_plan_from_a_store(tiny_store: str, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from sdfeat.cli import app
+
+    job = tmp_path / "job.yaml"
+    job.write_text("model: tiny\nsource: synthetic:4\noutput: out\nresolution: 128\nblocks: [conv_in]\n"
+                   "variants: {crops: auto, samples: 40}\n")
+    result = CliRunner().invoke(app, ["plan", str(job), "--samples", "100", "--from-store", tiny_store],
+                                terminal_width=250)
+    assert result.exit_code == 0, result.output
+    assert "crops of the first 40" in result.output and "U-Net · crop 8 px" in result.output
+    assert f"store {tiny_store}" in result.output
+    result = CliRunner().invoke(app, ["plan", str(job), "--samples", "100", "--from-store", str(tmp_path)])
+    assert result.exit_code == 2 and "no feature store" in result.output

@@ -19,9 +19,11 @@ from sdfeat.extract import run_local
 BUCKET = "sdfeat-test"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3_env() -> Iterator[dict[str, str]]:
-    """A moto S3 server with one bucket; the AWS_* variables pointing at it are set while the module runs."""
+    """A moto S3 server with one bucket; the AWS_* variables pointing at it are set for the session. One per
+    session: moto's backend is process-global (a second server sees the first one's bucket) and fsspec caches
+    filesystems bound to the first endpoint, so test modules importing this fixture share it."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()

@@ -60,6 +60,8 @@ def test_metrics_and_report_on_an_s3_store(s3_env) -> None:  # noqa: F811
               device="cpu")
     written = run_metrics(store, metrics=["position", "anomalies"], local=True)
     assert written["position"] == f"{BUCKET}/first-contact/store/results/position.parquet"
+    results = fsspec.filesystem("s3", skip_instance_cache=True).ls(f"{BUCKET}/first-contact/store/results")
+    assert f"{BUCKET}/first-contact/store/results/anomalies_detected.csv" in results
     summary = write_report([store], f"s3://{BUCKET}/first-contact/report")
     assert summary == f"s3://{BUCKET}/first-contact/report/summary.md"
     fs = fsspec.filesystem("s3", skip_instance_cache=True)

@@ -259,7 +259,9 @@ class StoreView:
                 "shape": list(acts.shape[1:]), "images": images}
 
     def _topk_chunk(self, sel: Selection, rows: np.ndarray, query: np.ndarray, k: int) -> list[dict]:
-        raw = self.fs.read(sel.block, rows, sel.timestep, sel.seed, sel.crop, raw=True)  # (n, C, H, W) stored dtype
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        samples = slice(lo, hi) if hi - lo == len(rows) else rows  # consecutive rows: a plain slice read
+        raw = self.fs.read(sel.block, samples, sel.timestep, sel.seed, sel.crop, raw=True)  # (n, C, H, W) fp16
         sims = cosine_to(raw.astype(np.float32), query)  # (n, H, W)
         n, height, width = sims.shape
         flat = sims.reshape(n, -1)

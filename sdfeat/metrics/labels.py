@@ -43,8 +43,18 @@ def read_labels(path: str | Path) -> np.ndarray:
     return _validated(np.array(rows, dtype=np.int64).reshape(-1, 3), str(path))
 
 
-def write_labels(path: str | Path, labels: np.ndarray) -> Path:
-    """Write (L, 3+) rows as the paper's CSV (extra columns, e.g. a peak ratio, are dropped)."""
+def write_labels(path: str | Path, labels: np.ndarray) -> Path | str:
+    """Write (L, 3+) rows as the paper's CSV (extra columns, e.g. a peak ratio, are dropped); a URL (s3://…) is
+    written through fsspec and returned as given."""
+    if "://" in str(path):
+        import fsspec
+
+        rows = _validated(np.asarray(labels)[:, :3].astype(np.int64), str(path))
+        with fsspec.open(str(path), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(COLUMNS)
+            w.writerows(rows.tolist())
+        return str(path)
     path = Path(path)
     rows = _validated(np.asarray(labels)[:, :3].astype(np.int64), str(path))
     with path.open("w", newline="") as f:

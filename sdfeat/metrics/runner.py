@@ -384,8 +384,7 @@ def run_metrics(store_path: str, metrics: Sequence[str] = METRICS, blocks: Seque
             _write(fs, "anomalies_detected", [{"sample": int(d[0]), "sample_id": fs.sample_ids[int(d[0])],
                                                "x": int(d[1]), "y": int(d[2]), "peak_ratio": float(d[3])}
                                               for d in detected])
-            if fs.path.find("://") < 0:
-                write_labels(f"{fs.path}/results/anomalies_detected.csv", detected)
+            write_labels(store_layout.join(fs.path, "results", "anomalies_detected.csv"), detected)
     return {m: _write(fs, m, tables[m]) for m in metrics}
 
 
