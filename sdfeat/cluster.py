@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+import ray.util.scheduling_strategies
 from ray.exceptions import RayActorError, RayTaskError
 
 from sdfeat.errors import SdfeatError, UnitFailedError
@@ -179,6 +180,7 @@ class _Driver:
         self.failed_starts = 0
         self.last_start_error = ""
         self.tally: Any = None
+        self._take_ref: Any = None      # a tally read in flight
 
     def _start(self, index: int) -> _Slot:
         actor = self.actor_class.remote(self.plan.spec, self.plan.output, self.layout.device, self.layout.threads,
@@ -186,12 +188,32 @@ class _Driver:
         return _Slot(index, actor, actor.ready.remote())
 
     def _drain_tally(self, bar: UnitProgress) -> None:
-        for unit, rows in ray.get(self.tally.take.remote()).items():
+        """Batches reported since the last read move the bar; never waits (one read in flight at a time). Best
+        effort: a lost tally (its node died) stops the per-batch progress, never the job; unit reports still move
+        the bar."""
+        if self.tally is None:
+            return
+        if self._take_ref is None:
+            self._take_ref = self.tally.take.remote()
+        ready, _ = ray.wait([self._take_ref], timeout=0)
+        if not ready:
+            return
+        ref, self._take_ref = self._take_ref, None
+        try:
+            taken = ray.get(ref)
+        except ray.exceptions.RayError as err:
+            log.info("per-batch progress stopped (%s); the bar moves per unit", _first_line(err))
+            self.tally = None
+            return
+        for unit, rows in taken.items():
             bar.advance(unit, rows)
 
     def run(self, todo: list[Unit], bar: UnitProgress) -> _Outcome:
         out = _Outcome()
-        self.tally = ray.remote(num_cpus=0)(BatchTally).remote()
+        # on the driver's node (soft): it lives as long as the driver, not as long as some worker node
+        here = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=True)
+        self.tally = ray.remote(num_cpus=0)(BatchTally).options(scheduling_strategy=here).remote()
         queue: deque[Unit] = deque(todo)
         attempts: Counter[int] = Counter()
         slots = [self._start(i) for i in range(min(self.layout.count, len(todo)))]

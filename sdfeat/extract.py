@@ -473,7 +473,8 @@ class UnitRunner:
 
     def _forward(self, p: Pass, pixels: torch.Tensor | None, sample_ids: list[str], emb: torch.Tensor,
                  rows: slice | list[int], buffers: dict[str, np.ndarray], clock: StageClock) -> None:
-        with clock.stage("vae"):
+        # Reading a warm cache is input time ("stall"), so a warm unit reports no VAE time at all.
+        with clock.stage("vae" if pixels is not None else "stall"):
             dist = self._posterior(p.margin, pixels, sample_ids)
         tokens = self.spec.summaries.tokens_per_image if self.spec.summaries else 0
         with capture(self.model.unet, p.names) as hooked:

@@ -43,6 +43,7 @@ import fsspec
 import google_crc32c
 import numpy as np
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 from numcodecs.zstd import Zstd
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
@@ -180,7 +181,7 @@ class ShardTarget:
             return cls(str(store.root))
         if isinstance(store, FsspecStore):
             fs = _sync_filesystem(store.fs)
-            if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+            if isinstance(fs, LocalFileSystem):
                 return cls(store.path)
             return cls(store.path, fs)
         return None

@@ -150,7 +150,7 @@ def test_missing_weights_offline_give_one_line_without_network(tmp_path: Path) -
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 2, done.stdout + done.stderr
     assert lines[0].startswith("model 'sd15'") and REGISTRY["sd15"] in lines[0]
-    assert "huggingface-cli download" in lines[0] and "local diffusers" in lines[0]
+    assert "hf download" in lines[0] and "huggingface-cli" not in lines[0] and "local diffusers" in lines[0]
     assert lines[1].startswith("model 'someone/some-model'")
     assert not (tmp_path / "hf" / "hub" / "models--stable-diffusion-v1-5--stable-diffusion-v1-5").exists()
 

@@ -19,11 +19,11 @@ from sdfeat.extract import run_local
 BUCKET = "sdfeat-test"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def s3_env() -> Iterator[dict[str, str]]:
-    """A moto S3 server with one bucket; the AWS_* variables pointing at it are set for the session. One per
-    session: moto's backend is process-global (a second server sees the first one's bucket) and fsspec caches
-    filesystems bound to the first endpoint, so test modules importing this fixture share it."""
+    """A moto S3 server with one bucket; the AWS_* variables pointing at it are set while the module runs.
+    Modules importing this fixture each start a server, in one process: moto's backend is process-global (the
+    bucket may exist already) and s3fs caches filesystems bound to an earlier endpoint (cleared here)."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()
@@ -34,8 +34,12 @@ def s3_env() -> Iterator[dict[str, str]]:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import fsspec
+    import s3fs
 
-    fsspec.filesystem("s3", skip_instance_cache=True).mkdir(BUCKET)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    if not fs.exists(BUCKET):
+        fs.mkdir(BUCKET)
     try:
         yield env
     finally:
@@ -45,6 +49,7 @@ def s3_env() -> Iterator[dict[str, str]]:
             else:
                 os.environ[key] = value
         server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="module")

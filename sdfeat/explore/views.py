@@ -37,6 +37,7 @@ MAX_K = 32                # tokens per image in a top-k answer
 TOPK_CHUNK = 16           # rows read together by the top-k scan
 THRESHOLD_IMAGES = 64     # the detection threshold comes from at most this many finished images, evenly spaced
 ACTS_CACHE_BYTES = 512 * 2**20
+NORMS_CACHE_BYTES = 64 * 2**20  # 4 KiB per image at 32 x 32 tokens
 LABELS_FILE = "results/anomalies_detected.parquet"  # written by `sdfeat metrics` (rows: sample, x, y, peak_ratio)
 
 
@@ -63,6 +64,7 @@ class StoreView:
         self.unit_size = int(self.fs.attrs["unit_size"])
         self.images = SourceImages(path, self.fs.spec.resolution, self.n)
         self._acts: ByteLRU[tuple[np.ndarray, np.ndarray]] = ByteLRU(ACTS_CACHE_BYTES)
+        self._norms: ByteLRU[np.ndarray] = ByteLRU(NORMS_CACHE_BYTES)  # top-k chunks' token norms (small)
         self._lock = threading.Lock()
         self._status: tuple[float, np.ndarray, np.ndarray, int] | None = None
         self._thresholds: dict[tuple[Selection, int], float] = {}
@@ -262,7 +264,9 @@ class StoreView:
         lo, hi = int(rows[0]), int(rows[-1]) + 1
         samples = slice(lo, hi) if hi - lo == len(rows) else rows  # consecutive rows: a plain slice read
         raw = self.fs.read(sel.block, samples, sel.timestep, sel.seed, sel.crop, raw=True)  # (n, C, H, W) fp16
-        sims = cosine_to(raw.astype(np.float32), query)  # (n, H, W)
+        acts = raw.astype(np.float32)  # (n, C, H, W)
+        norms = self._norms.get((sel, rows.tobytes()), lambda: token_norms(acts), lambda a: a.nbytes)  # (n, H, W)
+        sims = cosine_to(acts, query, norms)  # (n, H, W)
         n, height, width = sims.shape
         flat = sims.reshape(n, -1)
         k = min(k, flat.shape[1])
