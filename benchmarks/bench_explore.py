@@ -83,7 +83,6 @@ def baseline_topk(path: str, row: int, y: int, x: int, k: int, rows: list[int]) 
 
 def browser_clicks(path: str, clicks: int) -> list[float]:
     """Real clicks in headless Chromium: from the click event to the overlay's canvas being painted."""
-    import os
     import signal
     import socket
     import subprocess

@@ -72,10 +72,11 @@ def test_ray_actors_report_batches_to_the_driver(ray_cluster, tmp_path: Path, mo
             super().advance(unit, rows)
 
     monkeypatch.setattr(cluster, "UnitProgress", Recording)
-    spec = job_spec(tmp_path / "store", source="synthetic:8", unit_size=4, batch_size=2)
+    spec = job_spec(tmp_path / "store", source="synthetic:24", unit_size=12, batch_size=2)
     summary = cluster.run_on_ray(spec, workers=1, progress=False)
-    assert summary["ok"] == 8
+    assert summary["ok"] == 24
     per_unit: dict[int, int] = {}
     for unit, rows in advances:                     # batches, summed by the tally between two reads
         per_unit[unit] = per_unit.get(unit, 0) + rows
-    assert per_unit == {0: 4, 1: 4}
+    # the driver reads the tally while it waits (never blocking on it): batches of the units it saw in flight
+    assert per_unit and all(unit in (0, 1) and 0 < rows <= 12 and rows % 2 == 0 for unit, rows in per_unit.items())
