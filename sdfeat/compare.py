@@ -24,7 +24,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from sdfeat.errors import StoreError
+from sdfeat.errors import ArgumentError, StoreError
 from sdfeat.metrics import runner
 from sdfeat.metrics.bootstrap import collect, percentile_interval, replicate_weights
 from sdfeat.metrics.labels import read_labels
@@ -124,7 +124,7 @@ def compare_stores(path_a: str, path_b: str, metrics: Sequence[str] = runner.MET
         opts = replace(opts, bootstrap=DEFAULT_REPLICATES)
     unknown = [m for m in metrics if m not in runner.METRICS]
     if unknown:
-        raise StoreError(f"--metric: unknown metric {unknown[0]!r}; choose from {', '.join(runner.METRICS)}")
+        raise ArgumentError(f"metrics: unknown metric {unknown[0]!r}; choose from {', '.join(runner.METRICS)}")
     stores = [open_store(p) for p in (path_a, path_b)]
     for fs in stores:
         runner._check_complete(fs, allow_partial=False)  # unfinished units: refused, as by `sdfeat metrics`

@@ -14,6 +14,11 @@ class SpecError(SdfeatError, ValueError):
     """The job spec is invalid; the message names the field."""
 
 
+class ArgumentError(SdfeatError, ValueError):
+    """An argument of a command or library call is out of its range or shape; the message names the argument
+    (its Python name: the CLI's option of the same name says the same)."""
+
+
 class UnknownBlockError(SdfeatError, KeyError):
     """A block name that the model does not have; the message lists the closest valid names."""
 

@@ -19,12 +19,12 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from matplotlib.patches import Rectangle
 
-from sdfeat.errors import SdfeatError
+from sdfeat.errors import ArgumentError
 
 
 def _check_acts(acts: np.ndarray) -> np.ndarray:
     if acts.ndim != 3:
-        raise SdfeatError(f"acts: expected one image's activations (C, H, W), got shape {tuple(acts.shape)}")
+        raise ArgumentError(f"acts: expected one image's activations (C, H, W), got shape {tuple(acts.shape)}")
     return np.asarray(acts, dtype=np.float32)
 
 
@@ -44,7 +44,7 @@ def cosine_to(acts: np.ndarray, vector: np.ndarray, norms: np.ndarray | None = N
     vector = np.asarray(vector, dtype=np.float32)  # (C,)
     *lead, c, h, w = acts.shape
     if vector.shape != (c,):
-        raise SdfeatError(f"vector: expected ({c},) to match the tokens' channels, got shape {vector.shape}")
+        raise ArgumentError(f"vector: expected ({c},) to match the tokens' channels, got shape {vector.shape}")
     dots = np.matmul(vector, acts.reshape(*lead, c, h * w)).reshape(*lead, h, w)  # (..., H, W)
     scale = (token_norms(acts) if norms is None else norms) * np.linalg.norm(vector)
     return np.divide(dots, scale, out=np.zeros_like(dots), where=scale > 0)
@@ -63,7 +63,7 @@ def similarity_map(acts: np.ndarray, y: int, x: int) -> np.ndarray:
     acts = _check_acts(acts)
     _, height, width = acts.shape
     if not (0 <= y < height and 0 <= x < width):
-        raise SdfeatError(f"at: token (y={y}, x={x}) lies outside the {height}x{width} map")
+        raise ArgumentError(f"at: token (y={y}, x={x}) lies outside the {height}x{width} map")
     return cosine_to(acts, acts[:, y, x])
 
 
@@ -84,7 +84,7 @@ def render_map(values: np.ndarray, path: str | Path, title: str, mark: tuple[int
     """Draw an (H, W) map with a colour bar; `mark` = (y, x) outlines that token. The suffix of `path` picks the
     format (.png, .svg). Returns the path written."""
     if values.ndim != 2:
-        raise SdfeatError(f"values: expected an (H, W) map, got shape {tuple(values.shape)}")
+        raise ArgumentError(f"values: expected an (H, W) map, got shape {tuple(values.shape)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = Figure(figsize=(4.6, 4.0), layout="constrained")
@@ -103,7 +103,7 @@ def figure_1(panels: Sequence[tuple[str, np.ndarray]], title: str = "",
     highest-norm token (marked) — the paper's Figure 1 story: anomalous tokens are bright and alike. `images`
     (one (H, W, 3) uint8 input image per panel, or None) adds the input image as the first column."""
     if not panels:
-        raise SdfeatError("panels: give at least one (label, activations) pair")
+        raise ArgumentError("panels: give at least one (label, activations) pair")
     with_images = images is not None and any(i is not None for i in images)
     fig = Figure(figsize=(11.5 if with_images else 8.0, 3.3 * len(panels)), layout="constrained")
     FigureCanvasAgg(fig)

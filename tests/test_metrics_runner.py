@@ -11,7 +11,7 @@ import pytest
 import torch
 from metrics_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
-from sdfeat.errors import StoreError
+from sdfeat.errors import ArgumentError, StoreError
 from sdfeat.extract import run_local
 from sdfeat.metrics.corners import GroupTotals, group_means, group_similarity_sums, inner
 from sdfeat.metrics.labels import write_labels
@@ -71,7 +71,7 @@ def test_local_run_tables(store_path: str, tmp_path: Path) -> None:
 
 
 def test_bad_arguments(store_path: str) -> None:
-    with pytest.raises(StoreError, match="unknown metric"):
+    with pytest.raises(ArgumentError, match="unknown metric"):
         run_metrics(store_path, metrics=["nope"], local=True)
     with pytest.raises(StoreError, match="mid_block"):
         run_metrics(store_path, blocks=["mid_block.resnets.0"], local=True)

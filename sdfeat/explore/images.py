@@ -16,7 +16,7 @@ from PIL import Image
 
 from sdfeat import store
 from sdfeat.decode import ImageDecodeError, center_crop_resize, decode_rgb
-from sdfeat.errors import SdfeatError, SourceError, StoreError
+from sdfeat.errors import ArgumentError, SourceError, StoreError
 from sdfeat.explore.cache import ByteLRU
 from sdfeat.sources import SampleRef, read_image_bytes
 
@@ -78,7 +78,7 @@ class SourceImages:
         (`margin` px cut from every side, before resizing)."""
         size = size or self.resolution
         if not MIN_SIZE <= size <= MAX_SIZE:
-            raise SdfeatError(f"size: {size} px is outside {MIN_SIZE}..{MAX_SIZE}")
+            raise ArgumentError(f"size: {size} px is outside {MIN_SIZE}..{MAX_SIZE}")
         pixels = self.pixels(row)
         if margin:
             pixels = pixels[margin:-margin, margin:-margin]  # (R - 2m, R - 2m, 3)

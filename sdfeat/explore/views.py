@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from sdfeat import store
 from sdfeat.blocks import canonical_name
-from sdfeat.errors import RowNotReadyError, SdfeatError, StoreError, UnknownBlockError
+from sdfeat.errors import ArgumentError, RowNotReadyError, StoreError, UnknownBlockError
 from sdfeat.explore.cache import ByteLRU
 from sdfeat.explore.images import SourceImages
 from sdfeat.maps import cosine_to, norm_map, similarity_map, token_norms
@@ -117,7 +117,7 @@ class StoreView:
 
     def samples(self, offset: int, limit: int) -> dict:
         if offset < 0 or not 1 <= limit <= MAX_PAGE:
-            raise SdfeatError(f"offset/limit: need offset >= 0 and 1 <= limit <= {MAX_PAGE}")
+            raise ArgumentError(f"offset/limit: need offset >= 0 and 1 <= limit <= {MAX_PAGE}")
         finished, ok, _ = self.status()
         names = self.fs.attrs.get("class_names") or []
         items = []
@@ -242,9 +242,9 @@ class StoreView:
         """The k tokens most similar (cosine) to token (y, x) of `row` in each finished image among rows
         [start, start + count) other than `row`; rows read TOPK_CHUNK at a time."""
         if not 1 <= k <= MAX_K:
-            raise SdfeatError(f"k: {k} is outside 1..{MAX_K}")
+            raise ArgumentError(f"k: {k} is outside 1..{MAX_K}")
         if start < 0 or not 1 <= count <= MAX_TOPK_IMAGES:
-            raise SdfeatError(f"start/n: need start >= 0 and 1 <= n <= {MAX_TOPK_IMAGES}")
+            raise ArgumentError(f"start/n: need start >= 0 and 1 <= n <= {MAX_TOPK_IMAGES}")
         acts, _ = self.acts(sel, self.check_row(row, sel))
         similarity_map(acts, y, x)  # checks the token lies on the map
         query = acts[:, y, x]  # (C,)

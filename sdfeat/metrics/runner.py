@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from sdfeat import store as store_layout
-from sdfeat.errors import SdfeatError, StoreError
+from sdfeat.errors import ArgumentError, SdfeatError, StoreError
 from sdfeat.metrics import anomalies, corners, position
 from sdfeat.metrics.labels import read_labels, write_labels
 from sdfeat.query import FeatureStore, open_store
@@ -346,7 +346,7 @@ def run_metrics(store_path: str, metrics: Sequence[str] = METRICS, blocks: Seque
     fs = open_store(store_path)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
-        raise StoreError(f"--metric: unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+        raise ArgumentError(f"metrics: unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
     _check_complete(fs, allow_partial)
     names = list(blocks) if blocks else _all_blocks(fs)
     missing = [n for n in names if n not in _all_blocks(fs)]
