@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from sdfeat import store
+from sdfeat.layout import activation_layout
 
 SHAPES = [(1280, 16, 16)] * 6 + [(1280, 32, 32)]  # up_blocks.1 resnets/attentions, then its upsampler
 
@@ -105,7 +106,7 @@ def measure(directory: str, rows: int, codec: str, repeats: int) -> tuple[dict[s
     """{writer: (best CPU-s, best wall-s)} over interleaved repeats, and facts about the stores written."""
     work = Path(tempfile.mkdtemp(dir=directory, prefix="bench-store-"))
     try:
-        layouts = [store.activation_layout(f"b{i}", 1, 1, *s, "float16") for i, s in enumerate(SHAPES)]
+        layouts = [activation_layout(f"b{i}", 1, 1, *s, "float16") for i, s in enumerate(SHAPES)]
         data = {a.path: _activations(rows, a.sample_shape[2:], i) for i, a in enumerate(layouts)}
         roots = {"zarr": str(work / "zarr"), "direct": str(work / "direct")}
         for root in roots.values():

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from sdfeat.costs import unet_flops_to, vae_flops
 from sdfeat.errors import SpecError
-from sdfeat.plan import Layout, job_layout
+from sdfeat.layout import Layout, job_layout
 from sdfeat.rates import Rates, recorded
 from sdfeat.spec import JobSpec
 

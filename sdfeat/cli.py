@@ -94,6 +94,10 @@ def _print_table(columns: list[str], rows: list[list[str]], title: str | None = 
 JobArg = Annotated[Path, typer.Argument(help="YAML job spec.")]
 OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Override the spec's output.")]
 StoreArg = Annotated[str, typer.Argument(help="Store directory or URL (the job's output).")]
+LocalOpt = Annotated[bool, typer.Option("--local", help="Run in this process, without Ray.")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Join this Ray cluster (HEAD:6379, or "
+                                                      "auto: the one `ray start` runs here); default: a private "
+                                                      "local instance.")]
 
 
 @app.command()
@@ -101,9 +105,9 @@ StoreArg = Annotated[str, typer.Argument(help="Store directory or URL (the job's
 def extract(
     job: JobArg,
     output: OutputOpt = None,
-    local: Annotated[bool, typer.Option("--local", help="Run in this process, without Ray.")] = False,
+    local: LocalOpt = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a store made by another spec.")] = False,
-    address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Join this Ray cluster.")] = None,
+    address: RayAddressOpt = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Number of actors (default: one per GPU).")] = None,
     gpus_per_worker: Annotated[Optional[float], typer.Option(min=0, help="GPUs per actor.")] = None,
     unit_timeout: Annotated[Optional[float], typer.Option(min=1, help="Seconds without a unit report after "
@@ -407,6 +411,8 @@ def logs(submission_id: str, address: AddressOpt = None,
     _exit_for(state)
 
 
+MetricOpt = Annotated[Optional[list[str]], typer.Option(help="position, corners or anomalies; repeatable "
+                                                           "(default: all three).")]
 BootstrapSeedOpt = Annotated[int, typer.Option(min=0, help="Seed of the image resampling (replicate b draws with "
                                                          "numpy default_rng([seed, b])).")]
 ProbeRepeatsOpt = Annotated[int, typer.Option(min=1, help="With intervals: image-level splits the probe is trained "
@@ -417,11 +423,10 @@ ProbeRepeatsOpt = Annotated[int, typer.Option(min=1, help="With intervals: image
 @domain_errors
 def metrics(
     path: StoreArg,
-    metric: Annotated[Optional[list[str]], typer.Option(help="position, corners or anomalies; repeatable "
-                                                              "(default: all three).")] = None,
+    metric: MetricOpt = None,
     block: Annotated[Optional[list[str]], typer.Option(help="Only these blocks; repeatable.")] = None,
-    local: Annotated[bool, typer.Option("--local", help="Run in this process, without Ray.")] = False,
-    address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Join this Ray cluster.")] = None,
+    local: LocalOpt = False,
+    address: RayAddressOpt = None,
     labels: Annotated[Optional[str], typer.Option(help="Anomaly labels (.csv image_index,x_col,y_row or the "
                                                        "paper's .npy); default: detected ones.")] = None,
     paper_counts: Annotated[bool, typer.Option(help="Also the corner means with the reference's counts (Q3).")] = False,
@@ -451,11 +456,10 @@ def metrics(
 def compare(
     store_a: Annotated[str, typer.Argument(help="Store A (the baseline).")],
     store_b: Annotated[str, typer.Argument(help="Store B: differences are B - A.")],
-    metric: Annotated[Optional[list[str]], typer.Option(help="position, corners or anomalies; repeatable "
-                                                              "(default: all three).")] = None,
+    metric: MetricOpt = None,
     block: Annotated[Optional[list[str]], typer.Option(help="Only these blocks (default: those both hold).")] = None,
-    local: Annotated[bool, typer.Option("--local", help="Run in this process, without Ray.")] = False,
-    address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Join this Ray cluster.")] = None,
+    local: LocalOpt = False,
+    address: RayAddressOpt = None,
     labels: Annotated[Optional[str], typer.Option(help="Anomaly labels for both stores (default: each store's "
                                                        "detected ones).")] = None,
     timestep: Annotated[Optional[int], typer.Option(help="Compare this timestep (default: pooled).")] = None,

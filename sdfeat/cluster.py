@@ -6,7 +6,8 @@ before any actor exists, skips units that already have a done marker (resume), a
 unit in flight plus one queued. A unit whose actor died (killed, node lost) or which raised is queued again, up to
 `max_retries` times; a dead actor is replaced. A unit that still fails is named in a `UnitFailedError` once the
 other units are done (they are kept; running again redoes only the missing ones). Unit reports feed the progress
-bar; `finalize_job` checks every marker and returns the summary.
+bar; `extract.end_job` (shared with the local runner) names failed units or checks every marker and returns the
+summary.
 
 Actors (`ExtractionWorker`): load the model once; write activations straight into the store; only the small unit
 report travels back through Ray.
@@ -27,7 +28,7 @@ import ray.util.scheduling_strategies
 from ray.exceptions import RayActorError, RayTaskError
 
 from sdfeat.errors import SdfeatError, UnitFailedError
-from sdfeat.extract import JobPlan, UnitRunner, finalize_job, pending_units, prepare_job
+from sdfeat.extract import JobPlan, UnitRunner, end_job, pending_units, prepare_job
 from sdfeat.plan import Unit
 from sdfeat.progress import UnitProgress
 from sdfeat.spec import JobSpec
@@ -209,99 +210,109 @@ class _Driver:
             bar.advance(unit, rows)
 
     def run(self, todo: list[Unit], bar: UnitProgress) -> _Outcome:
-        out = _Outcome()
+        """Dispatch `todo` over the actors until every unit is done or has failed for good."""
+        self.out = _Outcome()
         # on the driver's node (soft): it lives as long as the driver, not as long as some worker node
         here = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=True)
         self.tally = ray.remote(num_cpus=0)(BatchTally).options(scheduling_strategy=here).remote()
-        queue: deque[Unit] = deque(todo)
-        attempts: Counter[int] = Counter()
-        slots = [self._start(i) for i in range(min(self.layout.count, len(todo)))]
-        tasks: dict[Any, tuple[_Slot, Unit]] = {}     # ObjectRef -> (slot whose actor runs it, unit)
+        self.queue: deque[Unit] = deque(todo)
+        self.attempts: Counter[int] = Counter()
+        self.slots = [self._start(i) for i in range(min(self.layout.count, len(todo)))]
+        self.tasks: dict[Any, tuple[_Slot, Unit]] = {}     # ObjectRef -> (slot whose actor runs it, unit)
         last_progress = time.monotonic()
-
-        def retry_or_fail(unit: Unit, reason: str) -> None:
-            attempts[unit.index] += 1
-            if attempts[unit.index] > self.max_retries:
-                out.failed[unit.index] = f"{reason}; gave up after {attempts[unit.index]} attempts"
-                log.error("unit %d failed after %d attempts: %s", unit.index, attempts[unit.index], reason)
-            else:
-                out.retries += 1
-                log.warning("unit %d: %s; queued again (retry %d of %d)", unit.index, reason,
-                            attempts[unit.index], self.max_retries)
-                queue.append(unit)
-
-        def replace(slot: _Slot, reason: str) -> None:
-            ray.kill(slot.actor, no_restart=True)
-            if self.failed_starts >= MAX_FAILED_STARTS:
-                slot.alive = False
-                return
-            log.warning("actor %d (%s) died: %s; starting a new one", slot.index, slot.name or "starting", reason)
-            out.actor_restarts += 1
-            slots[slot.index] = self._start(slot.index)
-
         try:
-            while queue or tasks:
-                n_starting = sum(1 for s in slots if s.alive and s.ready_ref is not None)
-                for slot in slots:
-                    # a second (queued) unit only when enough remain for the actors still loading their model
-                    depth = UNITS_PER_ACTOR if len(queue) > n_starting else 1
-                    while slot.alive and slot.ready_ref is None and slot.inflight < depth and queue:
-                        unit = queue.popleft()
-                        tasks[slot.actor.run.remote(unit)] = (slot, unit)
-                        slot.inflight += 1
-                starting = {s.ready_ref: s for s in slots if s.alive and s.ready_ref is not None}
-                if not tasks and not starting:
-                    for unit in queue:
-                        out.failed[unit.index] = f"no extraction actor could be started ({self.last_start_error})"
+            while self.queue or self.tasks:
+                self._dispatch()
+                starting = {s.ready_ref: s for s in self.slots if s.alive and s.ready_ref is not None}
+                if not self.tasks and not starting:
+                    reason = f"no extraction actor could be started ({self.last_start_error})"
+                    self.out.failed.update((unit.index, reason) for unit in self.queue)
                     break
-                self._kill_hung(slots)
-                done, _ = ray.wait([*tasks, *starting], num_returns=1, timeout=WAIT_S)
+                self._kill_hung(self.slots)
+                done, _ = ray.wait([*self.tasks, *starting], num_returns=1, timeout=WAIT_S)
                 self._drain_tally(bar)
                 if not done:
-                    if time.monotonic() - last_progress > STARVED_WARN_S and starting and not tasks:
+                    if time.monotonic() - last_progress > STARVED_WARN_S and starting and not self.tasks:
                         log.warning("%d actor(s) wait for resources (num_cpus=%s, num_gpus=%s each; cluster: %s)",
                                     len(starting), self.layout.num_cpus, self.layout.num_gpus,
                                     ray.cluster_resources())
                         last_progress = time.monotonic()
                     continue
                 last_progress = time.monotonic()
-                ref = done[0]
-                if ref in starting:
-                    slot = starting[ref]
-                    try:
-                        slot.name = ray.get(ref)
-                        slot.ready_ref = None
-                        slot.last_activity = time.monotonic()
-                        self.failed_starts = 0
-                    except RayTaskError as err:           # a domain error while loading: the same on every actor
-                        raise err.cause if isinstance(err.cause, SdfeatError) else err
-                    except RayActorError as err:
-                        self.failed_starts += 1
-                        self.last_start_error = _first_line(err)
-                        replace(slot, self.last_start_error)
-                    continue
-                slot, unit = tasks.pop(ref)
-                try:
-                    report = ray.get(ref)
-                except RayActorError as err:              # the actor (or its node) died with this unit on it
-                    retry_or_fail(unit, f"actor died ({_first_line(err)})")
-                    if slots[slot.index] is slot:          # not yet replaced
-                        replace(slot, _first_line(err))
-                    continue
-                except RayTaskError as err:               # the unit raised; the actor is fine
-                    slot.inflight -= 1
-                    retry_or_fail(unit, f"{type(err.cause).__name__}: {err.cause}")
-                    continue
-                slot.inflight -= 1
-                slot.last_activity = time.monotonic()
-                out.reports.append(report)
-                bar.update(report)
+                if done[0] in starting:
+                    self._on_ready(starting[done[0]])
+                else:
+                    self._on_result(done[0], bar)
         finally:
-            for slot in slots:
+            for slot in self.slots:
                 ray.kill(slot.actor, no_restart=True)
-        return out
+        return self.out
 
+    def _dispatch(self) -> None:
+        """Give every ready actor work up to its depth: one running unit plus one queued, the second only when
+        enough units remain for the actors still loading their model."""
+        n_starting = sum(1 for s in self.slots if s.alive and s.ready_ref is not None)
+        for slot in self.slots:
+            depth = UNITS_PER_ACTOR if len(self.queue) > n_starting else 1
+            while slot.alive and slot.ready_ref is None and slot.inflight < depth and self.queue:
+                unit = self.queue.popleft()
+                self.tasks[slot.actor.run.remote(unit)] = (slot, unit)
+                slot.inflight += 1
+
+    def _on_ready(self, slot: _Slot) -> None:
+        """An actor finished loading, or died while loading (replaced; a domain error is raised as itself)."""
+        try:
+            slot.name = ray.get(slot.ready_ref)
+            slot.ready_ref = None
+            slot.last_activity = time.monotonic()
+            self.failed_starts = 0
+        except RayTaskError as err:           # a domain error while loading: the same on every actor
+            raise err.cause if isinstance(err.cause, SdfeatError) else err
+        except RayActorError as err:
+            self.failed_starts += 1
+            self.last_start_error = _first_line(err)
+            self._replace(slot, self.last_start_error)
+
+    def _on_result(self, ref: Any, bar: UnitProgress) -> None:
+        """A unit's report arrived, or its actor died, or it raised: record it, or queue it again."""
+        slot, unit = self.tasks.pop(ref)
+        try:
+            report = ray.get(ref)
+        except RayActorError as err:              # the actor (or its node) died with this unit on it
+            self._retry_or_fail(unit, f"actor died ({_first_line(err)})")
+            if self.slots[slot.index] is slot:     # not yet replaced
+                self._replace(slot, _first_line(err))
+            return
+        except RayTaskError as err:               # the unit raised; the actor is fine
+            slot.inflight -= 1
+            self._retry_or_fail(unit, f"{type(err.cause).__name__}: {err.cause}")
+            return
+        slot.inflight -= 1
+        slot.last_activity = time.monotonic()
+        self.out.reports.append(report)
+        bar.update(report)
+
+    def _retry_or_fail(self, unit: Unit, reason: str) -> None:
+        self.attempts[unit.index] += 1
+        if self.attempts[unit.index] > self.max_retries:
+            self.out.failed[unit.index] = f"{reason}; gave up after {self.attempts[unit.index]} attempts"
+            log.error("unit %d failed after %d attempts: %s", unit.index, self.attempts[unit.index], reason)
+        else:
+            self.out.retries += 1
+            log.warning("unit %d: %s; queued again (retry %d of %d)", unit.index, reason,
+                        self.attempts[unit.index], self.max_retries)
+            self.queue.append(unit)
+
+    def _replace(self, slot: _Slot, reason: str) -> None:
+        """Kill a dead or hung actor and start a new one in its slot (unless too many starts failed in a row)."""
+        ray.kill(slot.actor, no_restart=True)
+        if self.failed_starts >= MAX_FAILED_STARTS:
+            slot.alive = False
+            return
+        log.warning("actor %d (%s) died: %s; starting a new one", slot.index, slot.name or "starting", reason)
+        self.out.actor_restarts += 1
+        self.slots[slot.index] = self._start(slot.index)
 
     def _kill_hung(self, slots: list[_Slot]) -> None:
         """An actor with work that has reported nothing for `unit_timeout_s` is killed; its units then come back
@@ -328,7 +339,7 @@ def run_on_ray(spec: JobSpec, address: str | None = None, workers: int | None = 
                max_retries: int = 3, runtime_env: dict | None = None,
                worker_class: type[ExtractionWorker] = ExtractionWorker, unit_timeout_s: float | None = None,
                allow_version_change: bool = False) -> dict:
-    """Extract `spec` on Ray and return the job summary (`finalize_job`'s, plus a `ray` section).
+    """Extract `spec` on Ray and return the job summary (`extract.end_job`'s, plus a `ray` section).
 
     address: a Ray address (`HEAD:6379`, `ray://…`, `auto` = the cluster `ray start` recorded here); None =
     RAY_ADDRESS, else a private local instance on 127.0.0.1 (`rayconnect.init_ray`).
@@ -355,22 +366,7 @@ def run_on_ray(spec: JobSpec, address: str | None = None, workers: int | None = 
         with UnitProgress(plan.n_samples, plan.n_samples - sum(u.rows for u in todo), enabled=progress,
                           total_units=len(plan.units), done_units=len(plan.units) - len(todo)) as bar:
             outcome = driver.run(todo, bar) if todo else _Outcome()
-        if outcome.failed:
-            units = {u.index: u for u in plan.units}
-            first, reason = next(iter(sorted(outcome.failed.items())))
-            others = ", ".join(str(i) for i in sorted(outcome.failed)[1:11])
-            raise UnitFailedError(
-                f"unit {first} (rows {units[first].start}–{units[first].stop - 1}) failed: {reason}"
-                + (f"; also failed: units {others}" if others else "")
-                + f"; the other {len(plan.units) - len(outcome.failed)} units are done and kept; "
-                "fix the cause and run again to redo only the failed units")
-        summary = finalize_job(plan)
-        wall = time.perf_counter() - start
-        new_rows = sum(r["rows"] for r in outcome.reports)
-        summary["wall_seconds"] = round(wall, 2)
-        summary["images_per_second"] = round(new_rows / wall, 3)
-        summary["units_skipped"] = len(plan.units) - len(todo)
-        summary["this_run"] = bar.this_run()
+        summary = end_job(plan, todo, outcome.failed, time.perf_counter() - start, bar.this_run())
         summary["ray"] = {"cluster": cluster, "actors": min(layout.count, len(todo)), "device": layout.device,
                           "num_cpus": layout.num_cpus, "num_gpus": layout.num_gpus, "threads": layout.threads,
                           "units_run": len(outcome.reports), "units_skipped": len(plan.units) - len(todo),

@@ -32,7 +32,8 @@ from sdfeat.hooks import capture
 from sdfeat.latent_cache import LatentCache, cache_key, plan_batches
 from sdfeat.interventions import check_padding
 from sdfeat.models import LoadedModel, load_model
-from sdfeat.plan import Layout, Pass, Unit, job_layout, plan_units, unit_size
+from sdfeat.layout import Layout, Pass, job_layout
+from sdfeat.plan import Unit, plan_units, unit_size
 from sdfeat.protocol import encode, noisy_latents
 from sdfeat.sources import DecodedImage, SampleRef, plan_samples, read_images
 from sdfeat.spec import JobSpec, spec_hash
@@ -532,6 +533,25 @@ def finalize_job(plan: JobPlan) -> dict:
             "share": shares(seconds, sum(r.get("wall", 0.0) for r in reports))}
 
 
+def end_job(plan: JobPlan, todo: list[Unit], failed: dict[int, str], wall: float, this_run: dict) -> dict:
+    """The end of a job, the same for the local runner and the Ray driver: name the failed units (the others
+    are done and kept), else check every marker, merge the failure table and return the summary, with this
+    run's rate (`todo` = the units this run had to do, `wall` = its seconds) and `this_run` (the progress tally)."""
+    if failed:
+        units = {u.index: u for u in plan.units}
+        first, reason = min(failed.items())
+        others = ", ".join(str(i) for i in sorted(failed)[1:11])
+        raise UnitFailedError(
+            f"unit {first} (rows {units[first].start}–{units[first].stop - 1}) failed: {reason}"
+            + (f"; also failed: units {others}" if others else "")
+            + f"; the other {len(plan.units) - len(failed)} units are done and kept; "
+            "fix the cause and run again to redo only the failed units")
+    summary = finalize_job(plan)
+    summary.update(wall_seconds=round(wall, 2), images_per_second=round(sum(u.rows for u in todo) / max(wall, 1e-9), 3),
+                   units_skipped=len(plan.units) - len(todo), this_run=this_run)
+    return summary
+
+
 def run_local(spec: JobSpec, overwrite: bool = False, progress: bool = True, device: str | None = None,
               threads: int | None = None, allow_version_change: bool = False) -> dict:
     """Prepare, run every pending unit in this process, finalize. A failing unit is named; others are kept."""
@@ -553,13 +573,6 @@ def run_local(spec: JobSpec, overwrite: bool = False, progress: bool = True, dev
                 failed[report["unit"]] = report["error"]
             else:
                 bar.update(report)
-    if failed:
-        first = next(iter(failed.items()))
-        raise UnitFailedError(f"{len(failed)} unit(s) failed, e.g. unit {first[0]}: {first[1]}; "
-                              "the other units are kept; fix the input and run again to resume")
-    wall = time.perf_counter() - start
-    summary = finalize_job(plan)
-    summary.update(load_seconds=round(load_seconds, 2), wall_seconds=round(wall, 2),
-                   images_per_second=round(sum(u.rows for u in todo) / max(wall, 1e-9), 3),
-                   units_skipped=len(plan.units) - len(todo), this_run=bar.this_run())
+    summary = end_job(plan, todo, failed, time.perf_counter() - start, bar.this_run())
+    summary["load_seconds"] = round(load_seconds, 2)
     return summary

@@ -72,7 +72,7 @@ def store_rates(path: str) -> Rates:
     """Rates from a store's unit reports: each stage's busy seconds over the work that stage did in that job."""
     from sdfeat import store
     from sdfeat.budget import pass_costs
-    from sdfeat.plan import job_layout
+    from sdfeat.layout import job_layout
     from sdfeat.query import open_store
 
     fs = open_store(path)
@@ -83,28 +83,33 @@ def store_rates(path: str) -> Rates:
     layout = job_layout(fs.spec)
     size, n, crop_rows = int(fs.attrs["unit_size"]), len(fs), fs.crop_samples
     ok = fs.ok
-    images = crop_images = 0
+    images = crop_images = encoded = crop_encoded = 0   # encoded: images of units that ran the VAE (not cached)
     written = 0
     for r in reports:
         start = int(r["unit"]) * size
         stop = min(start + size, n)
-        images += int(ok[start:stop].sum())
-        crop_images += int(ok[start:min(stop, crop_rows)].sum())
+        unit_images, unit_crops = int(ok[start:stop].sum()), int(ok[start:min(stop, crop_rows)].sum())
+        images += unit_images
+        crop_images += unit_crops
+        if _seconds([r], "vae", "encode") > 0:  # a unit served by the latent cache runs no VAE
+            encoded += unit_images
+            crop_encoded += unit_crops
         written += sum(a.bytes_per_sample() * max(0, min(stop, a.n_rows(n)) - start) for a in layout.arrays)
     vae = unet = 0.0
     for cost in pass_costs(fs.spec, layout):
-        count = images if cost.margin == 0 else crop_images
-        vae += count * cost.vae_flops
-        unet += count * cost.unet_flops
-    vae_s = _seconds(reports, "vae", "encode", "h2d", "noise")  # "encode" (older reports) = VAE + noise
-    unet_s = _seconds(reports, "unet", "d2h")
+        vae += (encoded if cost.margin == 0 else crop_encoded) * cost.vae_flops
+        unet += (images if cost.margin == 0 else crop_images) * cost.unet_flops
+    # pixel upload and VAE belong to encoding (absent for cached units); the noise, drawn per seed like the U-Net's
+    # passes, and the copies back belong to the U-Net. "encode" (older reports) = VAE + noise.
+    vae_s = _seconds(reports, "vae", "encode", "h2d")
+    unet_s = _seconds(reports, "unet", "d2h", "noise")
     write_s = _seconds(reports, "write")
     decode_s = _seconds(reports, "decode") or _seconds(reports, "read")
     if unet_s <= 0 or write_s <= 0 or images == 0:
         raise StoreError(f"{path}: unit reports carry no U-Net or write seconds to measure rates from")
     return Rates(
         source=f"store {path}: {len(reports)} unit reports, {images:,} images",
-        vae_flops_per_s=vae / vae_s if vae_s > 0 else None,
+        vae_flops_per_s=vae / vae_s if vae_s > 0 and encoded else None,
         unet_flops_per_s=unet / unet_s,
         write_bytes_per_s=written / write_s,
         decode_s_per_image=decode_s / images,

@@ -10,6 +10,7 @@ processes ever write the same shard, arrays are never resized, and a unit withou
     <output>/progress/unit-<k>.json  a finished unit's report; its existence means "done"
     <output>/failures.parquet    images that could not be used, with the reason
 
+Which arrays a job has (paths, shapes, dims, dtypes) is `layout`'s; this module only reads and writes them.
 Works on local paths and fsspec URLs (s3://…). Imports numpy and zarr only: no torch, no diffusers.
 """
 
@@ -20,7 +21,7 @@ import logging
 import uuid
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
@@ -30,6 +31,9 @@ import zarr
 
 from sdfeat import shard_writer
 from sdfeat.errors import StoreError
+
+if TYPE_CHECKING:
+    from sdfeat.layout import ArrayLayout
 
 log = logging.getLogger(__name__)
 
@@ -41,38 +45,6 @@ ATTRS_KEY = "sdfeat"
 
 # Zarr v3 consolidated metadata is not in the spec yet; we rely on it only as an optimisation for opening.
 warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part", category=UserWarning)
-
-
-@dataclass(frozen=True)
-class ArrayLayout:
-    """One per-sample array of the store: `path` inside features.zarr and the shape of one sample's slice."""
-
-    path: str                    # "up_blocks.1.upsamplers.0", "crops/16/conv_in", "summaries/conv_in/norms"
-    sample_shape: tuple[int, ...]  # e.g. (timestep, seed, channel, y, x)
-    dims: tuple[str, ...]          # names of the sample_shape axes
-    dtype: str
-    chunk_sample_shape: tuple[int, ...] | None = None  # inner chunk of one sample; None = the whole slice
-    rows: int | None = None  # only the first `rows` samples (crop variants under `variants.samples`); None = all
-
-    def n_rows(self, n_samples: int) -> int:
-        """Rows of this array in a store of `n_samples`: all, or the first `rows` (dimension `crop_sample`)."""
-        return n_samples if self.rows is None else min(self.rows, n_samples)
-
-    def bytes_per_sample(self) -> int:
-        return int(np.prod(self.sample_shape)) * np.dtype(self.dtype).itemsize
-
-
-def activation_layout(path: str, n_timesteps: int, n_seeds: int, channels: int, height: int, width: int,
-                      dtype: str) -> ArrayLayout:
-    """A block's activations: one chunk per (sample, timestep, seed); dims named by size so that all blocks
-    fit one xarray Dataset."""
-    return ArrayLayout(
-        path=path,
-        sample_shape=(n_timesteps, n_seeds, channels, height, width),
-        dims=("timestep", "seed", f"channel_{channels}", f"y_{height}", f"x_{width}"),
-        dtype=dtype,
-        chunk_sample_shape=(1, 1, channels, height, width),
-    )
 
 
 def join(root: str, *parts: str) -> str:

@@ -7,6 +7,7 @@ Per (image, timestep, seed) and block:
 - `groups` (3, 3), `groups_diag` (3,), `corner_groups` (4, 3) float64 and `group_pairs` (3, 3) int64: the corner
   metric's cosine-similarity pair sums on the full map's inner (H-2)×(W-2) region (reprcropped) and, with a crop
   activation, the same on the crop map under the `crop_` prefix.
+Their names, shapes and dtypes are `layout.summary_layout`'s; this module computes them with torch.
 `sdfeat.metrics` turns these into the same numbers as from full tensors (`metrics.runner` reads them).
 """
 
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from sdfeat.layout import summary_tokens
 from sdfeat.metrics.anomalies import token_norms
 from sdfeat.metrics.corners import group_similarity_sums, inner, pair_counts
 
@@ -26,29 +28,6 @@ if TYPE_CHECKING:
     from sdfeat.blocks import BlockInfo
 
 GROUP_KEYS = ("groups", "groups_diag", "corner_groups", "group_pairs")
-
-
-def _n_tokens(block: "BlockInfo", tokens_per_image: int) -> int:
-    return min(tokens_per_image, block.height * block.width)
-
-
-def summary_layout(block: "BlockInfo", tokens_per_image: int,
-                   with_crop: bool = False) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{name: (per-(image, timestep, seed) shape, numpy dtype)}; group sums only for maps of at least 4×4."""
-    k = _n_tokens(block, tokens_per_image)
-    layout: dict[str, tuple[tuple[int, ...], str]] = {
-        "norms": ((block.height, block.width), "float32"),
-        "tokens": ((k, block.channels), "float16"),
-        "token_yx": ((k, 2), "int16"),
-    }
-    if min(block.height, block.width) >= 4:
-        prefixes = ("", "crop_") if with_crop else ("",)
-        for p in prefixes:
-            layout[f"{p}groups"] = ((3, 3), "float64")
-            layout[f"{p}groups_diag"] = ((3,), "float64")
-            layout[f"{p}corner_groups"] = ((4, 3), "float64")
-            layout[f"{p}group_pairs"] = ((3, 3), "int64")
-    return layout
 
 
 def token_positions(seed: int, sample_id: str, height: int, width: int, k: int) -> np.ndarray:
@@ -75,11 +54,11 @@ def crop_summaries(crop_acts: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def summarize(acts: torch.Tensor, block: "BlockInfo", sample_ids: Sequence[str], tokens_per_image: int,
               seed: int, crop_acts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """acts (B, C, H, W) on any device -> {name: (B, *shape)} on that device, dtypes of `summary_layout`.
+    """acts (B, C, H, W) on any device -> {name: (B, *shape)} on that device, dtypes of `layout.summary_layout`.
 
     crop_acts: (B, C, H-2, W-2) activations of the one-token crop, or None."""
     b, c, h, w = acts.shape
-    k = _n_tokens(block, tokens_per_image)
+    k = summary_tokens(block, tokens_per_image)
     yx = np.stack([token_positions(seed, sid, h, w, k) for sid in sample_ids])  # (B, K, 2)
     flat = torch.as_tensor(yx[..., 0] * w + yx[..., 1], device=acts.device)  # (B, K)
     picked = torch.gather(acts.flatten(2), 2, flat[:, None, :].expand(b, c, k))  # (B, C, K)

@@ -9,11 +9,9 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,28 +21,13 @@ import pytest
 from PIL import Image
 
 import imagegen
-from conftest import small_spec
+from conftest import deadline, small_spec
 from sdfeat import store
 from sdfeat.errors import SourceError, StoreError
 from sdfeat.sources import plan_samples, read_images
 
 RES = 16
 RED, BLUE = (230, 20, 20), (20, 20, 230)
-
-
-@contextmanager
-def deadline(seconds: int):
-    """Fail instead of hanging (a named pipe opened for reading blocks forever)."""
-    def expired(*_):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:

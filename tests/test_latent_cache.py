@@ -61,6 +61,11 @@ def test_cold_warm_and_no_cache_give_the_same_store(tmp_path: Path, protocol: st
     (key_folder,) = [p for p in cache.iterdir() if p.is_dir()]
     assert json.loads((key_folder / "key.json").read_text())["pixels"] == ("[0,1]" if protocol == "paper" else "[-1,1]")
     assert len(list((key_folder / "done").rglob("*.json"))) == 8
+    if protocol == "standard":  # rates measured from a store: a warm one ran no VAE, so it measures no VAE rate
+        from sdfeat.rates import store_rates
+
+        assert store_rates(str(tmp_path / "cold")).vae_flops_per_s > 0
+        assert store_rates(str(tmp_path / "warm")).vae_flops_per_s is None
 
 
 def test_another_job_with_the_same_batches_hits_and_the_latent_cache_keeps_the_spec_hash(tmp_path: Path) -> None:

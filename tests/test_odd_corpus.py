@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import io
 import os
-import signal
 import tarfile
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import torch
 from PIL import Image
 
 import imagegen
-from conftest import small_spec
+from conftest import deadline, small_spec
 from sdfeat import store
 from sdfeat.decode import center_crop_resize, decode_rgb
 from sdfeat.extract import run_local
@@ -54,20 +52,6 @@ class Sample:
 
 Corpus = dict[str, Sample]  # sample_id -> what must happen to it
 KINDS: set[str] = set()
-
-
-@contextmanager
-def deadline(seconds: int):
-    def expired(*_):
-        raise TimeoutError(f"the job still runs after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def img(mode: str, size: tuple[int, int], color, fmt: str = "PNG", **args) -> bytes:

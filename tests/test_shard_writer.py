@@ -15,6 +15,7 @@ import zarr
 
 from conftest import small_spec
 from sdfeat import shard_writer, store
+from sdfeat.layout import ArrayLayout, activation_layout
 from storecompare import array_paths, assert_same_store
 from test_remote_store import BUCKET, s3_env  # noqa: F401  (fixture: a moto S3 server)
 
@@ -23,23 +24,23 @@ UNITS = {"full": (0, 4), "partial": (8, 10)}
 
 LAYOUTS = [
     # timesteps x seeds = 2 x 2: the inner-chunk grid (4, 2, 2, 1, 1, 1) is stored in Morton order, not C order
-    store.activation_layout("up_blocks.1.resnets.0", 2, 2, 4, 4, 4, "float16"),
-    store.activation_layout("up_blocks.1.upsamplers.0", 2, 2, 4, 8, 8, "float16"),
-    store.activation_layout("crops/16/conv_in", 2, 2, 3, 6, 6, "float16"),
-    store.ArrayLayout("summaries/mid_block.resnets.1/norms", (2, 2, 4, 4), ("timestep", "seed", "y_4", "x_4"),
+    activation_layout("up_blocks.1.resnets.0", 2, 2, 4, 4, 4, "float16"),
+    activation_layout("up_blocks.1.upsamplers.0", 2, 2, 4, 8, 8, "float16"),
+    activation_layout("crops/16/conv_in", 2, 2, 3, 6, 6, "float16"),
+    ArrayLayout("summaries/mid_block.resnets.1/norms", (2, 2, 4, 4), ("timestep", "seed", "y_4", "x_4"),
                       "float32"),
-    store.ArrayLayout("summaries/mid_block.resnets.1/tokens", (2, 2, 5, 4), ("timestep", "seed", "token_5",
+    ArrayLayout("summaries/mid_block.resnets.1/tokens", (2, 2, 5, 4), ("timestep", "seed", "token_5",
                                                                            "channel_4"), "float16"),
-    store.ArrayLayout("summaries/mid_block.resnets.1/token_yx", (2, 2, 5, 2), ("timestep", "seed", "token_5", "yx"),
+    ArrayLayout("summaries/mid_block.resnets.1/token_yx", (2, 2, 5, 2), ("timestep", "seed", "token_5", "yx"),
                       "int16"),
-    store.ArrayLayout("summaries/mid_block.resnets.1/groups", (2, 2, 3, 3), ("timestep", "seed", "group", "group_b"),
+    ArrayLayout("summaries/mid_block.resnets.1/groups", (2, 2, 3, 3), ("timestep", "seed", "group", "group_b"),
                       "float64"),
-    store.ArrayLayout("summaries/mid_block.resnets.1/group_pairs", (2, 2, 3, 3),
+    ArrayLayout("summaries/mid_block.resnets.1/group_pairs", (2, 2, 3, 3),
                       ("timestep", "seed", "group", "group_b"), "int64"),
 ]
 
 
-def _values(layout: store.ArrayLayout, rows: int, seed: int) -> np.ndarray:
+def _values(layout: ArrayLayout, rows: int, seed: int) -> np.ndarray:
     """Smooth-ish values that zstd compresses a little; row 1 all zero (a failed image's row)."""
     rng = np.random.default_rng(seed)
     shape = (rows, *layout.sample_shape)

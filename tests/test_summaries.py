@@ -11,7 +11,8 @@ from metrics_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 from sdfeat.metrics.anomalies import relative_norms, token_norms
 from sdfeat.metrics.corners import GroupTotals, group_means, group_similarity_sums, inner
 from sdfeat.metrics.position import ProbeSettings, probe_tokens
-from sdfeat.summaries import summarize, summary_layout, token_positions
+from sdfeat.layout import summary_layout
+from sdfeat.summaries import summarize, token_positions
 
 
 @dataclass(frozen=True)

@@ -189,7 +189,7 @@ class Collected:
 
 def _corner_parts(fs: FeatureStore, b: runner._Block, opts: runner.MetricOptions) -> CornerParts | None:
     n = b.height()
-    if n < 5:
+    if n < runner.MIN_CORNER_MAP:
         return None
     margin = fs.spec.resolution // n
     rows = b.rows[b.rows < fs.crop_samples]  # crops exist for the first rows only (`variants.samples`)
