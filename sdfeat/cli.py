@@ -9,6 +9,7 @@ import logging
 import os
 from collections.abc import Callable
 from contextvars import ContextVar
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
@@ -94,6 +95,30 @@ def _print_table(columns: list[str], rows: list[list[str]], title: str | None = 
 JobArg = Annotated[Path, typer.Argument(help="YAML job spec.")]
 OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Override the spec's output.")]
 StoreArg = Annotated[str, typer.Argument(help="Store directory or URL (the job's output).")]
+
+
+class Preset(str, Enum):
+    paper = "paper"
+    all = "all"
+
+
+class MapKind(str, Enum):
+    norm = "norm"
+    similarity = "similarity"
+
+
+class Reference(str, Enum):
+    sd15 = "sd15"
+    sd21 = "sd21"
+    sdturbo = "sdturbo"
+
+
+class Metric(str, Enum):
+    position = "position"
+    corners = "corners"
+    anomalies = "anomalies"
+
+
 LocalOpt = Annotated[bool, typer.Option("--local", help="Run in this process, without Ray.")]
 RayAddressOpt = Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Join this Ray cluster (HEAD:6379, or "
                                                       "auto: the one `ray start` runs here); default: a private "
@@ -220,7 +245,7 @@ def plan(
 @domain_errors
 def blocks(
     model: Annotated[str, typer.Argument(help="sd15, sd21, sdturbo, tiny, a hub id or a local diffusers dir.")],
-    preset: Annotated[str, typer.Option(help="paper (45 positions) or all (46).")] = "paper",
+    preset: Annotated[Preset, typer.Option(help="paper (45 positions) or all (46).")] = Preset.paper,
     resolution: Annotated[int, typer.Option(min=64, help="Image side in pixels.")] = 512,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line instead of a table.")] = False,
 ) -> None:
@@ -230,9 +255,7 @@ def blocks(
     from sdfeat.blocks import resolve_blocks
     from sdfeat.models import unet_config
 
-    if preset not in ("paper", "all"):
-        raise typer.BadParameter("must be 'paper' or 'all'", param_hint="--preset")
-    found = resolve_blocks(unet_config(model), preset, resolution)
+    found = resolve_blocks(unet_config(model), preset.value, resolution)
     if as_json:
         console.out("\n".join(json.dumps(asdict(b)) for b in found), highlight=False)
         return
@@ -306,7 +329,7 @@ def show(
     block: Annotated[str, typer.Option(help="Block name.")],
     sample: Annotated[str, typer.Option(help="Sample id or row index.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")],
-    kind: Annotated[str, typer.Option(help="norm or similarity.")] = "norm",
+    kind: Annotated[MapKind, typer.Option(help="Token norms, or cosine similarity to one token.")] = MapKind.norm,
     at: Annotated[Optional[str], typer.Option(help="Token y,x for --kind similarity (default: centre).")] = None,
     timestep: Annotated[Optional[int], typer.Option()] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
@@ -315,14 +338,12 @@ def show(
     from sdfeat.maps import norm_map, render_map, similarity_map
     from sdfeat.query import open_store
 
-    if kind not in ("norm", "similarity"):
-        raise typer.BadParameter("must be 'norm' or 'similarity'", param_hint="--kind")
     fs = open_store(path)
     key: int | str = int(sample) if sample.lstrip("-").isdigit() else sample
     t = timestep if timestep is not None else fs.timesteps[0]
     s = seed if seed is not None else fs.seeds[0]
     acts = fs.read(block, [key], timestep=t, seed=s)[0]  # (C, H, W)
-    if kind == "norm":
+    if kind is MapKind.norm:
         values, mark = norm_map(acts), None
     else:
         mark = _parse_yx(at) or (acts.shape[1] // 2, acts.shape[2] // 2)
@@ -330,7 +351,7 @@ def show(
             raise typer.BadParameter(f"token {mark} is outside the {acts.shape[1]}×{acts.shape[2]} map",
                                      param_hint="--at")
         values = similarity_map(acts, *mark)
-    render_map(values, out, title=f"{block} · {sample} · {kind} · t={t}", mark=mark)
+    render_map(values, out, title=f"{block} · {sample} · {kind.value} · t={t}", mark=mark)
     console.print(f"wrote {out}", highlight=False)
 
 
@@ -411,8 +432,7 @@ def logs(submission_id: str, address: AddressOpt = None,
     _exit_for(state)
 
 
-MetricOpt = Annotated[Optional[list[str]], typer.Option(help="position, corners or anomalies; repeatable "
-                                                           "(default: all three).")]
+MetricOpt = Annotated[Optional[list[Metric]], typer.Option(help="Repeatable (default: all three).")]
 BootstrapSeedOpt = Annotated[int, typer.Option(min=0, help="Seed of the image resampling (replicate b draws with "
                                                          "numpy default_rng([seed, b])).")]
 ProbeRepeatsOpt = Annotated[int, typer.Option(min=1, help="With intervals: image-level splits the probe is trained "
@@ -443,7 +463,8 @@ def metrics(
     from sdfeat.blocks import canonical_name
     from sdfeat.metrics.runner import METRICS, MetricOptions, run_metrics
 
-    written = run_metrics(path, metrics=metric or METRICS, blocks=[canonical_name(b) for b in block or []] or None,
+    written = run_metrics(path, metrics=[m.value for m in metric or []] or METRICS,
+                          blocks=[canonical_name(b) for b in block or []] or None,
                           local=local, address=address, labels=labels, allow_partial=allow_partial, progress=True,
                           options=MetricOptions(paper_counts=paper_counts, timestep=timestep, bootstrap=bootstrap,
                                                 bootstrap_seed=bootstrap_seed, probe_repeats=probe_repeats))
@@ -476,7 +497,7 @@ def compare(
     from sdfeat.compare import COLUMNS, compare_stores, render_text
     from sdfeat.metrics.runner import METRICS, MetricOptions
 
-    rows = compare_stores(store_a, store_b, metrics=metric or METRICS,
+    rows = compare_stores(store_a, store_b, metrics=[m.value for m in metric or []] or METRICS,
                           blocks=[canonical_name(b) for b in block or []] or None, local=local, address=address,
                           labels=labels, options=MetricOptions(timestep=timestep, bootstrap=bootstrap,
                                                                bootstrap_seed=bootstrap_seed,
@@ -501,14 +522,13 @@ def compare(
 def report(
     stores: Annotated[list[str], typer.Argument(help="One or more stores with results/ (run `sdfeat metrics`).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for figures and summary.md.")],
-    reference: Annotated[Optional[str], typer.Option(help="Overlay the published curves: sd15, sd21, sdturbo.")] = None,
+    reference: Annotated[Optional[Reference], typer.Option(help="Overlay the published curves.")] = None,
 ) -> None:
     """Draw the paper's figures (Figure 2 layout, cross-model, token maps) and a Markdown summary."""
     from sdfeat.report import write_report
 
-    if reference not in (None, "sd15", "sd21", "sdturbo"):
-        raise typer.BadParameter("must be sd15, sd21 or sdturbo", param_hint="--reference")
-    console.print(f"wrote {write_report(stores, str(out), reference, progress=True)}", highlight=False)
+    console.print(f"wrote {write_report(stores, str(out), reference and reference.value, progress=True)}",
+                  highlight=False)
 
 
 @app.command()

@@ -27,7 +27,7 @@ import ray
 import ray.util.scheduling_strategies
 from ray.exceptions import RayActorError, RayTaskError
 
-from sdfeat.errors import SdfeatError, UnitFailedError
+from sdfeat.errors import ArgumentError, SdfeatError
 from sdfeat.extract import JobPlan, UnitRunner, end_job, pending_units, prepare_job
 from sdfeat.plan import Unit
 from sdfeat.progress import UnitProgress
@@ -109,9 +109,9 @@ def plan_actors(node_cpus: list[float], cluster_gpus: float, workers: int | None
     request exceeds the largest node, or the actor could never be placed.
     """
     if workers is not None and workers < 1:
-        raise SdfeatError(f"--workers must be at least 1, got {workers}")
+        raise ArgumentError(f"workers: must be at least 1, got {workers}")
     if gpus_per_worker is not None and gpus_per_worker < 0:
-        raise SdfeatError(f"--gpus-per-worker must be non-negative, got {gpus_per_worker}")
+        raise ArgumentError(f"gpus_per_worker: must be non-negative, got {gpus_per_worker}")
     cpus = sum(node_cpus)
     largest = max(node_cpus, default=0.0)
     use_gpu = gpus_per_worker > 0 if gpus_per_worker is not None else cluster_gpus > 0

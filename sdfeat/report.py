@@ -29,7 +29,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
 from sdfeat.blocks import canonical_name
-from sdfeat.errors import SdfeatError, StoreError
+from sdfeat.errors import ArgumentError, SdfeatError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ INTERVENTION_ROWS = (  # one curve per padding mode (spec `intervention`)
 def load_reference(model: str) -> pa.Table:
     """The paper's per-block numbers for `model` (sd15 | sd21 | sdturbo) as a tidy table (TIDY_SCHEMA)."""
     if model not in REFERENCE_MODELS:
-        raise SdfeatError(f"reference: no published numbers for '{model}' (choose from {', '.join(REFERENCE_MODELS)})")
+        raise ArgumentError(f"reference: no published numbers for '{model}' (choose from {', '.join(REFERENCE_MODELS)})")
     rows: list[dict] = []
     with (REFERENCE_DIR / f"{model}_per_block.csv").open(newline="") as f:
         for record in csv.DictReader(f):
@@ -462,7 +462,6 @@ def save_figure(fig: Figure, out_dir: str | Path, stem: str) -> list[str]:
 def _input_images(fs, rows: Sequence[int]) -> list[np.ndarray | None]:
     """The decoded, cropped input images of store rows (as the job saw them), or None where the source is out of
     reach from here."""
-    from sdfeat.errors import SdfeatError as _Error
     from sdfeat.sources import SampleRef, read_images
     from sdfeat.store import read_manifest
 
@@ -470,7 +469,7 @@ def _input_images(fs, rows: Sequence[int]) -> list[np.ndarray | None]:
         manifest = read_manifest(fs.path)
         refs = [SampleRef(**manifest.slice(r, 1).to_pylist()[0]) for r in rows]
         return [d.pixels for d in read_images(refs, int(fs.spec.resolution))]
-    except (_Error, OSError, TypeError, KeyError) as err:
+    except (SdfeatError, OSError, TypeError, KeyError) as err:
         log.info("token maps: input images unavailable (%s)", err)
         return [None] * len(rows)
 
@@ -576,7 +575,7 @@ def write_report(stores: list[str], out_dir: str, reference: str | None = None,
     from sdfeat.store import filesystem, join
 
     if not stores:
-        raise SdfeatError("stores: give at least one store")
+        raise ArgumentError("stores: give at least one store")
     out = str(out_dir)
     out_fs, out_root = filesystem(out)
     out_fs.makedirs(out_root, exist_ok=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sdfeat.errors import ClusterConnectionError, SdfeatError, SpecError, StoreError
+from sdfeat.errors import ArgumentError, ClusterConnectionError, SdfeatError, SpecError, StoreError
 from sdfeat.spec import JobSpec, load_spec, spec_hash, spec_to_yaml
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def submit_job(spec_path: str | Path, address: str | None = None, workers: int |
     for job in jobs:
         same_work = (job.metadata or {}).get("sdfeat_spec_hash") == digest
         if same_work and (job.metadata or {}).get("sdfeat_output") == spec.output and str(job.status) in ACTIVE_STATES:
-            raise SdfeatError(f"{job.submission_id} is still {job.status} for this spec and output; follow it with "
+            raise StoreError(f"{job.submission_id} is still {job.status} for this spec and output; follow it with "
                               f"`ray job logs --follow {job.submission_id}` or stop it before resubmitting")
     submission_id = next_submission_id(digest, [j.submission_id for j in jobs if j.submission_id])
     entrypoint = build_entrypoint(workers, gpus_per_worker, overwrite)
@@ -159,7 +159,7 @@ def _ask(address: str | None, submission_id: str, question: Callable[[Any], Any]
     try:
         return question(client)
     except RuntimeError as err:  # the Jobs API answers an unknown id with an HTTP error
-        raise SdfeatError(f"submission {submission_id}: {str(err).splitlines()[0]}") from None
+        raise ArgumentError(f"submission {submission_id}: {str(err).splitlines()[0]}") from None
 
 
 def status(submission_id: str, address: str | None = None) -> str:

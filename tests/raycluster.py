@@ -142,3 +142,19 @@ class RecordsNode(ExtractionWorker):
         (Path(os.environ["SDFEAT_TEST_DIR"]) / f"started-{unit.index}-{node}").touch()
         time.sleep(float(os.environ.get("SDFEAT_TEST_DELAY_S", "0")))
         return super().run(unit)
+
+
+class SlowBatches(ExtractionWorker):
+    """Pauses after each batch's progress message, so a unit outlasts the driver's wait (WAIT_S) and the driver
+    reads the batch tally while units are still in flight: per-batch progress becomes observable, not a race."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        tell = self.runner.on_batch
+
+        def slowly(unit: int, rows: int) -> None:
+            if tell is not None:
+                tell(unit, rows)
+            time.sleep(0.8)
+
+        self.runner.on_batch = slowly

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from sdfeat.cli import app
@@ -89,3 +90,12 @@ def test_info_query_show_verify(tiny_store: str, tmp_path: Path) -> None:
 def test_query_unknown_sample_exits_2(tiny_store: str) -> None:
     result = runner.invoke(app, ["query", tiny_store, "--block", "conv_in", "--sample", "nope"])
     assert result.exit_code == 2 and "sample 'nope'" in result.output
+
+
+@pytest.mark.parametrize("args, option", [(["blocks", "sd15", "--preset", "most"], "--preset"),
+                                          (["metrics", "out", "--metric", "probe"], "--metric"),
+                                          (["report", "out", "-o", "x", "--reference", "sd3"], "--reference")])
+def test_choices_are_checked_by_the_parser_and_named(args: list[str], option: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert option in result.output and "is not one of" in result.output

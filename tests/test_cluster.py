@@ -18,7 +18,7 @@ from raycluster import DiesMidWrite, HangsOnce, RecordsNode, job_spec, wait_for
 from storecompare import assert_same_store
 from sdfeat import store
 from sdfeat.cluster import plan_actors, run_on_ray
-from sdfeat.errors import SdfeatError, UnitFailedError
+from sdfeat.errors import ArgumentError, UnitFailedError
 from sdfeat.extract import prepare_job, run_local
 
 N_UNITS = 4  # synthetic:16 in units of 4
@@ -52,7 +52,7 @@ def test_gpu_default_is_one_actor_per_gpu() -> None:
 
 def test_gpus_per_worker_zero_forces_cpu_actors_and_bad_counts_are_named() -> None:
     assert plan_actors([8], 2, gpus_per_worker=0).device == "cpu"
-    with pytest.raises(SdfeatError, match="--workers"):
+    with pytest.raises(ArgumentError, match="workers: must be at least 1"):
         plan_actors([8], 0, workers=0)
 
 

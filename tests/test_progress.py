@@ -13,7 +13,7 @@ import pytest
 
 from conftest import small_spec
 from raycluster import ray_cluster, ray_cluster_processes  # noqa: F401  (fixtures)
-from raycluster import job_spec
+from raycluster import SlowBatches, job_spec
 from sdfeat.progress import UnitProgress
 
 
@@ -73,7 +73,7 @@ def test_ray_actors_report_batches_to_the_driver(ray_cluster, tmp_path: Path, mo
 
     monkeypatch.setattr(cluster, "UnitProgress", Recording)
     spec = job_spec(tmp_path / "store", source="synthetic:24", unit_size=12, batch_size=2)
-    summary = cluster.run_on_ray(spec, workers=1, progress=False)
+    summary = cluster.run_on_ray(spec, workers=1, progress=False, worker_class=SlowBatches)
     assert summary["ok"] == 24
     per_unit: dict[int, int] = {}
     for unit, rows in advances:                     # batches, summed by the tally between two reads

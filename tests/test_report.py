@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from sdfeat import report
-from sdfeat.errors import SdfeatError, StoreError
+from sdfeat.errors import ArgumentError, StoreError
 from sdfeat.report import (
     ANOMALY_MEAN,
     PROBE,
@@ -121,7 +121,7 @@ def test_reference_csvs_are_shipped(model: str, n_labels: int) -> None:
 
 
 def test_unknown_reference_names_the_argument() -> None:
-    with pytest.raises(SdfeatError, match="reference: no published numbers for 'sd3'"):
+    with pytest.raises(ArgumentError, match="reference: no published numbers for 'sd3'"):
         load_reference("sd3")
 
 
@@ -261,7 +261,7 @@ def test_cross_model_figure_has_one_line_per_store_and_metric(tmp_path) -> None:
 
 
 def test_write_report_without_stores_is_an_error(tmp_path) -> None:
-    with pytest.raises(SdfeatError, match="stores: give at least one store"):
+    with pytest.raises(ArgumentError, match="stores: give at least one store"):
         write_report([], str(tmp_path))
 
 
