@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from conftest import small_spec
 from sdfeat import store
 from sdfeat.explore.app import create_app
 from sdfeat.query import open_store
+from test_remote_store import BUCKET, s3_env  # noqa: F401  (the moto S3 fixture)
 
 BLOCK = "up_blocks.1.upsamplers.0"  # (64, 8, 8) in the tiny store at 128 px
 
@@ -247,36 +247,12 @@ def test_cli_refuses_a_path_without_a_store(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def s3_store(tiny_store: str) -> Iterator[str]:
-    """tiny_store copied to a moto S3 server on 127.0.0.1; AWS_* set while the test runs."""
-    import os
-
+def s3_store(tiny_store: str, s3_env: dict[str, str]) -> str:
+    """tiny_store copied into the moto S3 server of `s3_env` (127.0.0.1; AWS_* set while the module runs)."""
     import fsspec
-    import socket
 
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        fs = fsspec.filesystem("s3", skip_instance_cache=True)
-        fs.mkdir("explore")
-        fs.put(tiny_store, "explore/tiny", recursive=True)
-        yield "s3://explore/tiny"
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
+    fsspec.filesystem("s3", skip_instance_cache=True).put(tiny_store, f"{BUCKET}/explore/tiny", recursive=True)
+    return f"s3://{BUCKET}/explore/tiny"
 
 
 def test_an_s3_store_gives_the_same_maps(s3_store: str, client: TestClient) -> None:
