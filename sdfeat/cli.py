@@ -92,6 +92,24 @@ def _print_table(columns: list[str], rows: list[list[str]], title: str | None = 
     console.print(table)
 
 
+def _print_rich(table: Table) -> None:
+    """A table built with rich (the planners'): as it is on a terminal; when piped, its title, cells and caption as
+    plain lines like `_print_table`'s (markup dropped, nothing cut)."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    from rich.text import Text
+
+    def plain(cell: object) -> str:
+        return Text.from_markup(cell).plain if isinstance(cell, str) else str(cell)
+
+    columns = [[plain(cell) for cell in column.cells] for column in table.columns]
+    _print_table([plain(c.header) for c in table.columns], [list(row) for row in zip(*columns)],
+                 title=plain(table.title) if table.title else None)
+    if table.caption:
+        typer.echo(plain(table.caption))
+
+
 JobArg = Annotated[Path, typer.Argument(help="YAML job spec.")]
 OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Override the spec's output.")]
 StoreArg = Annotated[str, typer.Argument(help="Store directory or URL (the job's output).")]
@@ -186,7 +204,8 @@ def _print_summary(summary: dict) -> None:
 
     this_run = summary.get("this_run") or {}
     # stage seconds of this run's units (a resumed run does not count the earlier runs' time)
-    seconds = ", ".join(f"{k} {v:.1f}s" for k, v in (this_run.get("seconds") or summary["seconds"]).items())
+    busy = this_run["seconds"] if "seconds" in this_run else summary["seconds"]
+    seconds = ", ".join(f"{k} {v:.1f}s" for k, v in busy.items() if v) or "none (nothing left to do)"
     rate = f", {summary['images_per_second']:.2f} img/s" if "images_per_second" in summary else ""
     failed = f"{summary['failures']} failed"
     if summary["failures"]:
@@ -228,15 +247,15 @@ def plan(
 
     spec = _load(job, output)
     est = estimate_job(spec, images_per_second, IMAGENET_TRAIN if imagenet else samples)
-    console.print(render_estimate(est))
+    _print_rich(render_estimate(est))
     write = write_gbps * 1e9 if write_gbps else None
     rates = store_rates(from_store) if from_store else recorded_rates(spec.compile, device, write)
     if write and from_store:
         rates = replace(rates, write_bytes_per_s=write)
-    console.print(render_stages(estimate_stages(spec, est.n_samples, rates, warm_cache, est.layout)))
+    _print_rich(render_stages(estimate_stages(spec, est.n_samples, rates, warm_cache, est.layout)))
     if imagenet:
         table, lines = render_budget(imagenet_budget(spec, rates, est.n_samples), peak_flops(device))
-        console.print(table)
+        _print_rich(table)
         for line in lines:
             console.print(line, highlight=False)
 

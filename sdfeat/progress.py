@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from types import TracebackType
 
+from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
@@ -31,11 +32,12 @@ class UnitProgress:
         self._partial: dict[int, int] = {}            # unit -> rows of its finished batches, until its report
         self._finished: set[int] = set()
         self._start = time.perf_counter()
+        console = Console(stderr=True)           # stdout stays the command's answer; no bar when piped
         self._progress = Progress(
             TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[rate]} img/s"), TextColumn("{task.fields[failures]} failed"),
             TextColumn("elapsed"), TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
-            disable=not enabled, transient=False,
+            console=console, disable=not (enabled and console.is_terminal), transient=False,
         )
         self._task = self._progress.add_task("extract", total=total_rows, completed=done_rows, rate="–", failures=0)
         self._resumed = (done_units, total_units) if done_units and total_units else None
@@ -93,8 +95,6 @@ class TaskProgress:
     """A bar over a known number of tasks (`metrics` blocks, `report` figures); `enabled=False` draws nothing."""
 
     def __init__(self, what: str, total: int, enabled: bool = True) -> None:
-        from rich.console import Console
-
         console = Console(stderr=True)       # stdout stays the command's answer
         self._progress = Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(),
                                   TextColumn("{task.fields[item]}"), TimeElapsedColumn(), TimeRemainingColumn(),
