@@ -40,6 +40,21 @@ def test_piped_tables_are_tab_separated_and_never_cut() -> None:
     assert "…" not in result.stdout and "--json" in result.stdout
 
 
+
+def test_piped_plan_and_extract_print_plain_lines_without_bars(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(f"model: tiny\nsource: synthetic:4\nresolution: 64\nblocks: [conv_in, down_blocks.1.attentions.1]\n"
+                   f"variants: {{crops: auto}}\nbatch_size: 2\nunit_size: 2\noutput: {tmp_path}/o\n")
+    plan = _sdfeat("plan", str(job))
+    assert plan.returncode == 0, plan.stderr
+    assert "crops/16/down_blocks.1.attentions.1\t" in plan.stdout                   # one row, tab-separated
+    assert not any(ch in plan.stdout for ch in "┃━│…")                                # no box drawing, nothing cut
+    run = _sdfeat("extract", str(job), "--local")                                   # progress bar on: not piped
+    assert run.returncode == 0 and "━" not in run.stdout + run.stderr, run.stdout
+    again = _sdfeat("extract", str(job), "--local")
+    assert "stages: none (nothing left to do)" in again.stdout and "resumed: 2 of 2 units" in again.stdout
+
+
 def test_unknown_key_suggests_and_yaml_errors_keep_the_line(tmp_path: Path) -> None:
     job = tmp_path / "job.yaml"
     job.write_text("model: tiny\nsource: synthetic:4\noutput: out\nresoluton: 64\n")
