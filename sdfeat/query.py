@@ -95,19 +95,22 @@ class FeatureStore:
     def shape(self, block: str, crop: int | None = None) -> tuple[int, ...]:
         return tuple(self.array(block, crop).shape)
 
+    @cached_property
+    def _row_of(self) -> dict[str, int]:
+        return {sid: i for i, sid in enumerate(self.sample_ids)}
+
     def _rows(self, samples: Samples) -> slice | np.ndarray:
         if samples is None:
             return slice(None)
         if isinstance(samples, slice):
             return samples
         items = [samples] if isinstance(samples, (int, str)) else list(samples)
-        index = {sid: i for i, sid in enumerate(self.sample_ids)} if any(isinstance(s, str) for s in items) else {}
         rows = []
         for s in items:
             if isinstance(s, str):
-                if s not in index:
+                if s not in self._row_of:
                     raise StoreError(f"sample '{s}' is not in {self.path}")
-                rows.append(index[s])
+                rows.append(self._row_of[s])
             elif not -len(self) <= int(s) < len(self):
                 raise StoreError(f"sample index {s} is out of range for {len(self)} samples")
             else:
@@ -135,8 +138,12 @@ class FeatureStore:
     def row_states(self, rows: slice | np.ndarray | None = None) -> dict[int, str]:
         """{row: state} of the rows (default: all) that hold no activations: 'unfinished (unit U has no done
         marker)' or 'failed (reason in failures.parquet)'. Empty when every row was extracted."""
-        index = np.arange(len(self))[rows if rows is not None else slice(None)]
-        bad = index[~self.ok[index]]
+        rows = slice(None) if rows is None else rows
+        index = np.arange(*rows.indices(len(self))) if isinstance(rows, slice) else np.asarray(rows)
+        if not len(index):
+            return {}
+        lo, hi = int(index.min()), int(index.max()) + 1
+        bad = index[~np.asarray(self.group["ok"][lo:hi])[index - lo]]  # only the rows asked about, not all
         if not len(bad):
             return {}
         size = int(self.attrs["unit_size"])

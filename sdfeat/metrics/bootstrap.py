@@ -37,7 +37,6 @@ from dataclasses import dataclass, replace
 from typing import Union
 
 import numpy as np
-import torch
 
 from sdfeat.metrics import anomalies, corners, position, runner
 from sdfeat.query import FeatureStore, open_store
@@ -45,7 +44,7 @@ from sdfeat.query import FeatureStore, open_store
 log = logging.getLogger(__name__)
 
 LEVEL = 0.95
-CORNER_KEYS = ("groups", "groups_diag", "corner_groups")
+CORNER_KEYS = runner.CORNER_KEYS
 POOLED = (None, None)  # the (timestep, seed) key of the pooled rows
 
 
@@ -191,24 +190,15 @@ def _corner_parts(fs: FeatureStore, b: runner._Block, opts: runner.MetricOptions
     n = b.height()
     if n < runner.MIN_CORNER_MAP:
         return None
-    margin = fs.spec.resolution // n
-    rows = b.rows[b.rows < fs.crop_samples]  # crops exist for the first rows only (`variants.samples`)
+    chunked = runner.corner_sums(fs, b)
+    if chunked is None:
+        return None
+    rows, chunks = chunked
     found: dict[str, list[np.ndarray]] = {f"{v}/{k}": [] for v in corners.VARIANTS for k in CORNER_KEYS}
-    if b.full:
-        if margin not in fs.crops or f"crops/{margin}/{b.name}" not in fs.group:
-            return None
-        for c in b.chunks(rows):
-            for variant, acts in (("reprcropped", corners.inner(torch.from_numpy(b.read(c)))),
-                                  ("cropped", torch.from_numpy(b.read(c, crop=margin)))):
-                for k, v in corners.group_similarity_sums(acts).items():
-                    found[f"{variant}/{k}"].append(v.numpy())
-    else:
-        if f"summaries/{b.name}/crop_groups" not in fs.group:
-            return None
-        for c in b.chunks(rows):
+    for repr_sums, crop_sums in chunks:
+        for variant, sums in (("reprcropped", repr_sums), ("cropped", crop_sums)):
             for k in CORNER_KEYS:
-                found[f"reprcropped/{k}"].append(np.asarray(b.summary(k, c), dtype=np.float64))
-                found[f"cropped/{k}"].append(np.asarray(b.summary("crop_" + k, c), dtype=np.float64))
+                found[f"{variant}/{k}"].append(np.asarray(sums[k], dtype=np.float64))
     sums = {k: np.concatenate(v) for k, v in found.items()}
     return CornerParts(n - 2, np.searchsorted(b.rows, rows), sums, opts.paper_counts)
 

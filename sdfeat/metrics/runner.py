@@ -18,7 +18,7 @@ unavailable, the store's own earlier blocks stand in (then the state is the one 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -169,23 +169,14 @@ def corners_task(store_path: str, block: str, opts: MetricOptions) -> list[dict]
     n = b.height()
     if n < MIN_CORNER_MAP:
         return []
+    found = corner_sums(fs, b)
+    if found is None:
+        return []
+    rows, chunks = found
     cropped, reprcropped = corners.GroupTotals.empty(n - 2), corners.GroupTotals.empty(n - 2)
-    keys = ("groups", "groups_diag", "corner_groups")
-    margin = fs.spec.resolution // n
-    rows = b.rows[b.rows < fs.crop_samples]  # crops exist for the first rows only (`variants.samples`)
-    if b.full:
-        if margin not in fs.crops or f"crops/{margin}/{block}" not in fs.group:
-            log.info("corners: block %s has no crop-%d variant; skipped", block, margin)
-            return []
-        for c in b.chunks(rows):
-            reprcropped.add(corners.group_similarity_sums(corners.inner(torch.from_numpy(b.read(c)))))
-            cropped.add(corners.group_similarity_sums(torch.from_numpy(b.read(c, crop=margin))))
-    else:
-        if f"summaries/{block}/crop_groups" not in fs.group:
-            return []
-        for c in b.chunks(rows):
-            reprcropped.add({k: b.summary(k, c) for k in keys})
-            cropped.add({k: b.summary("crop_" + k, c) for k in keys})
+    for repr_sums, crop_sums in chunks:
+        reprcropped.add(repr_sums)
+        cropped.add(crop_sums)
     table = corners.corner_rows(cropped, reprcropped)
     if opts.paper_counts:
         table += [r for r in corners.corner_rows(cropped, reprcropped, paper_counts=True)
@@ -193,6 +184,32 @@ def corners_task(store_path: str, block: str, opts: MetricOptions) -> list[dict]
     for r in table:
         r["n_images"] = len(rows)
     return _label(fs, block, table)
+
+
+CORNER_KEYS = ("groups", "groups_diag", "corner_groups")
+
+
+def corner_sums(fs: FeatureStore, b: _Block) -> tuple[np.ndarray, Iterator[tuple[dict, dict]]] | None:
+    """The rows the corner metric uses (those with crops: `variants.samples`) and, chunk by chunk, the group
+    similarity sums of (reprcropped, cropped), from the full tensors or the stored summaries; None when the block
+    has no crop variant. Shared by the point estimate and the bootstrap."""
+    margin = fs.spec.resolution // b.height()
+    rows = b.rows[b.rows < fs.crop_samples]
+    if b.full and (margin not in fs.crops or f"crops/{margin}/{b.name}" not in fs.group):
+        log.info("corners: block %s has no crop-%d variant; skipped", b.name, margin)
+        return None
+    if not b.full and f"summaries/{b.name}/crop_groups" not in fs.group:
+        return None
+
+    def chunks() -> Iterator[tuple[dict, dict]]:
+        for c in b.chunks(rows):
+            if b.full:
+                yield (corners.group_similarity_sums(corners.inner(torch.from_numpy(b.read(c)))),
+                       corners.group_similarity_sums(torch.from_numpy(b.read(c, crop=margin))))
+            else:
+                yield ({k: b.summary(k, c) for k in CORNER_KEYS}, {k: b.summary("crop_" + k, c) for k in CORNER_KEYS})
+
+    return rows, chunks()
 
 
 def _ref_size(fs: FeatureStore, opts: MetricOptions) -> int:
