@@ -71,11 +71,11 @@ def baseline_topk(path: str, row: int, y: int, x: int, k: int, rows: list[int]) 
     """The plain loop: one read per image, cosine of every token, argsort."""
     from sdfeat.query import open_store
 
-    fs = open_store(path)
+    features = open_store(path)
     start = time.perf_counter()
-    query = fs.read(BLOCK, [row], timestep=50, seed=42)[0][:, y, x]  # (C,)
+    query = features.read(BLOCK, [row], timestep=50, seed=42)[0][:, y, x]  # (C,)
     for r in rows:
-        acts = fs.read(BLOCK, [r], timestep=50, seed=42)[0]  # (C, H, W) float32
+        acts = features.read(BLOCK, [r], timestep=50, seed=42)[0]  # (C, H, W) float32
         sims = np.einsum("chw,c->hw", acts, query) / (np.linalg.norm(acts, axis=0) * np.linalg.norm(query))
         np.argsort(-sims.ravel())[:k]
     return time.perf_counter() - start
@@ -143,11 +143,12 @@ def main() -> None:
     from sdfeat import store
     from sdfeat.errors import StoreError
     from sdfeat.explore.app import create_app
+    from sdfeat.plan import units_for
     from sdfeat.query import open_store
 
     try:
-        fs = open_store(path)
-        ready = len(store.done_units(path)) == -(-len(fs) // int(fs.attrs["unit_size"]))
+        features = open_store(path)
+        ready = len(store.done_units(path)) == units_for(len(features), int(features.attrs["unit_size"]))
     except StoreError:
         ready = False
     if not ready:

@@ -143,24 +143,24 @@ def run_authors(path: str) -> None:
 
     from sdfeat.query import open_store
 
-    fs = open_store(path)
-    t, s = fs.timesteps[0], fs.seeds[0]
-    blocks = fs.blocks
-    n_images = len(fs)
+    features = open_store(path)
+    t, s = features.timesteps[0], features.seeds[0]
+    blocks = features.blocks
+    n_images = len(features)
     # their `representations`: per image, every block's full tensor in memory
     representations: list[dict] = [{} for _ in range(n_images)]
     for block in blocks:
-        values = fs.read(block, timestep=t, seed=s, raw=True)  # (N, C, h, w) fp16
+        values = features.read(block, timestep=t, seed=s, raw=True)  # (N, C, h, w) fp16
         for i in range(n_images):
             representations[i][block] = torch.from_numpy(np.array(values[i:i + 1]))  # (1, C, h, w)
         del values
     _authors_probe(blocks, representations)
     cropped: dict[str, list] = {}
     for block in blocks:
-        n = fs.shape(block)[-1]
-        margin = fs.spec.resolution // n
-        if margin in fs.crops and f"crops/{margin}/{block}" in fs.group:
-            values = fs.read(block, timestep=t, seed=s, crop=margin, raw=True)
+        n = features.shape(block)[-1]
+        margin = features.spec.resolution // n
+        if margin in features.crops and f"crops/{margin}/{block}" in features.group:
+            values = features.read(block, timestep=t, seed=s, crop=margin, raw=True)
             cropped[block] = [torch.from_numpy(np.array(values[i:i + 1])) for i in range(len(values))]
     _authors_group_similarities(blocks, representations, cropped)
 

@@ -4,10 +4,11 @@ A block ("position") is a direct child of a U-Net stage that the paper hooks: `c
 `down_blocks.i|up_blocks.i|mid_block` . `resnets.j|attentions.j|downsamplers.j|upsamplers.j`. Its canonical name is
 the PyTorch module path (dotted); the paper's bracket form `down_blocks[0].resnets[0]` is accepted as input.
 
-Shapes come from a U-Net built from its config on the meta device (no memory, no weights) and one meta forward
-with `hooks.capture` on every position; the hooks' firing order is the execution order. The table is cached per
-(config, resolution), so `sdfeat blocks`, planning and the store template never load weights. Name handling
-needs neither torch nor diffusers.
+Shapes of the SD block layout (every SD 1.x/2.x U-Net, and `tiny`) are computed from the config (`_config_shapes`,
+no torch: `sdfeat blocks`, planning and the store template stay torch-free); any other layout's come from a U-Net
+built from its config on the meta device (no memory, no weights) and one meta forward with `hooks.capture` on every
+position, the hooks' firing order being the execution order. Tests pin the two against each other. The table is
+cached per (config, resolution). Name handling needs neither torch nor diffusers.
 """
 
 from __future__ import annotations
@@ -130,13 +131,54 @@ def _config_key(unet_config: dict) -> str:
 
 @lru_cache(maxsize=32)
 def _shape_table(config_key: str, resolution: int) -> tuple[tuple[str, int, int, int], ...]:
-    """(name, channels, height, width) of every position in execution order, from a meta forward."""
-    import torch  # here, not at the top: names and presets are used where torch is not (queries, reports)
+    """(name, channels, height, width) of every position in execution order: from the config for the SD block
+    layout (`_config_shapes`, no torch), else from a meta forward."""
+    config = json.loads(config_key)
+    return _config_shapes(config, resolution) or _meta_shapes(config, resolution)
+
+
+def _config_shapes(config: dict, resolution: int) -> tuple[tuple[str, int, int, int], ...] | None:
+    """The shape table of an SD-laid-out U-Net (`config_positions`) computed from its config, as diffusers' forward
+    gives it: channels from `block_out_channels` (reversed on the way up) and `out_channels`; sides halved by each
+    stride-2, padding-1 downsampler (rounding up: 31 -> 16) and restored by each upsampler (to the skip's size).
+    None where the config has anything else (the meta forward knows it); tests pin both against each other."""
+    names = config_positions(config)
+    channels, out = config.get("block_out_channels"), config.get("out_channels", 4)
+    kernels = (config.get("conv_in_kernel", 3), config.get("conv_out_kernel", 3))
+    if (names is None or not isinstance(channels, list) or len(channels) != len(config["down_block_types"])
+            or len(channels) != len(config["up_block_types"]) or not all(isinstance(c, int) for c in channels)
+            or not isinstance(out, int) or config.get("downsample_padding", 1) != 1
+            or not all(isinstance(k, int) and k % 2 for k in kernels)
+            or config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn"
+            or config.get("class_embed_type") is not None or config.get("addition_embed_type") is not None):
+        return None
+    sides = [resolution // VAE_FACTOR]  # sides[level]: the latent side inside down block `level`
+    for _ in channels[1:]:
+        sides.append((sides[-1] - 1) // 2 + 1)
+
+    def shape(name: str) -> tuple[int, int]:
+        """(channels, side) of one position."""
+        parts = name.split(".")
+        if name in ("conv_in", "conv_out"):
+            return (channels[0] if name == "conv_in" else out), sides[0]
+        if parts[0] == "mid_block":
+            return channels[-1], sides[-1]
+        i, kind = int(parts[1]), parts[2]
+        if parts[0] == "down_blocks":
+            return channels[i], (sides[i + 1] if kind == "downsamplers" else sides[i])
+        level = len(channels) - 1 - i  # up block i works at down block `level`'s side, its upsampler at the next
+        return channels[level], (sides[level - 1] if kind == "upsamplers" else sides[level])
+
+    return tuple((n, c, s, s) for n, c, s in ((n, *shape(n)) for n in names))
+
+
+def _meta_shapes(config: dict, resolution: int) -> tuple[tuple[str, int, int, int], ...]:
+    """The shape table from a U-Net built on the meta device and one meta forward with hooks on every position."""
+    import torch  # here, not at the top: names, presets and SD shapes are used where torch is not
     from diffusers import UNet2DConditionModel
 
     from sdfeat.hooks import capture
 
-    config = json.loads(config_key)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
     names = [n for n, _ in unet.named_modules() if _POSITION.match(n)]

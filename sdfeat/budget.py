@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sdfeat.costs import unet_flops_to, vae_flops
+from sdfeat.costs import pass_costs
 from sdfeat.errors import SpecError
 from sdfeat.layout import Layout, job_layout
 from sdfeat.rates import Rates, recorded
@@ -22,23 +22,6 @@ IMAGENET_TRAIN = 1_281_167
 BUDGET_MODELS: tuple[str, ...] = ("sd15", "sd21", "sdturbo")
 AIM_GPU_HOURS = 5.0   # all three models
 AIM_BYTES = 5e12      # all three stores
-
-
-@dataclass(frozen=True)
-class PassCost:
-    margin: int          # 0: the full image
-    vae_flops: float     # per image; encoded once per pass (the latent serves every seed and timestep)
-    unet_flops: float    # per image, over all seeds × timesteps, up to the pass's deepest block
-
-
-def pass_costs(spec: JobSpec, layout: Layout) -> list[PassCost]:
-    repeats = len(spec.seeds) * len(spec.timesteps)
-    costs = []
-    for p in layout.passes:
-        side = spec.resolution - 2 * p.margin
-        costs.append(PassCost(p.margin, vae_flops(spec.model, side),
-                              repeats * unet_flops_to(spec.model, side, p.names[-1])))  # names: execution order
-    return costs
 
 
 @dataclass(frozen=True)

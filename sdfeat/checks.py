@@ -3,24 +3,21 @@ the output can hold a store, the source exists, and the requested block names ex
 
 `cli extract` runs `check_job` before it imports the extraction modules, so a misspelt block or a missing source
 is reported in a fraction of a second; `extract.prepare_job` runs it too (for Python callers and Ray). Each
-failure is one line naming the field. Imports fsspec and json only (no torch, no diffusers, no pyarrow).
+failure is one line naming the field. Imports fsspec and `configs` only (no torch, no diffusers, no pyarrow).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import fsspec
 
 from sdfeat.blocks import check_names, config_positions
+from sdfeat.configs import local_unet_config
 from sdfeat.errors import SourceNotFoundError, SpecError
 from sdfeat.spec import JobSpec
 
-_DATA = Path(__file__).parent / "data"
 _GLOB_CHARS = "*?["
-_RANDOM_PREFIX = "random:"
 
 
 def check_output(spec: JobSpec) -> None:
@@ -54,26 +51,9 @@ def check_source(spec: JobSpec) -> None:
         raise SourceNotFoundError(f"field 'source': {spec.source}: no such file or directory")
 
 
-def _config_without_torch(model: str) -> dict[str, Any] | None:
-    """The U-Net config where it is a file: the shipped ones (registry names, `random:`, and `tiny`, which has
-    SD-1.5's block types and nesting: tests pin that the names agree) or a local pipeline directory's. None for a
-    hub id (its config is read later, through huggingface_hub)."""
-    name = "sd15" if model == "tiny" else model.removeprefix(_RANDOM_PREFIX)
-    shipped = _DATA / f"{name}_unet.json"
-    if "/" not in name and shipped.is_file():
-        return json.loads(shipped.read_text())
-    local = Path(model) / "unet" / "config.json"
-    if local.is_file():
-        try:
-            return json.loads(local.read_text())
-        except ValueError:
-            return None  # the model loader reports it
-    return None
-
-
 def check_blocks(spec: JobSpec) -> None:
     """Every requested block (and summary block) is a position of the model, by name only."""
-    config = _config_without_torch(spec.model)
+    config = local_unet_config(spec.model)  # None for a hub id: its names are checked by the layout later
     positions = config_positions(config) if config is not None else None
     if positions is None:
         return  # names checked by the meta forward later

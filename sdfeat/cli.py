@@ -1,5 +1,6 @@
-"""The `sdfeat` command line. Commands parse and validate their arguments and delegate to the library; heavy
-modules (torch, diffusers, ray) are imported inside the commands. A domain error prints one line and exits 2."""
+"""The `sdfeat` command line. Commands parse and validate their arguments and delegate to the library; what they
+print is rendered by `console`. Heavy modules (torch, diffusers, ray) are imported inside the commands. A domain
+error prints one line and exits 2."""
 
 from __future__ import annotations
 
@@ -14,16 +15,13 @@ from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from sdfeat.console import console, err_console, print_error, print_rich, print_table, say
 from sdfeat.errors import SdfeatError
 
 # Plain click help (rich_markup_mode=None): no `<bool>` beside flags, nothing boxed or cut when piped.
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Extract Stable Diffusion U-Net features into Zarr stores; measure and report them.")
-console = Console(soft_wrap=True)          # long lines (commands, paths) are never wrapped mid-word or cut
-err_console = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -39,7 +37,7 @@ def domain_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except SdfeatError as err:
-            err_console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+            print_error(err)
             raise typer.Exit(2) from None
         except OSError as err:
             from sdfeat.errors import storage_error
@@ -47,7 +45,7 @@ def domain_errors(func: F) -> F:
             mapped = storage_error(err, _writing.get())
             if mapped is None:
                 raise
-            err_console.print(f"[red]error:[/red] {mapped}", highlight=False, soft_wrap=True)
+            print_error(mapped)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -55,9 +53,9 @@ def domain_errors(func: F) -> F:
 
 def _print_version(value: bool) -> None:
     if value:
-        import sdfeat
+        from sdfeat.console import print_version
 
-        console.out(f"sdfeat {sdfeat.__version__}", highlight=False)
+        print_version()
         raise typer.Exit()
 
 
@@ -73,41 +71,11 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log prog
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _load(job: Path, output: Optional[str]):
+def _load(job: Path, output: Optional[str], **overrides: Any):
+    """The job spec at `job`, with `output` and any other given key replaced (None = the spec's)."""
     from sdfeat.spec import load_spec
 
-    return load_spec(job, output=output)
-
-
-def _print_table(columns: list[str], rows: list[list[str]], title: str | None = None) -> None:
-    """A rich table on a terminal; plain tab-separated lines (header first, never cut) when piped. `--json` gives
-    the same data as JSON where a command has it."""
-    if not console.is_terminal:
-        lines = ([f"# {title}"] if title else []) + ["\t".join(line) for line in [columns, *rows]]
-        typer.echo("\n".join(lines))              # not rich: it would expand the tabs
-        return
-    table = Table(*columns, title=title)
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
-
-
-def _print_rich(table: Table) -> None:
-    """A table built with rich (the planners'): as it is on a terminal; when piped, its title, cells and caption as
-    plain lines like `_print_table`'s (markup dropped, nothing cut)."""
-    if console.is_terminal:
-        console.print(table)
-        return
-    from rich.text import Text
-
-    def plain(cell: object) -> str:
-        return Text.from_markup(cell).plain if isinstance(cell, str) else str(cell)
-
-    columns = [[plain(cell) for cell in column.cells] for column in table.columns]
-    _print_table([plain(c.header) for c in table.columns], [list(row) for row in zip(*columns)],
-                 title=plain(table.title) if table.title else None)
-    if table.caption:
-        typer.echo(plain(table.caption))
+    return load_spec(job, output=output, **overrides)
 
 
 JobArg = Annotated[Path, typer.Argument(help="YAML job spec.")]
@@ -141,6 +109,14 @@ LocalOpt = Annotated[bool, typer.Option("--local", help="Run in this process, wi
 RayAddressOpt = Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Join this Ray cluster (HEAD:6379, or "
                                                       "auto: the one `ray start` runs here); default: a private "
                                                       "local instance.")]
+# extract options that `submit` passes on to the job's `sdfeat extract`
+UnitTimeoutOpt = Annotated[Optional[float], typer.Option(min=1, help="Seconds without a unit report after which an "
+                                                         "actor counts as hung and is replaced.")]
+AllowVersionChangeOpt = Annotated[bool, typer.Option(
+    help="Resume a store started under other library versions (torch, diffusers, sdfeat, zarr); recorded in it.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+WriteWorkersOpt = Annotated[Optional[int], typer.Option(min=1, help="Shards each worker writes at once (overrides "
+                                                        "the spec's write_workers; default min(4, cores)).")]
 
 
 @app.command()
@@ -153,19 +129,18 @@ def extract(
     address: RayAddressOpt = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Number of actors (default: one per GPU).")] = None,
     gpus_per_worker: Annotated[Optional[float], typer.Option(min=0, help="GPUs per actor.")] = None,
-    unit_timeout: Annotated[Optional[float], typer.Option(min=1, help="Seconds without a unit report after "
-                                                          "which an actor counts as hung and is replaced.")] = None,
+    unit_timeout: UnitTimeoutOpt = None,
     device: Annotated[Optional[str], typer.Option(help="--local only: cpu, cuda, cuda:1 (default: auto).")] = None,
     threads: Annotated[Optional[int], typer.Option(min=1, help="--local only: torch threads.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    allow_version_change: Annotated[bool, typer.Option(
-        help="Resume a store started under other library versions (torch, diffusers, sdfeat, zarr); recorded in "
-             "it.")] = False,
+    write_workers: WriteWorkersOpt = None,
+    quiet: QuietOpt = False,
+    allow_version_change: AllowVersionChangeOpt = False,
 ) -> None:
     """Run a job: images -> hooked U-Net -> Zarr store. Resumes where a previous run stopped."""
     from sdfeat.checks import check_job
+    from sdfeat.console import print_interrupted, print_summary
 
-    spec = _load(job, output)
+    spec = _load(job, output, write_workers=write_workers)
     check_job(spec)  # output, block names, source: before torch, diffusers or Ray are imported
     _writing.set(spec.output)
     try:
@@ -181,44 +156,9 @@ def extract(
                                  overwrite=overwrite, progress=not quiet, unit_timeout_s=unit_timeout,
                                  allow_version_change=allow_version_change)
     except KeyboardInterrupt:
-        err_console.print(f"interrupted: {_units_done(spec.output)} units done; run the same command to resume",
-                          highlight=False)
+        print_interrupted(spec.output)
         raise typer.Exit(130) from None
-    _print_summary(summary)
-
-
-def _units_done(output: str) -> str:
-    """'N of M' finished units of the store at `output` (what a rerun skips)."""
-    from sdfeat import store
-
-    try:
-        attrs = store.read_attrs(output)
-        total = -(-int(attrs["n_samples"]) // int(attrs["unit_size"]))
-        return f"{len(store.done_units(output) & set(range(total)))} of {total}"
-    except (SdfeatError, OSError, KeyError, ValueError):
-        return "0 of ?"
-
-
-def _print_summary(summary: dict) -> None:
-    from sdfeat.store import join
-
-    this_run = summary.get("this_run") or {}
-    # stage seconds of this run's units (a resumed run does not count the earlier runs' time)
-    busy = this_run["seconds"] if "seconds" in this_run else summary["seconds"]
-    seconds = ", ".join(f"{k} {v:.1f}s" for k, v in busy.items() if v) or "none (nothing left to do)"
-    rate = f", {summary['images_per_second']:.2f} img/s" if "images_per_second" in summary else ""
-    failed = f"{summary['failures']} failed"
-    if summary["failures"]:
-        failed += f" (see {join(summary['output'], 'failures.parquet')})"
-    console.print(f"{summary['ok']}/{summary['rows']} images extracted, {failed}, "
-                  f"{summary['units']} units{rate}; stages: {seconds}", highlight=False)
-    if summary.get("units_skipped"):
-        console.print(f"resumed: {summary['units_skipped']} of {summary['units']} units were already done; this run "
-                      f"extracted {this_run.get('rows', 0)} images in {this_run.get('units', 0)} units (rate and "
-                      "stages count this run only)", highlight=False)
-    if "ray" in summary and summary["ray"].get("cluster"):
-        console.print(f"ran on {summary['ray']['cluster']}", highlight=False)
-    console.print(f"store: {summary['output']}", highlight=False)
+    print_summary(summary)
 
 
 @app.command()
@@ -239,25 +179,20 @@ def plan(
                                                               "sdturbo, with and without the latent cache.")] = False,
 ) -> None:
     """Print units, rows, bytes per block and in total, and hours per stage, before anything runs."""
-    from dataclasses import replace
-
     from sdfeat.budget import IMAGENET_TRAIN, estimate_stages, imagenet_budget, render_budget, render_stages
     from sdfeat.plan import estimate_job, render_estimate
-    from sdfeat.rates import peak_flops, recorded_rates, store_rates
+    from sdfeat.rates import peak_flops, plan_rates
 
     spec = _load(job, output)
     est = estimate_job(spec, images_per_second, IMAGENET_TRAIN if imagenet else samples)
-    _print_rich(render_estimate(est))
-    write = write_gbps * 1e9 if write_gbps else None
-    rates = store_rates(from_store) if from_store else recorded_rates(spec.compile, device, write)
-    if write and from_store:
-        rates = replace(rates, write_bytes_per_s=write)
-    _print_rich(render_stages(estimate_stages(spec, est.n_samples, rates, warm_cache, est.layout)))
+    print_rich(render_estimate(est))
+    rates = plan_rates(spec.compile, device, from_store, write_gbps * 1e9 if write_gbps else None)
+    print_rich(render_stages(estimate_stages(spec, est.n_samples, rates, warm_cache, est.layout)))
     if imagenet:
         table, lines = render_budget(imagenet_budget(spec, rates, est.n_samples), peak_flops(device))
-        _print_rich(table)
+        print_rich(table)
         for line in lines:
-            console.print(line, highlight=False)
+            say(line)
 
 
 @app.command()
@@ -272,45 +207,29 @@ def blocks(
     from dataclasses import asdict
 
     from sdfeat.blocks import resolve_blocks
-    from sdfeat.models import unet_config
+    from sdfeat.configs import unet_config
 
     found = resolve_blocks(unet_config(model), preset.value, resolution)
     if as_json:
         console.out("\n".join(json.dumps(asdict(b)) for b in found), highlight=False)
         return
-    _print_table(["#", "name", "paper name", "channels", "y×x"],
-                 [[str(i), b.name, b.paper_name, str(b.channels), f"{b.height}×{b.width}"] for i, b in enumerate(found)],
-                 title=f"{model} at {resolution}px ({preset}); --json for JSON lines")
+    print_table(["#", "name", "paper name", "channels", "y×x"],
+                [[str(i), b.name, b.paper_name, str(b.channels), f"{b.height}×{b.width}"] for i, b in enumerate(found)],
+                title=f"{model} at {resolution}px ({preset}); --json for JSON lines")
 
 
 @app.command()
 @domain_errors
 def info(path: StoreArg, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Blocks, shapes, samples, completeness, bytes and compression ratio of a store."""
+    from sdfeat.console import print_info
     from sdfeat.query import open_store
 
     summary = open_store(path).info()
     if as_json:
         console.print_json(json.dumps(summary))
-        return
-    console.print(f"{summary['path']}: model {summary['model']}, protocol {summary['protocol']}, "
-                  f"spec {summary['spec_hash']}", highlight=False)
-    console.print(f"samples {summary['samples']} ({summary['ok']} ok), timesteps {summary['timesteps']}, "
-                  f"seeds {summary['seeds']}, units {summary['units_done']}/{summary['units']} done", highlight=False)
-    _print_table(["array", "shape", "dtype"],
-                 [[b["name"], "×".join(map(str, b["shape"])), b["dtype"]] for b in summary["blocks"]])
-    console.print(f"{summary['bytes_stored'] / 2**20:.1f} MiB stored, {summary['bytes_raw'] / 2**20:.1f} MiB raw, "
-                  f"compression {summary['compression_ratio']:.2f}×", highlight=False)
-
-
-def _parse_yx(at: Optional[str]) -> Optional[tuple[int, int]]:
-    if at is None:
-        return None
-    try:
-        y, x = (int(v) for v in at.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"expected 'y,x' (two integers), got {at!r}", param_hint="--at") from None
-    return y, x
+    else:
+        print_info(summary)
 
 
 @app.command()
@@ -328,17 +247,16 @@ def query(
     """Read activations of samples at a block; print their shape and statistics or save them as .npy."""
     import numpy as np
 
-    from sdfeat.query import open_store
+    from sdfeat.console import print_stats
+    from sdfeat.query import open_store, sample_key
 
-    samples = [int(s) if s.lstrip("-").isdigit() else s for s in sample]
-    values = open_store(path).read(block, samples, timestep=timestep, seed=seed, allow_missing=allow_missing)
+    values = open_store(path).read(block, [sample_key(s) for s in sample], timestep=timestep, seed=seed,
+                                   allow_missing=allow_missing)
     if out is not None:
         np.save(out, values)
-        console.print(f"wrote {out} {values.shape} float32", highlight=False)
+        say(f"wrote {out} {values.shape} float32")
     else:
-        console.print(f"shape {values.shape}, mean {np.nanmean(values):.4g}, std {np.nanstd(values):.4g}, "
-                      f"min {np.nanmin(values):.4g}, max {np.nanmax(values):.4g}"
-                      + (" (NaN rows skipped)" if np.isnan(values).any() else ""), highlight=False)
+        print_stats(values)
 
 
 @app.command()
@@ -354,50 +272,37 @@ def show(
     seed: Annotated[Optional[int], typer.Option()] = None,
 ) -> None:
     """Draw a token-norm map or the cosine similarity of every token to one token (the paper's Figure 1)."""
-    from sdfeat.maps import norm_map, render_map, similarity_map
-    from sdfeat.query import open_store
+    from sdfeat.errors import ArgumentError
+    from sdfeat.maps import draw_store_map, parse_token
+    from sdfeat.query import sample_key
 
-    fs = open_store(path)
-    key: int | str = int(sample) if sample.lstrip("-").isdigit() else sample
-    t = timestep if timestep is not None else fs.timesteps[0]
-    s = seed if seed is not None else fs.seeds[0]
-    acts = fs.read(block, [key], timestep=t, seed=s)[0]  # (C, H, W)
-    if kind is MapKind.norm:
-        values, mark = norm_map(acts), None
-    else:
-        mark = _parse_yx(at) or (acts.shape[1] // 2, acts.shape[2] // 2)
-        if not (0 <= mark[0] < acts.shape[1] and 0 <= mark[1] < acts.shape[2]):
-            raise typer.BadParameter(f"token {mark} is outside the {acts.shape[1]}×{acts.shape[2]} map",
-                                     param_hint="--at")
-        values = similarity_map(acts, *mark)
-    render_map(values, out, title=f"{block} · {sample} · {kind.value} · t={t}", mark=mark)
-    console.print(f"wrote {out}", highlight=False)
+    try:
+        mark = parse_token(at) if at is not None and kind is MapKind.similarity else None
+        draw_store_map(path, block, sample_key(sample), out, kind.value, mark, timestep, seed)
+    except ArgumentError as err:  # --at is not 'y,x' or names a token outside the map: a usage error
+        if not str(err).startswith("at: "):
+            raise
+        raise typer.BadParameter(str(err).removeprefix("at: "), param_hint="--at") from None
+    say(f"wrote {out}")
 
 
 @app.command()
 @domain_errors
 def verify(path: StoreArg) -> None:
     """Check a store: every unit done, no NaN/Inf, counts and spec hash agree. Exit 1 on problems."""
+    from sdfeat.console import print_problems
     from sdfeat.query import open_store
 
     problems = open_store(path).verify()
-    for p in problems:
-        err_console.print(f"[red]problem:[/red] {p}", highlight=False)
+    print_problems(problems)
     if problems:
         raise typer.Exit(1)
-    console.print(f"{path}: ok", highlight=False)
+    say(f"{path}: ok")
 
 
 AddressOpt = Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Ray Jobs API (dashboard) address, "
                                                   "HEAD:8265 or http://HEAD:8265.")]
 STATE_CODES = "Exit code: 0 SUCCEEDED, PENDING or RUNNING; 1 FAILED; 3 STOPPED; 2 the job could not be asked about."
-
-
-def _exit_for(state: str) -> None:
-    from sdfeat.submit import exit_code
-
-    if exit_code(state):
-        raise typer.Exit(exit_code(state))
 
 
 @app.command(help="Submit a job to a Ray cluster through the Ray Jobs API (spec validated here first). With "
@@ -410,28 +315,34 @@ def submit(
     workers: Annotated[Optional[int], typer.Option(min=1)] = None,
     gpus_per_worker: Annotated[Optional[float], typer.Option(min=0)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a store made by another spec.")] = False,
+    unit_timeout: UnitTimeoutOpt = None,
+    write_workers: WriteWorkersOpt = None,
+    allow_version_change: AllowVersionChangeOpt = False,
+    quiet: QuietOpt = False,
     wait: Annotated[bool, typer.Option("--wait", help="Stream the job's logs until it ends; exit with its "
                                                       "state's code.")] = False,
 ) -> None:
-    from sdfeat.submit import follow_logs, submit_job
+    from sdfeat.submit import exit_code, follow_logs, submit_job
 
     sub = submit_job(job, address, workers=workers, gpus_per_worker=gpus_per_worker, overwrite=overwrite,
-                     output=output)
-    console.print(sub.how_to_follow(), highlight=False, soft_wrap=True)
+                     unit_timeout=unit_timeout, allow_version_change=allow_version_change, quiet=quiet,
+                     output=output, write_workers=write_workers)
+    say(sub.how_to_follow())
     if wait:
         state = follow_logs(sub.submission_id, sub.address, lambda text: console.out(text, end="", highlight=False))
-        console.print(f"{sub.submission_id}: {state}", highlight=False, soft_wrap=True)
-        _exit_for(state)
+        say(f"{sub.submission_id}: {state}")
+        raise typer.Exit(exit_code(state))
 
 
 @app.command(help=f"State of a submitted job: PENDING, RUNNING, STOPPED, SUCCEEDED or FAILED. {STATE_CODES}")
 @domain_errors
 def status(submission_id: str, address: AddressOpt = None) -> None:
+    from sdfeat.submit import exit_code
     from sdfeat.submit import status as job_status
 
     state = job_status(submission_id, address)
-    console.print(state, highlight=False)
-    _exit_for(state)
+    say(state)
+    raise typer.Exit(exit_code(state))
 
 
 @app.command(help=f"What a submitted job has printed so far; with --follow, until it ends. {STATE_CODES} "
@@ -440,15 +351,15 @@ def status(submission_id: str, address: AddressOpt = None) -> None:
 def logs(submission_id: str, address: AddressOpt = None,
          follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream new lines until the job ends.")] = False,
          ) -> None:
-    from sdfeat.submit import follow_logs
+    from sdfeat.submit import exit_code, follow_logs
     from sdfeat.submit import logs as job_logs
 
     if not follow:
         console.out(job_logs(submission_id, address), highlight=False)
         return
     state = follow_logs(submission_id, address, lambda text: console.out(text, end="", highlight=False))
-    err_console.print(f"{submission_id}: {state}", highlight=False, soft_wrap=True)
-    _exit_for(state)
+    err_console.print(f"{submission_id}: {state}", highlight=False)
+    raise typer.Exit(exit_code(state))
 
 
 MetricOpt = Annotated[Optional[list[Metric]], typer.Option(help="Repeatable (default: all three).")]
@@ -488,7 +399,7 @@ def metrics(
                           options=MetricOptions(paper_counts=paper_counts, timestep=timestep, bootstrap=bootstrap,
                                                 bootstrap_seed=bootstrap_seed, probe_repeats=probe_repeats))
     for name, table in written.items():
-        console.print(f"{name}: {table}", highlight=False)
+        say(f"{name}: {table}")
 
 
 @app.command()
@@ -510,10 +421,9 @@ def compare(
 ) -> None:
     """Per block and metric the difference B - A with its 95% bootstrap interval, paired when both stores hold the
     same images; `*` flags intervals that exclude zero."""
-    import math
-
     from sdfeat.blocks import canonical_name
-    from sdfeat.compare import COLUMNS, compare_stores, render_text
+    from sdfeat.compare import compare_stores
+    from sdfeat.console import print_compare
     from sdfeat.metrics.runner import METRICS, MetricOptions
 
     rows = compare_stores(store_a, store_b, metrics=[m.value for m in metric or []] or METRICS,
@@ -521,19 +431,7 @@ def compare(
                           labels=labels, options=MetricOptions(timestep=timestep, bootstrap=bootstrap,
                                                                bootstrap_seed=bootstrap_seed,
                                                                probe_repeats=probe_repeats))
-    if as_json:
-        clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
-        console.out(json.dumps(clean, indent=1), highlight=False)
-    elif not console.is_terminal:
-        console.out(render_text(rows), highlight=False)
-    else:
-        pairing = rows[0]["pairing"] if rows else "-"
-        table = Table(*COLUMNS[:-1], title=f"B - A, B = {store_b}, A = {store_a} ({pairing})")
-        for r in rows:
-            table.add_row(r["block"], r["metric"], r["series"], f"{r['a']:.4g}", f"{r['b']:.4g}",
-                          f"{r['difference']:+.4g}", f"{r['ci_low']:+.4g}", f"{r['ci_high']:+.4g}",
-                          "[bold]*[/bold]" if r["excludes_zero"] else "", str(r["n_a"]), str(r["n_b"]))
-        console.print(table)
+    print_compare(rows, store_a, store_b, as_json)
 
 
 @app.command()
@@ -546,8 +444,7 @@ def report(
     """Draw the paper's figures (Figure 2 layout, cross-model, token maps) and a Markdown summary."""
     from sdfeat.report import write_report
 
-    console.print(f"wrote {write_report(stores, str(out), reference and reference.value, progress=True)}",
-                  highlight=False)
+    say(f"wrote {write_report(stores, str(out), reference and reference.value, progress=True)}")
 
 
 @app.command()
@@ -560,14 +457,11 @@ def explore(
     """Serve a read-only web page to explore tokens: similarity and norm maps, anomalies, top-k across images."""
     import uvicorn
 
+    from sdfeat.console import print_serving
     from sdfeat.explore.app import create_app
 
     app_ = create_app(stores)  # opens every store now: a wrong path fails here with one line
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        err_console.print(f"[yellow]warning:[/yellow] binding {host}: anyone who can reach this machine can read "
-                          "these stores through the explorer", highlight=False)
-    shown = f"[{host}]" if ":" in host else host
-    console.print(f"sdfeat explore: {len(stores)} store(s) at http://{shown}:{port}/  (Ctrl-C stops)", highlight=False)
+    print_serving(len(stores), host, port)
     uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
 
 
@@ -584,7 +478,7 @@ def imagenet_subset(
     from sdfeat.imagenet_subset import build_paper_subset
 
     path = build_paper_subset(source, out, per_class=per_class, min_side=min_side, total=total)
-    console.print(f"wrote {path}", highlight=False)
+    say(f"wrote {path}")
 
 
 @app.command("save-tiny")
@@ -593,7 +487,7 @@ def save_tiny(out: Annotated[Path, typer.Argument(help="Folder for a diffusers p
     """Save the offline tiny SD-shaped model as a normal diffusers directory (safetensors)."""
     from sdfeat.models import save_tiny_pipeline
 
-    console.print(f"wrote {save_tiny_pipeline(out)}", highlight=False)
+    say(f"wrote {save_tiny_pipeline(out)}")
 
 
 if __name__ == "__main__":

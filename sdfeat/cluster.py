@@ -1,5 +1,5 @@
 """The Ray runtime for `sdfeat extract`: the driver and the extraction actors. The only extraction module that
-imports Ray; a work unit itself is `extract.UnitRunner.run`, unchanged.
+imports Ray; a work unit itself is `unit_runner.UnitRunner.run`, unchanged.
 
 Driver (`run_on_ray`): joins a Ray cluster (or starts a local one), writes the store template (`prepare_job`)
 before any actor exists, skips units that already have a done marker (resume), and keeps every actor busy with one
@@ -25,13 +25,16 @@ from typing import Any
 
 import ray
 import ray.util.scheduling_strategies
+import torch
 from ray.exceptions import RayActorError, RayTaskError
 
-from sdfeat.errors import ArgumentError, SdfeatError
-from sdfeat.extract import JobPlan, UnitRunner, end_job, pending_units, prepare_job
+from sdfeat import process
+from sdfeat.errors import ArgumentError, SdfeatError, storage_error
+from sdfeat.extract import JobPlan, end_job, pending_units, prepare_job
 from sdfeat.plan import Unit
 from sdfeat.progress import UnitProgress
 from sdfeat.spec import JobSpec
+from sdfeat.unit_runner import UnitRunner
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +47,27 @@ STARVED_WARN_S = 60.0
 class ExtractionWorker:
     """Body of one extraction actor: a `UnitRunner` (model loaded once, store opened once).
 
-    A domain error while loading (missing weights, store of another spec) is kept and re-raised by `ready()`,
-    so the driver can report it as such instead of as an anonymous actor death.
+    A domain error while loading (missing weights, store of another spec; storage that refuses, as an OSError:
+    the driver maps it, see `_domain_error`) is kept and re-raised by `ready()`, so the driver can report it as such
+    instead of as an anonymous actor death.
     """
 
     def __init__(self, spec: JobSpec, output: str, device: str | None, threads: int | None,
                  tally: Any = None) -> None:
-        self.error: SdfeatError | None = None
+        self.error: Exception | None = None
+        if threads:  # the actor owns its process: torch's thread count is set here, for its life
+            torch.set_num_threads(threads)
         try:
             self.runner = UnitRunner(spec, output, device, threads)
         except SdfeatError as err:
             self.error = err
             return
+        except OSError as err:
+            if storage_error(err) is None:
+                raise
+            self.error = err
+            return
+        process.hold_freed_memory()  # loaded: from here on batches reuse their memory (`sdfeat.process`)
         if tally is not None:  # progress per batch: fire-and-forget to the driver's tally
             self.runner.on_batch = lambda unit, rows: tally.add.remote(unit, rows)
 
@@ -268,7 +280,7 @@ class _Driver:
             slot.last_activity = time.monotonic()
             self.failed_starts = 0
         except RayTaskError as err:           # a domain error while loading: the same on every actor
-            raise err.cause if isinstance(err.cause, SdfeatError) else err
+            raise _domain_error(err, self.plan.output) or err
         except RayActorError as err:
             self.failed_starts += 1
             self.last_start_error = _first_line(err)
@@ -285,6 +297,9 @@ class _Driver:
                 self._replace(slot, _first_line(err))
             return
         except RayTaskError as err:               # the unit raised; the actor is fine
+            refused = _domain_error(err, self.plan.output)
+            if refused is not None and not isinstance(err.cause, SdfeatError):
+                raise refused                     # the storage refuses (full, read-only): so would every retry
             slot.inflight -= 1
             self._retry_or_fail(unit, f"{type(err.cause).__name__}: {err.cause}")
             return
@@ -327,6 +342,17 @@ class _Driver:
                             slot.index, slot.name, now - slot.last_activity, slot.inflight)
                 ray.kill(slot.actor, no_restart=True)
                 slot.last_activity = now
+
+
+def _domain_error(err: RayTaskError, output: str) -> SdfeatError | None:
+    """What an actor raised, as the local runner's caller sees it: an `SdfeatError` as itself, an OSError that means
+    the storage refused (read-only, full, no permission) as the one-line `errors.storage_error` naming the path
+    (the file, else the output), as the CLI maps the local runner's; None for anything else."""
+    if isinstance(err.cause, SdfeatError):
+        return err.cause
+    if isinstance(err.cause, OSError):
+        return storage_error(err.cause, output)
+    return None
 
 
 def _first_line(err: BaseException) -> str:

@@ -29,6 +29,7 @@ from sdfeat.metrics import runner
 from sdfeat.metrics.bootstrap import collect, percentile_interval, replicate_weights
 from sdfeat.metrics.labels import read_labels
 from sdfeat.query import open_store
+from sdfeat.results import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def compare_task(path_a: str, path_b: str, block: str, metric: str, opts: runner
     out = []
     for (i, j), lo, hi in zip(chosen, low, high):
         ra, rb = rows_a[i], rows_b[j]
-        out.append({"block": block, "order": runner._order(a.fs, block), "metric": metric,
+        out.append({"block": block, "order": runner.block_order(a.features, block), "metric": metric,
                     "series": series_name(ra), "a": ra["value"], "b": rb["value"],
                     "difference": rb["value"] - ra["value"], "ci_low": float(lo), "ci_high": float(hi),
                     "excludes_zero": bool(lo > 0 or hi < 0), "n_a": part_a.n_images(), "n_b": part_b.n_images(),
@@ -108,27 +109,27 @@ def _labels(paths: Sequence[str], labels: str | None, opts: runner.MetricOptions
         given = read_labels(labels)
         return [(given, "given")] * len(paths)
     found: list[Labels] = [None] * len(paths)
-    detect = [i for i, p in enumerate(paths) if opts.detect_block in runner._all_blocks(open_store(p))]
-    for i, detected in zip(detect, runner._execute([(runner.detect_task, (paths[i], opts)) for i in detect],
-                                                   local, address, opts.task_threads)):
+    detect = [i for i, p in enumerate(paths) if opts.detect_block in runner.all_blocks(open_store(p))]
+    for i, detected in zip(detect, runner.execute([(runner.detect_task, (paths[i], opts)) for i in detect],
+                                                  local, address, opts.task_threads)):
         found[i] = (detected[:, :3].astype(np.int64), "detected") if len(detected) else None
     return found
 
 
-def compare_stores(path_a: str, path_b: str, metrics: Sequence[str] = runner.METRICS,
+def compare_stores(path_a: str, path_b: str, metrics: Sequence[str] = METRICS,
                    blocks: Sequence[str] | None = None, local: bool = False, address: str | None = None,
                    labels: str | None = None, options: runner.MetricOptions | None = None) -> list[dict]:
     """Difference rows (columns COLUMNS + order) for every metric and block both stores hold, in block order."""
     opts = options or runner.MetricOptions()
     if not opts.bootstrap:
         opts = replace(opts, bootstrap=DEFAULT_REPLICATES)
-    unknown = [m for m in metrics if m not in runner.METRICS]
+    unknown = [m for m in metrics if m not in METRICS]
     if unknown:
-        raise ArgumentError(f"metrics: unknown metric {unknown[0]!r}; choose from {', '.join(runner.METRICS)}")
+        raise ArgumentError(f"metrics: unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
     stores = [open_store(p) for p in (path_a, path_b)]
-    for fs in stores:
-        runner._check_complete(fs, allow_partial=False)  # unfinished units: refused, as by `sdfeat metrics`
-    held = [runner._all_blocks(fs) for fs in stores]
+    for features in stores:
+        runner.check_complete(features, allow_partial=False)  # unfinished units: refused, as by `sdfeat metrics`
+    held = [runner.all_blocks(features) for features in stores]
     names = list(blocks) if blocks else [blk for blk in held[0] if blk in held[1]]
     for path, have in zip((path_a, path_b), held):
         missing = [n for n in names if n not in have]
@@ -144,8 +145,8 @@ def compare_stores(path_a: str, path_b: str, metrics: Sequence[str] = runner.MET
             log.warning("compare: no anomaly labels for one of the stores (none given, none detected); skipped")
             continue
         calls += [(compare_task, (path_a, path_b, n, metric, opts, label_a, label_b)) for n in names]
-    rows = [r for found in runner._execute(calls, local, address, opts.task_threads) for r in found]
-    return sorted(rows, key=lambda r: (r["order"], runner.METRICS.index(r["metric"])))
+    rows = [r for found in runner.execute(calls, local, address, opts.task_threads) for r in found]
+    return sorted(rows, key=lambda r: (r["order"], METRICS.index(r["metric"])))
 
 
 def render_text(rows: Sequence[dict]) -> str:
@@ -156,3 +157,17 @@ def render_text(rows: Sequence[dict]) -> str:
              str(r["n_b"]), r["pairing"]] for r in rows]
     widths = [max(len(line[k]) for line in [header, *body]) for k in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *body])
+
+
+def render_table(rows: Sequence[dict], store_a: str, store_b: str):  # -> rich.table.Table
+    """The rows as a rich table titled with both stores and the pairing; a bold `*` marks an interval that
+    excludes zero."""
+    from rich.table import Table
+
+    pairing = rows[0]["pairing"] if rows else "-"
+    table = Table(*COLUMNS[:-1], title=f"B - A, B = {store_b}, A = {store_a} ({pairing})")
+    for r in rows:
+        table.add_row(r["block"], r["metric"], r["series"], f"{r['a']:.4g}", f"{r['b']:.4g}",
+                      f"{r['difference']:+.4g}", f"{r['ci_low']:+.4g}", f"{r['ci_high']:+.4g}",
+                      "[bold]*[/bold]" if r["excludes_zero"] else "", str(r["n_a"]), str(r["n_b"]))
+    return table

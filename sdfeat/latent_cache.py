@@ -1,6 +1,6 @@
 """The latent cache: VAE posteriors computed once, reused by later jobs over the same images.
 
-Spec key `latent_cache: DIR` (a local path or an fsspec URL such as s3://bucket/cache). `extract.UnitRunner` asks
+Spec key `latent_cache: DIR` (a local path or an fsspec URL such as s3://bucket/cache). `unit_runner.UnitRunner` asks
 the cache, per unit, whether the posterior of every VAE batch the unit would encode is there; if so the unit
 decodes no image and runs no VAE (and a runner whose units are all warm never loads the VAE). Otherwise the unit
 runs as without a cache and stores its posteriors afterwards.

@@ -1,6 +1,6 @@
 """The one place that says which arrays a job stores and which forward passes make them, from the spec and the
-model's config alone (no weights, no images). Importing it imports no torch (`job_layout` reads the config
-through `models`, which does).
+model's config alone (no weights, no images). Torch-free: the config comes from `configs`, the block shapes from
+`blocks` (from the config for SD-shaped U-Nets; only another layout needs a meta forward, and so torch).
 
 Read by the planner (`plan` sizes units and estimates from `Layout`), the runner (`extract` runs one forward per
 `Pass` and writes every `ArrayLayout`), the store template (`store.create_template` creates each `ArrayLayout`),
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from sdfeat.blocks import BlockInfo, resolve_blocks
+from sdfeat.configs import unet_config
 from sdfeat.errors import SpecError
 from sdfeat.spec import JobSpec
 
@@ -152,9 +153,6 @@ def crop_margins(spec: JobSpec, blocks: list[BlockInfo]) -> dict[int, list[Block
 
 def job_layout(spec: JobSpec) -> Layout:
     """The blocks, forward passes and arrays of a job, from the spec and the model's U-Net config."""
-    # models holds the config readers but imports torch at its top: imported here so this module stays torch-free
-    from sdfeat.models import unet_config
-
     config = unet_config(spec.model)
     blocks = resolve_blocks(config, spec.blocks, spec.resolution)
     summarized = resolve_blocks(config, spec.summaries.blocks, spec.resolution) if spec.summaries else []

@@ -20,19 +20,13 @@ from matplotlib.ticker import MaxNLocator
 from matplotlib.patches import Rectangle
 
 from sdfeat.errors import ArgumentError
+from sdfeat.norms import token_norms
 
 
 def _check_acts(acts: np.ndarray) -> np.ndarray:
     if acts.ndim != 3:
         raise ArgumentError(f"acts: expected one image's activations (C, H, W), got shape {tuple(acts.shape)}")
     return np.asarray(acts, dtype=np.float32)
-
-
-def token_norms(acts: np.ndarray) -> np.ndarray:
-    """(..., C, H, W) float32 -> (..., H, W): the L2 norm of every token's channel vector (batched or not)."""
-    *lead, c, h, w = acts.shape
-    flat = acts.reshape(*lead, c, h * w)  # (..., C, T)
-    return np.sqrt(np.einsum("...ct,...ct->...t", flat, flat)).reshape(*lead, h, w)
 
 
 def cosine_to(acts: np.ndarray, vector: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
@@ -123,3 +117,33 @@ def figure_1(panels: Sequence[tuple[str, np.ndarray]], title: str = "",
     if title:
         fig.suptitle(title, fontsize=11)
     return fig
+
+
+def parse_token(text: str) -> tuple[int, int]:
+    """(y, x) of a token written `y,x` (the CLI's `--at`)."""
+    try:
+        y, x = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ArgumentError(f"at: expected 'y,x' (two integers), got {text!r}") from None
+    return y, x
+
+
+def draw_store_map(path: str, block: str, sample: int | str, out: str | Path, kind: str = "norm",
+                   at: tuple[int, int] | None = None, timestep: int | None = None, seed: int | None = None) -> Path:
+    """`sdfeat show`: the `kind` map ("norm" or "similarity" to the token `at`, default the centre one) of one
+    sample (id or row) at a block of the store at `path`, at a timestep and seed (default: the store's first),
+    drawn to `out`. A token outside the map raises `ArgumentError` naming `at`."""
+    from sdfeat.query import open_store
+
+    features = open_store(path)
+    t = timestep if timestep is not None else features.timesteps[0]
+    s = seed if seed is not None else features.seeds[0]
+    acts = features.read(block, [sample], timestep=t, seed=s)[0]  # (C, H, W)
+    if kind == "norm":
+        values, mark = norm_map(acts), None
+    else:
+        mark = at or (acts.shape[1] // 2, acts.shape[2] // 2)
+        if not (0 <= mark[0] < acts.shape[1] and 0 <= mark[1] < acts.shape[2]):
+            raise ArgumentError(f"at: token {mark} is outside the {acts.shape[1]}×{acts.shape[2]} map")
+        values = similarity_map(acts, *mark)
+    return render_map(values, out, title=f"{block} · {sample} · {kind} · t={t}", mark=mark)

@@ -1,8 +1,9 @@
-"""Which model a name means, and loading it for extraction.
+"""Loading a model for extraction.
 
-Names: `sd15`, `sd21`, `sdturbo` (REGISTRY, hub ids), any hub id (`owner/name`), any local diffusers pipeline
-directory, `tiny` (an offline SD-shaped pipeline built in code, for tests and demos) and `random:<registry name>`
-(the full architecture from the shipped configs with deterministic random weights, for slow tests and benchmarks).
+Which model a name means (`sd15`, `sd21`, `sdturbo`, a hub id, a local diffusers directory, `tiny`, `random:<name>`)
+and its configs are `configs`' (torch-free); this module builds or loads the weights for those names: `tiny` is
+built in code from `configs.TINY_UNET_CONFIG` and friends, `random:<name>` from the shipped configs with
+deterministic random weights (for slow tests and benchmarks).
 
 Hub ids and local directories go through the real loading path: each component separately from safetensors
 (never pickled weights), resolved by huggingface_hub, so HF_HOME, HF_HUB_CACHE and HF_HUB_OFFLINE apply. The
@@ -18,7 +19,6 @@ after. Everything is in eval mode without gradients.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,47 +27,16 @@ from typing import Any
 
 import torch
 
+# The names and configs live in the torch-free `configs`; imported here for the loaders and for callers that
+# import them from `sdfeat.models`.
+from sdfeat.configs import (DATA_DIR, RANDOM_PREFIX, REGISTRY, TINY_TEXT_CONFIG, TINY_UNET_CONFIG,  # noqa: F401
+                            TINY_VAE_CONFIG, shipped_config, unet_config)
+from sdfeat.configs import locate as _locate
+from sdfeat.configs import not_available as _not_found
 from sdfeat.errors import ModelNotFoundError
 from sdfeat.interventions import apply_padding, set_padding
 
 log = logging.getLogger(__name__)
-
-REGISTRY = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1",
-            "sdturbo": "stabilityai/sd-turbo"}
-RANDOM_PREFIX = "random:"
-DATA_DIR = Path(__file__).parent / "data"
-
-_SD15_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
-_SD15_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-# Tiny: SD-1.5's block types and nesting (46 positions), narrow; 2 heads and a narrow VAE keep CPU tests fast
-# (CPU attention with SD's 8 heads of width 4 took 2.7x longer, a 32-64 wide VAE 6.6x).
-TINY_UNET_CONFIG: dict[str, Any] = {
-    "block_out_channels": [32, 64, 64, 64], "layers_per_block": 2, "down_block_types": _SD15_DOWN,
-    "up_block_types": _SD15_UP, "cross_attention_dim": 32, "attention_head_dim": 2, "norm_num_groups": 32,
-    "sample_size": 32, "in_channels": 4, "out_channels": 4,
-}
-TINY_VAE_CONFIG: dict[str, Any] = {
-    "block_out_channels": [8, 8, 16, 16], "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4, "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8,
-    "sample_size": 256, "scaling_factor": 0.18215,
-}
-_TINY_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
-              "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 32}
-
-
-def shipped_config(name: str, component: str) -> dict[str, Any]:
-    """The public config of a registry model's component (`unet`, `vae`, `scheduler`, `text_encoder`)."""
-    path = DATA_DIR / f"{name}_{component}.json"
-    if not path.is_file():
-        raise ModelNotFoundError(f"model {name!r}: no shipped {component} config; known: {sorted(REGISTRY)}")
-    return json.loads(path.read_text())
-
-
-def _not_found(model: str, source: str, reason: str) -> ModelNotFoundError:
-    return ModelNotFoundError(
-        f"model {model!r}: weights for {source!r} are not available locally ({reason}); with network access run "
-        f"`hf download {source}` (cached under HF_HOME/HF_HUB_CACHE; or set HF_HUB_OFFLINE=0 to let sdfeat "
-        f"download it), or pass a local diffusers pipeline directory as the model")
 
 
 def _require_cached(model: str, source: str, revision: str | None) -> None:
@@ -82,47 +51,6 @@ def _require_cached(model: str, source: str, revision: str | None) -> None:
     found = try_to_load_from_cache(source, "unet/config.json", revision=revision)
     if not isinstance(found, str):
         raise _not_found(model, source, "not in the Hugging Face cache")
-
-
-def _locate(model: str) -> tuple[str, str]:
-    """(kind, source): kind is tiny | random | local | hub; source the hub id, directory or registry name."""
-    if model == "tiny":
-        return "tiny", "tiny"
-    if model.startswith(RANDOM_PREFIX):
-        name = model.removeprefix(RANDOM_PREFIX)
-        if name not in REGISTRY:
-            raise ModelNotFoundError(f"model {model!r}: random weights exist for {sorted(REGISTRY)} only")
-        return "random", name
-    if model in REGISTRY:
-        return "hub", REGISTRY[model]
-    if Path(model).is_dir():
-        return "local", str(Path(model).resolve())
-    if model.count("/") == 1 and not model.startswith((".", "/")):
-        return "hub", model
-    raise ModelNotFoundError(f"model {model!r}: not a registry name ({', '.join(sorted(REGISTRY))}, tiny, "
-                             f"random:<name>), a hub id owner/name, or an existing local diffusers directory")
-
-
-def unet_config(model: str) -> dict[str, Any]:
-    """The U-Net config without loading weights: shipped JSON, the tiny config, a local dir's or the HF cache's."""
-    kind, source = _locate(model)
-    if kind == "tiny":
-        return json.loads(json.dumps(TINY_UNET_CONFIG))
-    if kind == "random" or model in REGISTRY:
-        return shipped_config(model.removeprefix(RANDOM_PREFIX), "unet")
-    if kind == "local":
-        path = Path(source) / "unet" / "config.json"
-        if not path.is_file():
-            raise ModelNotFoundError(f"model {model!r}: {path} is missing (not a diffusers pipeline directory)")
-        return json.loads(path.read_text())
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HFValidationError
-
-    try:
-        return json.loads(Path(hf_hub_download(source, "config.json", subfolder="unet",
-                                               local_files_only=True)).read_text())
-    except (OSError, HFValidationError) as err:
-        raise _not_found(model, source, type(err).__name__) from None
 
 
 TextLoader = Callable[[], tuple[Any, torch.nn.Module]]  # -> (tokenizer, text encoder on device)
@@ -238,7 +166,7 @@ def build_tiny_pipeline(seed: int = 0) -> Any:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     tokenizer = _tiny_tokenizer()
-    text_config = {**_TINY_TEXT, "vocab_size": len(tokenizer.get_vocab())}
+    text_config = {**TINY_TEXT_CONFIG, "vocab_size": len(tokenizer.get_vocab())}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(TINY_UNET_CONFIG)

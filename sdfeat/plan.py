@@ -41,7 +41,13 @@ def unit_size(spec: JobSpec, bytes_per_sample: int) -> int:
     return max(batch, fits // batch * batch)
 
 
+def units_for(n_samples: int, size: int) -> int:
+    """How many units of `size` rows a store of `n_samples` rows has (the last one may be short)."""
+    return -(-n_samples // size)
+
+
 def plan_units(n_samples: int, size: int) -> list[Unit]:
+    """The units of a store of `n_samples` rows, `size` rows each (`units_for` of them)."""
     return [Unit(i, start, min(start + size, n_samples)) for i, start in enumerate(range(0, n_samples, size))]
 
 
@@ -55,7 +61,7 @@ class Estimate:
 
     @property
     def n_units(self) -> int:
-        return -(-self.n_samples // self.unit_size)
+        return units_for(self.n_samples, self.unit_size)
 
     @property
     def total_bytes(self) -> int:

@@ -1,7 +1,7 @@
 """Read a feature store: blocks, samples, activations as numpy, an xarray view, a summary, and a verification.
 
-    >>> fs = open_store("out/demo")
-    >>> fs.read("up_blocks.1.upsamplers.0", samples=["synthetic#00003"], timestep=50)  # (1, seed, C, y, x)
+    >>> features = open_store("out/demo")  # a FeatureStore
+    >>> features.read("up_blocks.1.upsamplers.0", samples=["synthetic#00003"], timestep=50)  # (1, seed, C, y, x)
 
 Only numpy, zarr and xarray: a store can be queried on a machine without torch.
 """
@@ -18,6 +18,7 @@ import zarr
 
 from sdfeat import store
 from sdfeat.errors import StoreError, UnknownBlockError
+from sdfeat.plan import units_for
 from sdfeat.spec import JobSpec, parse_spec, spec_hash
 
 log = logging.getLogger(__name__)
@@ -216,7 +217,7 @@ class FeatureStore:
         if spec_hash(self.spec) != self.attrs["spec_hash"]:
             problems.append("stored spec does not match its spec hash")
         size = int(self.attrs["unit_size"])
-        n_units = -(-len(self) // size)
+        n_units = units_for(len(self), size)
         done = store.done_units(self.path)
         missing = sorted(set(range(n_units)) - done)
         if missing:
@@ -246,11 +247,11 @@ class FeatureStore:
 
     def info(self) -> dict:
         """Blocks with shapes, samples, completeness, bytes on disk and the compression ratio."""
-        fs, root = store.filesystem(self.path)
+        fs, root = store.filesystem(self.path)  # fsspec filesystem of the store
         stored = fs.du(store.join(root, store.FEATURES))
         arrays = [self.group[p] for p in self._all_array_paths()]
         raw = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in arrays)
-        n_units = -(-len(self) // int(self.attrs["unit_size"]))
+        n_units = units_for(len(self), int(self.attrs["unit_size"]))
         return {
             "path": self.path, "model": self.attrs["model"], "protocol": self.attrs["protocol"],
             "spec_hash": self.attrs["spec_hash"], "samples": len(self), "ok": int(self.ok.sum()),
@@ -264,7 +265,20 @@ class FeatureStore:
 
 def open_store(path: str) -> FeatureStore:
     """Open a store for reading; a path without an sdfeat store raises `StoreError` here, not at first use."""
-    fs = FeatureStore(str(path))
-    if not fs.attrs.get("spec_hash"):
+    feature_store = FeatureStore(str(path))
+    if not feature_store.attrs.get("spec_hash"):
         raise StoreError(f"{path}: the store's attributes have no spec hash")
-    return fs
+    return feature_store
+
+
+def unit_progress(path: str) -> tuple[int, int]:
+    """(finished units, all units) of the store at `path`, also one whose job is still running or was stopped: a
+    finished unit has its done marker and is what a rerun of the job skips."""
+    attrs = store.read_attrs(path)
+    total = units_for(int(attrs["n_samples"]), int(attrs["unit_size"]))
+    return len(store.done_units(path) & set(range(total))), total
+
+
+def sample_key(text: str) -> int | str:
+    """A sample as a command line names it: an integer is a row index (negative from the end), else a sample id."""
+    return int(text) if text.lstrip("-").isdigit() else text

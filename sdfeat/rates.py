@@ -12,7 +12,7 @@ Two sources:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -64,6 +64,16 @@ def recorded_rates(compiled_vae: bool = True, device: str = "H200", write_bytes_
     )
 
 
+def plan_rates(compiled_vae: bool, device: str, from_store: str | None = None,
+               write_bytes_per_s: float | None = None) -> Rates:
+    """The rates `sdfeat plan` estimates with: those measured in a store (`store_rates`), else the recorded GPU
+    benchmark's (`recorded_rates`); a given write rate replaces either's."""
+    if not from_store:
+        return recorded_rates(compiled_vae, device, write_bytes_per_s)
+    rates = store_rates(from_store)
+    return replace(rates, write_bytes_per_s=write_bytes_per_s) if write_bytes_per_s else rates
+
+
 def _seconds(reports: list[dict], *stages: str) -> float:
     return float(sum(r["seconds"].get(k, 0.0) for r in reports for k in stages))
 
@@ -71,18 +81,18 @@ def _seconds(reports: list[dict], *stages: str) -> float:
 def store_rates(path: str) -> Rates:
     """Rates from a store's unit reports: each stage's busy seconds over the work that stage did in that job."""
     from sdfeat import store
-    from sdfeat.budget import pass_costs
+    from sdfeat.costs import pass_costs
     from sdfeat.layout import job_layout
     from sdfeat.query import open_store
 
-    fs = open_store(path)
+    features = open_store(path)
     done = sorted(store.done_units(path))
     if not done:
         raise StoreError(f"{path}: no finished units (progress/*.json) to measure rates from")
     reports = store.read_markers(path, done)
-    layout = job_layout(fs.spec)
-    size, n, crop_rows = int(fs.attrs["unit_size"]), len(fs), fs.crop_samples
-    ok = fs.ok
+    layout = job_layout(features.spec)
+    size, n, crop_rows = int(features.attrs["unit_size"]), len(features), features.crop_samples
+    ok = features.ok
     images = crop_images = encoded = crop_encoded = 0   # encoded: images of units that ran the VAE (not cached)
     written = 0
     for r in reports:
@@ -96,7 +106,7 @@ def store_rates(path: str) -> Rates:
             crop_encoded += unit_crops
         written += sum(a.bytes_per_sample() * max(0, min(stop, a.n_rows(n)) - start) for a in layout.arrays)
     vae = unet = 0.0
-    for cost in pass_costs(fs.spec, layout):
+    for cost in pass_costs(features.spec, layout):
         vae += (encoded if cost.margin == 0 else crop_encoded) * cost.vae_flops
         unet += (images if cost.margin == 0 else crop_images) * cost.unet_flops
     # pixel upload and VAE belong to encoding (absent for cached units); the noise, drawn per seed like the U-Net's

@@ -1,9 +1,9 @@
 """Joining Ray the way a new user expects; used by the extraction driver (`cluster`), the metrics runner and
 `submit`. The only place that decides which cluster a command talks to.
 
-- No address: a private local instance (`ray.init(address="local")`), its dashboard HTTP server on 127.0.0.1
-  (Ray 2.60 offers no setting for the rest: the GCS, raylet, worker and agent gRPC servers listen on all
-  interfaces, token authentication, on by default for a new local instance, guards them).
+- No address: a private local instance (`ray.init(address="local")`) reachable from this machine only: node IP
+  127.0.0.1, so its GCS, raylet, worker and agent servers listen on the loopback interface (`_loopback_node`),
+  no dashboard; token authentication is on as for any new local instance.
   Never the cluster `ray start` last recorded on the machine, which is Ray's own default.
 - `auto`: the cluster `ray start` recorded on this machine (an error naming `ray start --head` when none).
 - `HOST:PORT` / `ray://HOST:PORT`: that cluster. Before Ray is asked, a short TCP connect to the port: a wrong
@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -107,6 +109,24 @@ def _ray_log_level() -> int:
     return logging.INFO if logging.getLogger("sdfeat").isEnabledFor(logging.INFO) else logging.WARNING
 
 
+@contextmanager
+def _loopback_node() -> Iterator[None]:
+    """While a private instance starts: its node IP is 127.0.0.1, so that Ray 2.60 binds every server of it (GCS,
+    raylet, object manager, workers, agents) to the loopback interface; it does so exactly when the node IP is
+    127.0.0.1. Ray picks that IP itself only where it treats the machine as a single-node setup
+    (`ray_constants.ENABLE_RAY_CLUSTER` false, its macOS/Windows default, read when the node IP is resolved); an
+    explicit `_node_ip_address="127.0.0.1"` is turned into the machine's address (`services.resolve_ip_for_localhost`).
+    The flag is restored once the instance runs (the started node keeps its IP); joining a cluster never comes here."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
 def init_ray(address: str | None, **local_options: object) -> str:
     """Connect this process to Ray (see the module docstring) and return a description of the cluster for the log.
     `local_options` go to `ray.init` for a private local instance only (e.g. include_dashboard)."""
@@ -115,10 +135,9 @@ def init_ray(address: str | None, **local_options: object) -> str:
     if address in (None, "", "local"):
         options: dict = {"include_dashboard": False, "dashboard_host": "127.0.0.1"}
         options.update(local_options)
-        # Ray 2.60 turns a node IP of 127.0.0.1 into the machine's address (services.resolve_ip_for_localhost), and
-        # its C++ gRPC servers (GCS, raylet, workers) and agents bind all interfaces: only the HTTP side obeys.
         enable_token_auth_if_available(new_instance=True)
-        ray.init(address="local", logging_level=_ray_log_level(), **options)
+        with _loopback_node():
+            ray.init(address="local", logging_level=_ray_log_level(), **options)
         where = "a private local Ray instance (`--address auto` joins the one `ray start` runs)"
         log.info("running on %s", where)
         return where

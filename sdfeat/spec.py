@@ -3,7 +3,8 @@
 Everything downstream (planning, the store template, the workers, the metrics) reads a validated `JobSpec`.
 Validation is strict (unknown keys are errors) and happens before any model is loaded. `spec_hash` identifies
 the work a spec describes; it ignores `output`, so the same job written elsewhere keeps its identity, and
-`latent_cache`, which changes no stored byte (a job with a warm, cold or no cache is the same job).
+`latent_cache` and `write_workers`, which change no stored byte (a job with a warm, cold or no cache, written by
+any number of threads, is the same job).
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ from sdfeat.errors import SpecError
 
 SPEC_VERSION = 1
 MAX_SEED = 2**63 - 1  # seeds are stored as int64 (the store's `seed` coordinate) and seed torch's RNG
+
+
+def _unique(values: list | str, what: str) -> list | str:
+    """The list field's values, refusing repeats (a repeated timestep, seed, block or crop would store the same
+    work twice); `what` names the values in the message. Presets such as "paper" pass through."""
+    if isinstance(values, list) and len(set(values)) != len(values):
+        raise ValueError(f"{what} must be unique")
+    return values
 
 
 class _Strict(BaseModel):
@@ -45,9 +54,7 @@ class Variants(_Strict):
         if isinstance(v, list):
             if any(m <= 0 for m in v):
                 raise ValueError("crop margins must be positive pixel counts")
-            if len(set(v)) != len(v):
-                raise ValueError("crop margins must be unique")
-        return v
+        return _unique(v, "crop margins")
 
 
 class Summaries(_Strict):
@@ -92,6 +99,7 @@ class JobSpec(_Strict):
     summaries: Summaries | None = None
     intervention: Intervention | None = None
     latent_cache: str | None = None  # folder or fsspec URL of the VAE latent cache (`sdfeat.latent_cache`)
+    write_workers: int | None = Field(default=None, ge=1)  # shards written at once per worker; None: min(4, cores)
     output: str
 
     @field_validator("resolution")
@@ -122,18 +130,14 @@ class JobSpec(_Strict):
     def _timesteps_in_range(cls, v: list[int]) -> list[int]:
         if any(not 0 <= t <= 999 for t in v):
             raise ValueError("every timestep must lie in 0..999")
-        if len(set(v)) != len(v):
-            raise ValueError("timesteps must be unique")
-        return v
+        return _unique(v, "timesteps")
 
     @field_validator("seeds")
     @classmethod
     def _seeds_unique(cls, v: list[int]) -> list[int]:
         if any(not 0 <= s <= MAX_SEED for s in v):
             raise ValueError(f"every seed must lie in 0..2**63-1 ({MAX_SEED})")
-        if len(set(v)) != len(v):
-            raise ValueError("seeds must be unique")
-        return v
+        return _unique(v, "seeds")
 
     @field_validator("intervention")
     @classmethod
@@ -150,9 +154,7 @@ class JobSpec(_Strict):
     @field_validator("blocks")
     @classmethod
     def _blocks_unique(cls, v: list[str] | str) -> list[str] | str:
-        if isinstance(v, list) and len(set(v)) != len(v):
-            raise ValueError("block names must be unique")
-        return v
+        return _unique(v, "block names")
 
     @model_validator(mode="after")
     def _needs_something_to_store(self) -> "JobSpec":
@@ -169,8 +171,8 @@ class JobSpec(_Strict):
 
 
 def spec_hash(spec: JobSpec) -> str:
-    """16 hex digits identifying the work (every field except `output` and `latent_cache`)."""
-    payload = spec.model_dump(mode="json", exclude={"output", "latent_cache"})
+    """16 hex digits identifying the work (every field except `output`, `latent_cache` and `write_workers`)."""
+    payload = spec.model_dump(mode="json", exclude={"output", "latent_cache", "write_workers"})
     if payload["variants"].get("samples") is None:
         payload["variants"].pop("samples", None)  # unset: the hash of stores made before the key existed
     if payload.get("intervention", 0) is None:

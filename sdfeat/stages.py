@@ -1,6 +1,6 @@
 """Busy time per stage of a work unit, measured where the work really happens.
 
-`extract.UnitRunner` times every unit with a `StageClock`. On a GPU most work is asynchronous: a wall clock around
+`unit_runner.UnitRunner` times every unit with a `StageClock`. On a GPU most work is asynchronous: a wall clock around
 a kernel launch measures the launch, not the kernel. So device stages (`h2d`, `vae`, `noise`, `unet`, `d2h`) are
 bracketed by CUDA events on the current stream and read once, after the unit's final synchronisation; host
 stages (`decode`, `write`) and every stage on a CPU use `time.perf_counter`. `stall` is how long the compute

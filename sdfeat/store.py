@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import uuid
 import warnings
 from collections.abc import Iterable, Sequence
@@ -28,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 
 from sdfeat import shard_writer
 from sdfeat.errors import StoreError
@@ -161,8 +164,7 @@ def write_unit(group: zarr.Group, start: int, stop: int, data: dict[str, np.ndar
 def write_manifest(output: str, table: pa.Table) -> None:
     fs, root = filesystem(output)
     fs.makedirs(root, exist_ok=True)
-    with fs.open(join(root, MANIFEST), "wb") as f:
-        pq.write_table(table, f)
+    write_parquet(fs, join(root, MANIFEST), table)
 
 
 def read_manifest(output: str) -> pa.Table:
@@ -189,6 +191,19 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         raise
 
 
+def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
+    """Write `table` as Parquet at `path` so that a reader sees the old file or the whole new one, never a part:
+    the bytes are made in memory first, then written by `write_atomic` on a local disk (temporary name, rename)
+    or by one upload on an object store (a single put is whole or absent). The one Parquet writer of sdfeat."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    data = buffer.getvalue().to_pybytes()
+    if isinstance(fs, LocalFileSystem):
+        write_atomic(fs, path, data)
+    else:
+        fs.pipe_file(path, data)
+
+
 def write_marker(output: str, unit: int, report: dict) -> None:
     """Written after the unit's data, atomically: a marker that exists and parses says the unit is done."""
     fs, _ = filesystem(output)
@@ -210,29 +225,96 @@ def _parse_marker(data: bytes | Exception, unit: int) -> dict | None:
     return report if sound else None
 
 
+# Reports of sound markers already read in this process, per progress folder: {path: (identity, report)}. A marker
+# is written once, atomically, and replaced only by a rename (a new inode / ETag / time), so a listing entry whose
+# identity matches was verified before and need not be read again; stores are few, so at most _KEEP are kept.
+_SOUND: dict[str, dict[str, tuple[tuple, dict]]] = {}
+_SOUND_LOCK = threading.Lock()  # the explorer refreshes stores from several threads
+_KEEP = 8
+# Listing fields that change when an object is replaced (s3, gcs, memory); size alone does not say enough.
+_IDENTITY_FIELDS = ("ETag", "LastModified", "etag", "generation", "md5Hash", "mtime", "created")
+
+
+def _listing(fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, tuple[int, tuple | None]]:
+    """{path: (unit, identity)} of the marker files in `folder`, from one listing (FileNotFoundError if absent).
+    The identity changes whenever the file is replaced (None: the listing cannot tell versions apart)."""
+    found: dict[str, tuple[int, tuple | None]] = {}
+    if isinstance(fs, LocalFileSystem):  # scandir: fsspec's per-entry info costs more than the listing
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith("unit-") and name.endswith(".json") and name[5:-5].isdigit() \
+                        and entry.is_file():
+                    st = entry.stat()
+                    identity = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                    found[f"{folder}/{name}"] = (int(name[5:-5]), identity)
+        return found
+    for info in fs.ls(folder, detail=True):
+        name = info["name"].rsplit("/", 1)[-1]
+        if name.startswith("unit-") and name.endswith(".json") and name[5:-5].isdigit() \
+                and info.get("type", "file") == "file":
+            fields = [str(info.get(k)) for k in _IDENTITY_FIELDS if info.get(k) is not None]
+            found[info["name"]] = (int(name[5:-5]), (info.get("size"), *fields) if fields else None)
+    return found
+
+
+def _read_all(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, bytes | Exception]:
+    """Every path's bytes (or the error reading it): plain reads locally (fsspec's per-file overhead is most of
+    the cost there), one concurrent batch on object stores."""
+    if not paths:
+        return {}
+    if not isinstance(fs, LocalFileSystem):
+        return fs.cat(paths, on_error="return")
+    found: dict[str, bytes | Exception] = {}
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                found[path] = f.read()
+        except OSError as error:
+            found[path] = error
+    return found
+
+
 def _markers(output: str) -> dict[int, dict]:
-    """{unit: report} of every sound marker; a marker that does not parse is logged and counts as not done."""
+    """{unit: report} of every sound marker; a marker that does not parse is logged and counts as not done.
+
+    One listing of the progress folder; only markers not verified before in this process (new or replaced ones)
+    are read, so a resumed job, its end (`extract.finalize_job`) and the explorer's refreshes cost a listing, not
+    N reads. The first call still reads every marker: a torn marker (written before markers were atomic) looks
+    like a sound one in a listing."""
     fs, root = filesystem(output)
     folder = join(root, PROGRESS)
-    if not fs.exists(folder):
+    try:
+        listed = _listing(fs, folder)
+    except (FileNotFoundError, NotADirectoryError):
         return {}
-    paths = {}
-    for path in fs.ls(folder, detail=False):
-        name = path.rsplit("/", 1)[-1]
-        if name.startswith("unit-") and name.endswith(".json") and name[5:-5].isdigit():
-            paths[path] = int(name[5:-5])
-    found = fs.cat(list(paths), on_error="return") if paths else {}
-    reports = {}
-    for path, unit in paths.items():
-        report = _parse_marker(found.get(path, OSError("not read")), unit)
-        if report is None:
-            log.warning("%s: done marker does not parse; unit %d will be redone", path, unit)
+    key = fs.unstrip_protocol(folder)  # file:///…, s3://…, memory://…
+    known = _SOUND.get(key, {})
+    unread = [p for p, (_, identity) in listed.items() if identity is None or known.get(p, ((),))[0] != identity]
+    found = _read_all(fs, unread)
+    sound: dict[str, tuple[tuple, dict]] = {}
+    reports: dict[int, dict] = {}
+    for path, (unit, identity) in listed.items():
+        if path in found:
+            report = _parse_marker(found[path], unit)
+            if report is None:
+                log.warning("%s: done marker does not parse; unit %d will be redone", path, unit)
+                continue
         else:
-            reports[unit] = report
+            report = known[path][1]
+        reports[unit] = report
+        if identity is not None:
+            sound[path] = (identity, report)
+    with _SOUND_LOCK:
+        _SOUND.pop(key, None)
+        _SOUND[key] = sound
+        while len(_SOUND) > _KEEP:
+            del _SOUND[next(iter(_SOUND))]
     return reports
 
 
 def done_units(output: str) -> set[int]:
+    """The units whose done marker is sound (exists and parses as this unit's report)."""
     return set(_markers(output))
 
 
@@ -242,7 +324,7 @@ def read_markers(output: str, units: Iterable[int]) -> list[dict]:
     missing = [u for u in units if u not in reports]
     if missing:
         raise StoreError(f"{output}: unit {missing[0]} has no sound done marker")
-    return [reports[u] for u in units]
+    return [dict(reports[u]) for u in units]  # copies: the cached reports stay as read
 
 
 def clear_markers(output: str) -> None:
@@ -269,9 +351,7 @@ def write_failures(output: str, failures: Sequence[dict]) -> bool:
                     return False
         except (pa.ArrowException, OSError):
             pass  # unreadable: rewrite it
-    buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer)
-    write_atomic(fs, path, buffer.getvalue().to_pybytes())
+    write_parquet(fs, path, table)
     return True
 
 

@@ -109,7 +109,12 @@ def next_submission_id(digest: str, existing_ids: list[str]) -> str:
     return f"sdfeat-{digest}-{max(used, default=0) + 1}"
 
 
-def build_entrypoint(workers: int | None, gpus_per_worker: float | None, overwrite: bool) -> str:
+def build_entrypoint(workers: int | None, gpus_per_worker: float | None, overwrite: bool, *,
+                     unit_timeout: float | None = None, allow_version_change: bool = False,
+                     quiet: bool = False) -> str:
+    """The job's shell command: `sdfeat extract` of the shipped spec with every `extract` option that shapes a Ray
+    run (the spec's own fields, `--output` included, travel inside the spec; `--local`, `--device`, `--threads` do
+    not apply on a cluster, and the job joins its cluster through the RAY_ADDRESS the Jobs API sets)."""
     # `python -m` rather than the `sdfeat` script, whose imports could resolve to an sdfeat installed on the
     # cluster; on PYTHONPATH the shipped package comes first.
     parts = ["python", "-m", "sdfeat.cli", "extract", '"$spec"']
@@ -117,16 +122,24 @@ def build_entrypoint(workers: int | None, gpus_per_worker: float | None, overwri
         parts += ["--workers", str(workers)]
     if gpus_per_worker is not None:
         parts += ["--gpus-per-worker", str(gpus_per_worker)]
+    if unit_timeout is not None:
+        parts += ["--unit-timeout", str(unit_timeout)]
     if overwrite:
         parts.append("--overwrite")
+    if allow_version_change:
+        parts.append("--allow-version-change")
+    if quiet:
+        parts.append("--quiet")
     return (f'spec=$(mktemp --suffix=.yaml) && printenv {SPEC_ENV_VAR} > "$spec" && ' + " ".join(parts)
             + '; status=$?; rm -f "$spec"; exit $status')
 
 
 def submit_job(spec_path: str | Path, address: str | None = None, workers: int | None = None,
-               gpus_per_worker: float | None = None, overwrite: bool = False, **overrides: object) -> Submission:
+               gpus_per_worker: float | None = None, overwrite: bool = False, *, unit_timeout: float | None = None,
+               allow_version_change: bool = False, quiet: bool = False, **overrides: object) -> Submission:
     """Validate the spec locally, ship it with this package to the cluster at `address` (the dashboard URL,
-    e.g. http://HEAD:8265; None = RAY_ADDRESS) and start `sdfeat extract` there. Returns the submission."""
+    e.g. http://HEAD:8265; None = RAY_ADDRESS) and start `sdfeat extract` there with the given extract options
+    (`build_entrypoint`); `overrides` change spec fields (e.g. output). Returns the submission."""
     spec = load_spec(spec_path, **overrides)
     _check_paths_reach_cluster(spec)
     if not overwrite:
@@ -140,7 +153,8 @@ def submit_job(spec_path: str | Path, address: str | None = None, workers: int |
             raise StoreError(f"{job.submission_id} is still {job.status} for this spec and output; follow it with "
                               f"`ray job logs --follow {job.submission_id}` or stop it before resubmitting")
     submission_id = next_submission_id(digest, [j.submission_id for j in jobs if j.submission_id])
-    entrypoint = build_entrypoint(workers, gpus_per_worker, overwrite)
+    entrypoint = build_entrypoint(workers, gpus_per_worker, overwrite, unit_timeout=unit_timeout,
+                                  allow_version_change=allow_version_change, quiet=quiet)
     stage = _stage_package()
     try:
         client.submit_job(

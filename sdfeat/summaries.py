@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from sdfeat.layout import summary_tokens
-from sdfeat.metrics.anomalies import token_norms
 from sdfeat.metrics.corners import group_similarity_sums, inner, pair_counts
+from sdfeat.norms import token_norms
 
 if TYPE_CHECKING:
     from sdfeat.blocks import BlockInfo

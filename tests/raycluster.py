@@ -112,9 +112,9 @@ class DiesMidWrite(ExtractionWorker):
 
             real_write = store.write_unit
 
-            def half_then_die(group, start, stop, data, ok):
+            def half_then_die(group, start, stop, data, ok, **options):
                 first_half = dict(list(data.items())[: max(1, len(data) // 2)])
-                real_write(group, start, stop, first_half, ok)
+                real_write(group, start, stop, first_half, ok, **options)
                 os._exit(1)
 
             store.write_unit = half_then_die
@@ -158,3 +158,24 @@ class SlowBatches(ExtractionWorker):
             time.sleep(0.8)
 
         self.runner.on_batch = slowly
+
+
+class DiskFull(ExtractionWorker):
+    """The storage is full for unit SDFEAT_TEST_UNIT: writing its arrays fails as write() reports it (ENOSPC, no
+    file name), on every attempt."""
+
+    def run(self, unit: Unit) -> dict:
+        if unit.index != int(os.environ["SDFEAT_TEST_UNIT"]):
+            return super().run(unit)
+        import errno
+
+        from sdfeat import store
+
+        def full(*_args: object, **_kwargs: object) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        real_write, store.write_unit = store.write_unit, full
+        try:
+            return super().run(unit)
+        finally:
+            store.write_unit = real_write

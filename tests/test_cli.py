@@ -99,3 +99,23 @@ def test_choices_are_checked_by_the_parser_and_named(args: list[str], option: st
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert option in result.output and "is not one of" in result.output
+
+
+def test_extract_write_workers_overrides_the_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sdfeat.extract
+    from sdfeat.errors import SpecError
+
+    job = tmp_path / "job.yaml"
+    job.write_text(f"source: synthetic:4\noutput: {tmp_path / 'out'}\nmodel: tiny\nwrite_workers: 3\n")
+    given = []
+
+    def run_local(spec, **_: object) -> dict:
+        given.append(spec.write_workers)
+        raise SpecError("stopped here")
+
+    monkeypatch.setattr(sdfeat.extract, "run_local", run_local)
+    assert runner.invoke(app, ["extract", str(job), "--local"]).exit_code == 2
+    assert runner.invoke(app, ["extract", str(job), "--local", "--write-workers", "1"]).exit_code == 2
+    assert given == [3, 1]
+    refused = runner.invoke(app, ["extract", str(job), "--local", "--write-workers", "0"])
+    assert refused.exit_code == 2 and "--write-workers" in refused.output and given == [3, 1]

@@ -4,6 +4,7 @@ and run again; a unit that cannot be read is named and the other units are kept.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -14,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from raycluster import ray_cluster, ray_cluster_processes  # noqa: F401  (fixtures)
-from raycluster import DiesMidWrite, HangsOnce, RecordsNode, job_spec, wait_for
+from raycluster import DiesMidWrite, DiskFull, HangsOnce, RecordsNode, job_spec, wait_for
 from storecompare import assert_same_store
 from sdfeat import store
 from sdfeat.cluster import plan_actors, run_on_ray
-from sdfeat.errors import ArgumentError, UnitFailedError
+from sdfeat.errors import ArgumentError, StorageError, UnitFailedError, storage_error
 from sdfeat.extract import prepare_job, run_local
 
 N_UNITS = 4  # synthetic:16 in units of 4
@@ -125,6 +126,56 @@ def test_unreadable_shard_names_its_units_and_keeps_the_others(ray_cluster, tmp_
         run_on_ray(spec, workers=2, progress=False, max_retries=1)
     assert shards[1].name in str(err.value)
     assert _markers(tmp_path / "store") == {0, 1}
+
+
+@pytest.mark.ray
+def test_full_storage_in_an_actor_is_the_local_runners_one_line_error(ray_cluster, tmp_path: Path) -> None:
+    """ENOSPC while an actor writes a unit: the same one-line `StorageError` naming the output that the CLI prints
+    for the local runner (see test_hardening), at once rather than after the retries."""
+    out = tmp_path / "store"
+    with pytest.raises(StorageError) as err:
+        run_on_ray(job_spec(out), workers=2, progress=False, worker_class=DiskFull, max_retries=3,
+                   runtime_env=_fault_env(tmp_path, SDFEAT_TEST_UNIT="1"))
+    assert str(err.value) == f"{out}: {os.strerror(errno.ENOSPC)} (ENOSPC)"
+    assert err.value.errno == errno.ENOSPC
+    assert 1 not in _markers(out)
+
+
+def _permissions_bind(folder: Path) -> bool:
+    """False where this process writes through a folder's permissions (root with CAP_DAC_OVERRIDE)."""
+    probe = folder / "read-only"
+    probe.mkdir(mode=0o555)
+    try:
+        (probe / "x").touch()
+    except PermissionError:
+        return True
+    finally:
+        probe.chmod(0o755)
+    return False
+
+
+@pytest.mark.ray
+def test_unwritable_block_folder_in_an_actor_names_the_path_as_locally(ray_cluster, tmp_path: Path) -> None:
+    """A block's folder that became read-only after the store template was written: the Ray run fails with the
+    same one-line error, naming the same path, as the local runner's (mapped by `errors.storage_error`)."""
+    if not _permissions_bind(tmp_path):
+        pytest.skip("this user writes through folder permissions (root)")
+    spec = job_spec(tmp_path / "ray")
+    local = job_spec(tmp_path / "local")
+    for s in (spec, local):
+        prepare_job(s)
+        (Path(s.output) / store.FEATURES / "down_blocks.1.attentions.0").chmod(0o555)
+    try:
+        with pytest.raises(PermissionError) as local_err:
+            run_local(local, progress=False, threads=1)
+        expected = str(storage_error(local_err.value, local.output)).replace(local.output, spec.output)
+        with pytest.raises(StorageError) as err:
+            run_on_ray(spec, workers=2, progress=False)
+    finally:
+        for s in (spec, local):
+            (Path(s.output) / store.FEATURES / "down_blocks.1.attentions.0").chmod(0o755)
+    assert str(err.value) == expected and "(EACCES)" in expected
+    assert "down_blocks.1.attentions.0" in expected
 
 
 DRIVER_SCRIPT = """

@@ -38,18 +38,19 @@ def standard_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
                  summaries={"blocks": ["up_blocks.1.resnets.2"], "tokens_per_image": 4})
 
 
-def _crop_paths(fs) -> list[str]:
-    paths = [f"crops/{m}/{k}" for m in fs.crops for k in fs.group[f"crops/{m}"].array_keys()]
-    for block in fs.attrs.get("summary_blocks", []):
-        paths += [f"summaries/{block}/{k}" for k in fs.group[f"summaries/{block}"].array_keys()
+def _crop_paths(features) -> list[str]:
+    paths = [f"crops/{m}/{k}" for m in features.crops for k in features.group[f"crops/{m}"].array_keys()]
+    for block in features.attrs.get("summary_blocks", []):
+        paths += [f"summaries/{block}/{k}" for k in features.group[f"summaries/{block}"].array_keys()
                   if k.startswith("crop_")]
     return paths
 
 
-def _all_paths(fs) -> list[str]:
-    paths = list(fs.blocks) + [f"crops/{m}/{k}" for m in fs.crops for k in fs.group[f"crops/{m}"].array_keys()]
-    for block in fs.attrs.get("summary_blocks", []):
-        paths += [f"summaries/{block}/{k}" for k in fs.group[f"summaries/{block}"].array_keys()]
+def _all_paths(features) -> list[str]:
+    paths = list(features.blocks) + [f"crops/{m}/{k}" for m in features.crops
+                                     for k in features.group[f"crops/{m}"].array_keys()]
+    for block in features.attrs.get("summary_blocks", []):
+        paths += [f"summaries/{block}/{k}" for k in features.group[f"summaries/{block}"].array_keys()]
     return paths
 
 
@@ -72,27 +73,27 @@ def test_crop_arrays_hold_the_first_rows_equal_to_the_unlimited_job(standard_pai
 
 
 def test_queries_refuse_rows_without_crops(standard_pair: tuple[str, str]) -> None:
-    fs = open_store(standard_pair[1])
-    margin = fs.crops[0]
-    block = next(iter(fs.group[f"crops/{margin}"].array_keys()))
-    assert fs.read(block, crop=margin).shape[0] == N
-    np.testing.assert_array_equal(fs.read(block, samples=[N - 1, 0], crop=margin),
-                                  fs.read(block, crop=margin)[[N - 1, 0]])
+    features = open_store(standard_pair[1])
+    margin = features.crops[0]
+    block = next(iter(features.group[f"crops/{margin}"].array_keys()))
+    assert features.read(block, crop=margin).shape[0] == N
+    np.testing.assert_array_equal(features.read(block, samples=[N - 1, 0], crop=margin),
+                                  features.read(block, crop=margin)[[N - 1, 0]])
     with pytest.raises(StoreError, match=rf"row {N} has no crop variant.*rows 0..{N - 1}"):
-        fs.read(block, samples=[0, N], crop=margin)
+        features.read(block, samples=[0, N], crop=margin)
     with pytest.raises(StoreError, match="has no crop variant"):
-        fs.read(block, samples=slice(2, 9), crop=margin)
-    assert sum(v.shape[0] for _, v in fs.iter_samples(block, batch=4, crop=margin)) == N
-    assert fs.read(block, samples=[12]).shape[0] == 1  # the full-size array keeps every row
+        features.read(block, samples=slice(2, 9), crop=margin)
+    assert sum(v.shape[0] for _, v in features.iter_samples(block, batch=4, crop=margin)) == N
+    assert features.read(block, samples=[12]).shape[0] == 1  # the full-size array keeps every row
 
 
-def _corner_ratio(fs, block: str, rows: np.ndarray) -> float:
+def _corner_ratio(features, block: str, rows: np.ndarray) -> float:
     """The corner ratio from the tensors, computed here from the first `rows` (independent of the runner)."""
-    n = fs.shape(block)[-1]
-    margin = fs.spec.resolution // n
-    t, s = fs.timesteps[0], fs.seeds[0]
-    full = torch.from_numpy(fs.read(block, samples=rows, timestep=t, seed=s, raw=True))
-    crop = torch.from_numpy(fs.read(block, samples=rows, timestep=t, seed=s, crop=margin, raw=True))
+    n = features.shape(block)[-1]
+    margin = features.spec.resolution // n
+    t, s = features.timesteps[0], features.seeds[0]
+    full = torch.from_numpy(features.read(block, samples=rows, timestep=t, seed=s, raw=True))
+    crop = torch.from_numpy(features.read(block, samples=rows, timestep=t, seed=s, crop=margin, raw=True))
     cropped, repr_cropped = corners.GroupTotals.empty(n - 2), corners.GroupTotals.empty(n - 2)
     cropped.add(corners.group_similarity_sums(crop))
     repr_cropped.add(corners.group_similarity_sums(corners.inner(full)))

@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+import imagegen
 from conftest import small_spec
 from sdfeat import store
 from sdfeat.explore.app import create_app
@@ -65,8 +66,8 @@ def test_norm_map_equals_numpy_and_defaults_to_the_first_timestep(client: TestCl
 
 
 def test_top_k_equals_brute_force(client: TestClient, tiny_store: str) -> None:
-    fs = open_store(tiny_store)
-    acts = fs.read(BLOCK, timestep=200, seed=42).astype(np.float64)  # (12, C, 8, 8)
+    features = open_store(tiny_store)
+    acts = features.read(BLOCK, timestep=200, seed=42).astype(np.float64)  # (12, C, 8, 8)
     query = acts[4, :, 2, 6]
     r = client.get("/api/stores/0/topk", params={"block": BLOCK, "row": 4, "t": 200, "y": 2, "x": 6, "k": 5,
                                                  "start": 0, "n": 12})
@@ -77,7 +78,7 @@ def test_top_k_equals_brute_force(client: TestClient, tiny_store: str) -> None:
         best = np.argsort(-sims)[:5]
         assert [(m["y"], m["x"]) for m in image["matches"]] == [(int(j // 8), int(j % 8)) for j in best]
         np.testing.assert_allclose([m["similarity"] for m in image["matches"]], sims[best], atol=2e-6)
-        assert image["id"] == fs.sample_ids[image["row"]]
+        assert image["id"] == features.sample_ids[image["row"]]
     window = client.get("/api/stores/0/topk", params={"block": BLOCK, "row": 4, "y": 2, "x": 6, "start": 3,
                                                       "n": 3}).json()
     assert [im["row"] for im in window["images"]] == [3, 5]  # rows 3..5 without the query's own row
@@ -85,14 +86,14 @@ def test_top_k_equals_brute_force(client: TestClient, tiny_store: str) -> None:
 
 def test_store_list_and_samples_describe_the_store(client: TestClient, tiny_store: str) -> None:
     meta = client.get("/api/stores").json()[0]
-    fs = open_store(tiny_store)
+    features = open_store(tiny_store)
     assert meta["samples"] == meta["finished"] == meta["ok"] == 12 and meta["units_done"] == meta["units"] == 3
     assert meta["timesteps"] == [50, 200] and meta["seeds"] == [42] and meta["crops"] == []
-    assert {b["name"]: b["shape"] for b in meta["blocks"]} == {b: list(fs.shape(b)[-3:]) for b in fs.blocks}
+    assert {b["name"]: b["shape"] for b in meta["blocks"]} == {b: list(features.shape(b)[-3:]) for b in features.blocks}
     page = client.get("/api/stores/0/samples", params={"offset": 10, "limit": 5}).json()
     assert [i["row"] for i in page["items"]] == [10, 11]
-    assert page["items"][0] == {"row": 10, "id": fs.sample_ids[10], "label": int(fs.labels[10]),
-                                "label_name": fs.attrs["class_names"][int(fs.labels[10])], "finished": True,
+    assert page["items"][0] == {"row": 10, "id": features.sample_ids[10], "label": int(features.labels[10]),
+                                "label_name": features.attrs["class_names"][int(features.labels[10])], "finished": True,
                                 "ok": True}
 
 
@@ -156,6 +157,43 @@ def test_a_failed_row_is_refused_with_409(tiny_store: str, tmp_path: Path) -> No
     assert client.get("/api/stores/0").json()["failed"] == 1
 
 
+def test_failure_rows_show_as_failed_with_their_recorded_reason(tmp_path: Path) -> None:
+    """A folder source with a broken link (planned unusable: the manifest's `error`) and a file that is no image
+    (fails at decoding): both rows are refused with 409 and the reason failures.parquet records, never read as
+    ordinary images; the good rows still come back."""
+    from sdfeat.errors import RowNotReadyError
+    from sdfeat.explore.images import SourceImages
+    from sdfeat.extract import run_local
+
+    classes = imagegen.write_ilsvrc_folders(tmp_path / "src", synsets=("n01000000",), per_class=2)
+    (classes / "n01000000" / "gone.JPEG").symlink_to(classes / "n01000000" / "nowhere.JPEG")
+    (classes / "n01000000" / "text.JPEG").write_bytes(b"<html>404 not found</html>")
+    output = str(tmp_path / "out")
+    run_local(small_spec(output, source=str(classes), blocks=[BLOCK], timesteps=[50], unit_size=8), progress=False,
+              device="cpu")
+    features = open_store(output)
+    recorded = {f["sample_id"]: f["reason"] for f in pq.read_table(f"{output}/failures.parquet").to_pylist()}
+    assert sorted(recorded) == ["n01000000/gone.JPEG", "n01000000/text.JPEG"]
+    assert "broken link" in recorded["n01000000/gone.JPEG"]
+    assert "not a recognised image" in recorded["n01000000/text.JPEG"]
+    row = {sid: i for i, sid in enumerate(features.sample_ids)}
+    client = _client(output)
+    items = {i["id"]: i for i in client.get("/api/stores/0/samples").json()["items"]}
+    for sid, reason in recorded.items():
+        assert items[sid]["finished"] and not items[sid]["ok"]
+        for path in (f"/api/stores/0/samples/{row[sid]}/image.png", f"/api/stores/0/norm?block={BLOCK}&row={row[sid]}"):
+            r = client.get(path)
+            assert r.status_code == 409, (path, r.text)
+            assert "failed" in r.json()["detail"] and reason in r.json()["detail"], r.json()
+    for sid in ("n01000000/n01000000_0.JPEG", "n01000000/n01000000_1.JPEG"):
+        r = client.get(f"/api/stores/0/samples/{row[sid]}/image.png")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    # below the view (a row of a job still running): a planned-unusable ref is never opened, its reason comes back
+    images = SourceImages(output, features.spec.resolution, len(features))
+    with pytest.raises(RowNotReadyError, match="broken link"):
+        images.pixels(row["n01000000/gone.JPEG"])
+
+
 @pytest.fixture(scope="module")
 def crop_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     from sdfeat.extract import run_local
@@ -167,11 +205,11 @@ def crop_store(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def test_crop_variant_maps_and_image(crop_store: str) -> None:
-    fs = open_store(crop_store)
+    features = open_store(crop_store)
     client = _client(crop_store)
     meta = client.get("/api/stores/0").json()
     assert {b["name"]: b["crops"] for b in meta["blocks"]} == {"conv_in": [8], BLOCK: [16]}
-    acts = fs.read(BLOCK, [1], timestep=50, seed=42, crop=16)[0].astype(np.float64)  # (C, 6, 6)
+    acts = features.read(BLOCK, [1], timestep=50, seed=42, crop=16)[0].astype(np.float64)  # (C, 6, 6)
     body = client.get("/api/stores/0/similarity", params={"block": BLOCK, "row": 1, "y": 2, "x": 3,
                                                           "crop": 16}).json()
     assert body["shape"] == [6, 6]

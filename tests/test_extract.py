@@ -27,12 +27,12 @@ def test_store_holds_what_a_plain_hooked_forward_gives(tiny_store: str) -> None:
     from sdfeat.decode import center_crop_resize
     from sdfeat.synthetic import synthetic_image
 
-    fs = open_store(tiny_store)
+    features = open_store(tiny_store)
     row = 5
     model = load_model("tiny")
     pixels = torch.from_numpy(np.array(center_crop_resize(synthetic_image(row), 128)))[None]  # (1, 128, 128, 3)
     dist = encode(model, pixels, "standard")
-    latents = noisy_latents(model, dist, "standard", 42, [fs.sample_ids[row]], [200])[200]
+    latents = noisy_latents(model, dist, "standard", 42, [features.sample_ids[row]], [200])[200]
     got: dict[str, torch.Tensor] = {}
     module = model.unet.get_submodule("up_blocks.1.resnets.2")
     handle = module.register_forward_hook(lambda m, i, o: got.__setitem__("x", o))
@@ -41,16 +41,16 @@ def test_store_holds_what_a_plain_hooked_forward_gives(tiny_store: str) -> None:
             model.unet(latents, 200, encoder_hidden_states=model.prompt_embeddings([""]))
     finally:
         handle.remove()
-    stored = fs.read("up_blocks.1.resnets.2", [row], timestep=200, seed=42)[0]
+    stored = features.read("up_blocks.1.resnets.2", [row], timestep=200, seed=42)[0]
     np.testing.assert_allclose(stored, got["x"][0].float().numpy(), rtol=2e-3, atol=2e-3)
-    assert fs.read("up_blocks.1.resnets.2", [row], timestep=50, seed=42).shape == (1, *stored.shape)
+    assert features.read("up_blocks.1.resnets.2", [row], timestep=50, seed=42).shape == (1, *stored.shape)
 
 
 def test_store_layout_and_markers(tiny_store: str) -> None:
-    fs = open_store(tiny_store)
-    assert len(fs) == 12 and fs.ok.all() and fs.timesteps == [50, 200] and fs.seeds == [42]
-    assert fs.blocks[0] == "conv_in" and fs.blocks[-1] == "up_blocks.1.upsamplers.0"
-    arr = fs.array("up_blocks.1.upsamplers.0")
+    features = open_store(tiny_store)
+    assert len(features) == 12 and features.ok.all() and features.timesteps == [50, 200] and features.seeds == [42]
+    assert features.blocks[0] == "conv_in" and features.blocks[-1] == "up_blocks.1.upsamplers.0"
+    arr = features.array("up_blocks.1.upsamplers.0")
     assert arr.shape == (12, 2, 1, 64, 8, 8) and arr.dtype == np.float16
     assert arr.shards == (4, 2, 1, 64, 8, 8) and arr.chunks == (1, 1, 1, 64, 8, 8)
     assert arr.metadata.dimension_names == ("sample", "timestep", "seed", "channel_64", "y_8", "x_8")
@@ -60,7 +60,7 @@ def test_store_layout_and_markers(tiny_store: str) -> None:
     busy = report["seconds"]
     assert all(busy[k] > 0 for k in ("decode", "vae", "noise", "unet", "d2h", "write")), busy
     assert report["wall"] >= busy["vae"] + busy["unet"]  # device stages run inside the unit's compute wall time
-    assert fs.verify() == []
+    assert features.verify() == []
 
 
 def test_rerun_skips_done_units_and_keeps_bytes(tiny_store: str, tmp_path: Path) -> None:
@@ -135,12 +135,12 @@ def test_bad_images_become_failure_rows(tmp_path: Path) -> None:
                         progress=False)
     assert summary["failures"] == 2 and summary["ok"] == 6
     failures = pq.read_table(f"{output}/failures.parquet").to_pylist()
-    fs = open_store(output)
-    assert sorted(f["sample_id"] for f in failures) == sorted(fs.sample_ids[i] for i in bad)
+    features = open_store(output)
+    assert sorted(f["sample_id"] for f in failures) == sorted(features.sample_ids[i] for i in bad)
     assert all(f["reason"] for f in failures)
-    assert fs.ok.tolist() == [i not in bad for i in range(8)]
-    assert (fs.array("conv_in")[2] == 0).all() and (fs.read("conv_in", [3]) != 0).any()
-    assert fs.verify() == []
+    assert features.ok.tolist() == [i not in bad for i in range(8)]
+    assert (features.array("conv_in")[2] == 0).all() and (features.read("conv_in", [3]) != 0).any()
+    assert features.verify() == []
 
 
 def _jpeg(i: int) -> bytes:
@@ -182,3 +182,48 @@ def test_prompt_template_uses_class_names(tiny_store: str, tmp_path: Path) -> No
     with pytest.raises(SpecError, match="field 'prompt'"):
         run_local(small_spec(str(tmp_path / "nameless"), source=str(src), prompt="{class_name}",
                              blocks=["conv_in"]), progress=False, device="cpu")
+
+
+def test_a_runner_leaves_torch_threads_alone_and_run_local_sets_them_while_it_runs(
+        tiny_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Constructing a `UnitRunner` in a library caller changes nothing process-wide; `run_local` applies its
+    `threads` while the job runs (seen from inside the job's end) and restores the count afterwards."""
+    from sdfeat import extract
+
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    output = str(tmp_path / "copy")
+    shutil.copytree(tiny_store, output)
+    spec = small_spec(output)
+    runner = UnitRunner(spec, output, device="cpu", threads=other)
+    assert torch.get_num_threads() == before
+    assert runner.decode_threads == other  # the runner's own decoding threads follow the argument
+    seen: list[int] = []
+    end_job = extract.end_job
+    monkeypatch.setattr(extract, "end_job", lambda *a, **k: seen.append(torch.get_num_threads()) or end_job(*a, **k))
+    summary = run_local(spec, progress=False, threads=other)
+    assert seen == [other] and summary["units_skipped"] == 3
+    assert torch.get_num_threads() == before
+
+
+def test_write_workers_reach_the_shard_writer_and_change_no_stored_byte(tiny_store: str, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spec's `write_workers` is the shard writer's thread count; every array file is byte for byte the
+    default run's (only the root's attrs record the spec as given)."""
+    from sdfeat import shard_writer
+
+    seen: list[int | None] = []
+    write = shard_writer.write_shards
+    monkeypatch.setattr(shard_writer, "write_shards",
+                        lambda target, jobs, workers=None: (seen.append(workers), write(target, jobs, workers))[1])
+    output = tmp_path / "one-writer"
+    run_local(small_spec(str(output), write_workers=1), progress=False)
+    assert seen == [1, 1, 1]  # one write per unit, each with one thread
+
+    def files(root: Path) -> dict[str, bytes]:
+        base = root / "features.zarr"
+        return {str(p.relative_to(base)): p.read_bytes() for p in base.rglob("*")
+                if p.is_file() and p.relative_to(base) != Path("zarr.json")}
+
+    got, want = files(output), files(Path(tiny_store))
+    assert sorted(got) == sorted(want) and all(got[k] == want[k] for k in want)

@@ -144,9 +144,9 @@ ray.shutdown()
 
 
 @pytest.mark.ray
-def test_private_instance_serves_http_on_loopback_only(tmp_path: Path) -> None:
-    """What Ray 2.60 lets a client choose: the dashboard's HTTP server of the private instance listens on
-    127.0.0.1 only. (Its gRPC servers bind all interfaces whatever the node IP; see sdfeat.rayconnect.)"""
+def test_private_instance_listens_on_loopback_only(tmp_path: Path) -> None:
+    """Every server of the private instance (GCS, raylet, object manager, a worker, agents, the dashboard's HTTP
+    server) listens on the loopback interface only: nothing of it is reachable from another machine."""
     root = Path(tempfile.mkdtemp(prefix="sdl", dir="/tmp"))
     try:
         env = {**start_env(root), "RAY_AUTH_MODE": "disabled"}
@@ -160,6 +160,9 @@ def test_private_instance_serves_http_on_loopback_only(tmp_path: Path) -> None:
     assert host == "127.0.0.1"
     on_port = {ip for _, ip, p in found["listeners"] if p == int(port)}
     assert on_port <= {"127.0.0.1"}, found          # (empty: without the dashboard nothing serves HTTP there)
+    names = {name for name, _, _ in found["listeners"]}
+    assert {"gcs_server", "raylet"} <= names, found  # the gRPC servers were seen
+    assert {ip for _, ip, _ in found["listeners"]} <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, found
 
 
 def start_env(root: Path) -> dict:

@@ -329,10 +329,10 @@ def test_bad_specs_stop_with_one_line_before_torch_is_imported(tmp_path, case, f
 
 
 def test_bad_parquet_schema_stops_before_the_model_and_leaves_no_store(tmp_path, monkeypatch):
-    from sdfeat import extract
+    from sdfeat import extract, unit_runner
 
     _parquet(tmp_path / "src" / "x.parquet", {"image": [{"data": imagegen.default_image(0)}], "label": [0]})
-    monkeypatch.setattr(extract, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(unit_runner, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(SourceError, match=r"fields \['data'\]"):
         extract.run_local(small_spec(str(tmp_path / "out"), source=str(tmp_path / "src"), blocks=["conv_in"]),
                           progress=False)
@@ -489,15 +489,14 @@ def test_overwrite_names_what_it_removes_and_keeps_other_files(tiny_store, tmp_p
 
 def test_cheap_block_names_agree_with_the_meta_forward():
     """The names `checks` refuses by (from the config, no torch) are exactly the meta forward's, for every model
-    it checks that way: tiny (checked against SD-1.5's config), sd15, sd21, sdturbo."""
-    from sdfeat.blocks import _table, config_positions
-    from sdfeat.checks import _config_without_torch
-    from sdfeat.models import TINY_UNET_CONFIG, unet_config
+    it checks that way: tiny, sd15, sd21, sdturbo, random:sd15."""
+    from sdfeat.blocks import _meta_shapes, config_positions
+    from sdfeat.configs import local_unet_config, unet_config
 
-    assert config_positions(_config_without_torch("tiny")) == config_positions(TINY_UNET_CONFIG)
     for model in ("tiny", "sd15", "sd21", "sdturbo", "random:sd15"):
         config = unet_config(model)
-        assert config_positions(_config_without_torch(model)) == [row[0] for row in _table(config, 256)], model
+        assert config_positions(local_unet_config(model)) == [row[0] for row in _meta_shapes(config, 256)], model
+    assert local_unet_config("owner/not-cached") is None and local_unet_config("no-such-model") is None
     assert config_positions({"down_block_types": ["SomethingNew2D"], "up_block_types": []}) is None
 
 

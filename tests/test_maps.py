@@ -94,3 +94,12 @@ def test_cosine_to_a_batch_equals_each_images_similarity_map() -> None:
     assert not cosine_to(batch, np.zeros(16, np.float32)).any()  # a zero vector: similarity 0, not NaN
     with pytest.raises(SdfeatError, match=r"vector: expected \(16,\)"):
         cosine_to(batch, np.ones(3, np.float32))
+
+
+def test_parse_token_reads_y_comma_x_and_names_at_otherwise() -> None:
+    from sdfeat.maps import parse_token
+
+    assert parse_token("2,5") == (2, 5)
+    for bad in ("2", "a,b", "1,2,3"):
+        with pytest.raises(SdfeatError, match=r"^at: expected 'y,x'"):
+            parse_token(bad)

@@ -26,7 +26,7 @@ KEY = ["block", "metric", "statistic", "epoch", "scale", "group", "variant", "pa
 
 
 def _collected(parts, n: int) -> Collected:
-    return Collected(fs=None, block="b", sample_ids=[f"s{i}" for i in range(n)], parts={(50, 42): parts})
+    return Collected(features=None, block="b", sample_ids=[f"s{i}" for i in range(n)], parts={(50, 42): parts})
 
 
 def _independent(n: int, replicates: int, seed: int, statistic) -> tuple[float, float]:

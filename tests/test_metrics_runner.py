@@ -16,8 +16,9 @@ from sdfeat.extract import run_local
 from sdfeat.metrics.corners import GroupTotals, group_means, group_similarity_sums, inner
 from sdfeat.metrics.labels import write_labels
 from sdfeat.metrics.position import ProbeSettings
-from sdfeat.metrics.runner import LEAD_COLUMNS, MetricOptions, run_metrics
+from sdfeat.metrics.runner import MetricOptions, run_metrics
 from sdfeat.query import open_store
+from sdfeat.results import LEAD_COLUMNS
 from sdfeat.spec import parse_spec
 
 BLOCKS = ["down_blocks.1.resnets.0", "up_blocks.1.upsamplers.0"]  # 8×8 and 16×16 at 128 px
@@ -46,9 +47,9 @@ def test_local_run_tables(store_path: str, tmp_path: Path) -> None:
     assert len(pos) == len(BLOCKS) * 2 * 4  # paper: accuracy per epoch and scale only
     assert pos["value"].between(0, 1).all()
 
-    fs = open_store(store_path)
-    full = torch.from_numpy(fs.read(BLOCKS[0], timestep=50, seed=42))  # (10, C, 8, 8), all at once
-    crop = torch.from_numpy(fs.read(BLOCKS[0], timestep=50, seed=42, crop=128 // 8))
+    features = open_store(store_path)
+    full = torch.from_numpy(features.read(BLOCKS[0], timestep=50, seed=42))  # (10, C, 8, 8), all at once
+    crop = torch.from_numpy(features.read(BLOCKS[0], timestep=50, seed=42, crop=128 // 8))
     expected = {}
     for variant, acts in (("cropped", crop), ("reprcropped", inner(full))):
         t = GroupTotals.empty(6)
@@ -61,7 +62,7 @@ def test_local_run_tables(store_path: str, tmp_path: Path) -> None:
 
     a = first["anomalies"]
     got = a[(a.block == BLOCKS[1]) & (a.statistic == "rel_norm_mean") & (a.variant == "vs_mean")].value.item()
-    norms = np.linalg.norm(fs.read(BLOCKS[1], timestep=50, seed=42), axis=1)  # (10, 16, 16); labels on a 16-grid
+    norms = np.linalg.norm(features.read(BLOCKS[1], timestep=50, seed=42), axis=1)  # (10, 16, 16); labels on a 16-grid
     by_hand = [norms[1, 6:8, 4:6].mean() / norms[1].mean(), norms[3, 0:2, 0:2].mean() / norms[3].mean()]
     assert got == pytest.approx(np.mean(by_hand), rel=1e-5)
 

@@ -36,7 +36,7 @@ def test_thread_count_is_an_option_and_restored_after_a_failing_task(two_threads
         assert torch.get_num_threads() == 3
         raise ValueError("task failed")
 
-    assert runner._execute([(torch.get_num_threads, ())], local=True, address=None, threads=3) == [3]
+    assert runner.execute([(torch.get_num_threads, ())], local=True, address=None, threads=3) == [3]
     with pytest.raises(ValueError, match="task failed"):
-        runner._execute([(fails, ())], local=True, address=None, threads=3)
+        runner.execute([(fails, ())], local=True, address=None, threads=3)
     assert torch.get_num_threads() == 2

@@ -353,18 +353,18 @@ def test_odd_inputs_end_in_a_clear_answer(tmp_path: Path, layout: str) -> None:
                       unit_size=8)
     with deadline(600):
         summary = run_local(spec, progress=False, device="cpu")
-    fs = open_store(str(output))
+    features = open_store(str(output))
     failures = {f["sample_id"]: f["reason"] for f in pq.read_table(output / "failures.parquet").to_pylist()}
-    ok = {sid for sid, flag in zip(fs.sample_ids, fs.ok) if flag}
+    ok = {sid for sid, flag in zip(features.sample_ids, features.ok) if flag}
 
     # nothing vanishes, nothing is invented: one row per listed sample, each ok or a failure with a reason
-    assert sorted(fs.sample_ids) == sorted(corpus)
-    assert ok.isdisjoint(failures) and len(ok) + len(failures) == len(fs) == summary["rows"]
+    assert sorted(features.sample_ids) == sorted(corpus)
+    assert ok.isdisjoint(failures) and len(ok) + len(failures) == len(features) == summary["rows"]
     assert ok == {sid for sid, s in corpus.items() if s.data is not None}
     for sid, reason in failures.items():
         assert reason and corpus[sid].reason in reason, (sid, reason)
-    assert dict(zip(fs.sample_ids, fs.labels.tolist())) == {sid: s.label for sid, s in corpus.items()}
-    assert fs.verify() == []
+    assert dict(zip(features.sample_ids, features.labels.tolist())) == {sid: s.label for sid, s in corpus.items()}
+    assert features.verify() == []
 
     # every good image: its own colour, and the values a forward of it alone gives
     model = tiny_model()
@@ -376,13 +376,13 @@ def test_odd_inputs_end_in_a_clear_answer(tmp_path: Path, layout: str) -> None:
             assert np.abs(pixels.astype(int) - np.array(sample.color)).max() <= sample.tol, (sid, pixels[0, 0])
     for block in BLOCKS:
         for sid in sorted(ok):
-            stored = fs.read(block, [sid], timestep=50, seed=42)[0]
+            stored = features.read(block, [sid], timestep=50, seed=42)[0]
             np.testing.assert_allclose(stored, expected[sid][block], rtol=TOLERANCE, atol=TOLERANCE,
                                        err_msg=f"{sid} {block}")
             own = np.abs(stored - expected[sid][block]).max()
             others = [np.abs(stored - expected[o][block]).max() for o in ok if o != sid]
             assert own < min(others, default=np.inf), (sid, block, own, min(others))
-    failed_rows = [i for i, sid in enumerate(fs.sample_ids) if sid in failures]
+    failed_rows = [i for i, sid in enumerate(features.sample_ids) if sid in failures]
     group = store.open_features(str(output))
     assert all((np.asarray(group[b][:])[failed_rows] == 0).all() for b in BLOCKS)  # no stale or foreign values
 

@@ -40,12 +40,12 @@ def partial(tiny_store: str, tmp_path: Path) -> str:
 
 
 def test_read_names_an_unfinished_or_failed_sample(partial: str, caplog) -> None:
-    fs = open_store(partial)
+    features = open_store(partial)
     with pytest.raises(StoreError, match=r"sample 'synthetic#00005' \(row 5\).*unfinished \(unit 1"):
-        fs.read("conv_in", [5])
+        features.read("conv_in", [5])
     with pytest.raises(StoreError, match=r"row 2\).*failed.*failures.parquet"):
-        fs.read("conv_in", [0, 2], timestep=50)
-    values = fs.read("conv_in", [0, 2, 5], timestep=50, allow_missing=True)
+        features.read("conv_in", [0, 2], timestep=50)
+    values = features.read("conv_in", [0, 2, 5], timestep=50, allow_missing=True)
     assert np.isnan(values[1:]).all() and np.isfinite(values[0]).all()
     assert "2 of the requested samples have no activations" in caplog.text
     np.testing.assert_array_equal(values[0], open_store(partial).read("conv_in", [0], timestep=50)[0])
@@ -89,8 +89,8 @@ def test_corners_of_a_4x4_map_are_measured(tmp_path: Path) -> None:
     out = str(tmp_path / "c")
     run_local(small_spec(out, source="synthetic:4", blocks=["down_blocks.2.attentions.0"], timesteps=[50],
                          variants={"crops": "auto"}), progress=False, device="cpu")
-    fs = open_store(out)
-    assert fs.shape("down_blocks.2.attentions.0")[-1] == 4
+    features = open_store(out)
+    assert features.shape("down_blocks.2.attentions.0")[-1] == 4
     rows = corners_task(out, "down_blocks.2.attentions.0", MetricOptions())
     got = {(r["statistic"], r["group"], r["variant"]): r["value"] for r in rows}
 
@@ -100,8 +100,8 @@ def test_corners_of_a_4x4_map_are_measured(tmp_path: Path) -> None:
         cos = np.einsum("bca,bcd->bad", u, u)
         return float((cos.sum() - np.trace(cos, axis1=1, axis2=2).sum()) / (12 * len(maps)))
 
-    full = fs.read("down_blocks.2.attentions.0", timestep=50, seed=42)[:, :, 1:3, 1:3]
-    crop = fs.read("down_blocks.2.attentions.0", timestep=50, seed=42, crop=fs.crops[0])
+    full = features.read("down_blocks.2.attentions.0", timestep=50, seed=42)[:, :, 1:3, 1:3]
+    crop = features.read("down_blocks.2.attentions.0", timestep=50, seed=42, crop=features.crops[0])
     assert got[("group_mean", "corner", "reprcropped")] == pytest.approx(corner_mean(full), rel=1e-5)
     assert got[("group_mean", "corner", "cropped")] == pytest.approx(corner_mean(crop), rel=1e-5)
     assert got[("ratio", "corner", "cropped/reprcropped")] == pytest.approx(corner_mean(crop) / corner_mean(full),
@@ -111,10 +111,10 @@ def test_corners_of_a_4x4_map_are_measured(tmp_path: Path) -> None:
 def test_plain_xarray_gives_what_to_xarray_gives(tiny_store: str) -> None:
     import xarray as xr
 
-    fs = open_store(tiny_store)
+    features = open_store(tiny_store)
     ds = xr.open_zarr(f"{tiny_store}/features.zarr")
     assert {"sample_id", "label", "ok"} <= set(ds.coords) and not {"sample_id", "label", "ok"} & set(ds.data_vars)
-    assert list(ds.indexes["sample"]) == fs.sample_ids
-    picked = ds["mid_block.resnets.1"].sel(sample=fs.sample_ids[3], timestep=200, seed=42).values
-    np.testing.assert_array_equal(picked, fs.read("mid_block.resnets.1", [3], timestep=200, seed=42, raw=True)[0])
-    assert fs.to_xarray().identical(ds)
+    assert list(ds.indexes["sample"]) == features.sample_ids
+    picked = ds["mid_block.resnets.1"].sel(sample=features.sample_ids[3], timestep=200, seed=42).values
+    np.testing.assert_array_equal(picked, features.read("mid_block.resnets.1", [3], timestep=200, seed=42, raw=True)[0])
+    assert features.to_xarray().identical(ds)

@@ -39,8 +39,8 @@ def test_tiny_model_activations_are_pinned(protocol: str, tmp_path: Path) -> Non
         run_local(spec, progress=False, threads=1)
     finally:
         torch.set_num_threads(threads)
-    fs = open_store(str(tmp_path / protocol))
+    features = open_store(str(tmp_path / protocol))
     for block, (head, tail) in PINNED[protocol].items():
-        x = fs.read(block, [1], timestep=50, seed=42)[0]  # (C, H, W)
+        x = features.read(block, [1], timestep=50, seed=42)[0]  # (C, H, W)
         np.testing.assert_allclose(x[0, 0, :4], head, atol=2e-4, err_msg=block)
         np.testing.assert_allclose(x[-1, -1, -4:], tail, atol=2e-4, err_msg=block)

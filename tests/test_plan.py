@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from conftest import small_spec
 from sdfeat.errors import SpecError
 from sdfeat.layout import crop_margins, job_layout
-from sdfeat.plan import MAX_UNIT_SIZE, UNIT_BUFFER_BYTES, plan_units, unit_size
+from sdfeat.plan import MAX_UNIT_SIZE, UNIT_BUFFER_BYTES, plan_units, unit_size, units_for
 from sdfeat.spec import parse_spec
 
 BASE = {"model": "tiny", "source": "synthetic:4", "output": "out"}
@@ -30,7 +30,7 @@ def test_units_cover_every_row_once_in_order(n: int, size: int) -> None:
     assert all(a.stop == b.start for a, b in zip(units, units[1:]))  # contiguous: no gap, no overlap
     assert sum(u.rows for u in units) == n
     assert all(u.rows == size for u in units[:-1]) and 1 <= units[-1].rows <= size
-    assert len(units) == -(-n // size)
+    assert len(units) == -(-n // size) == units_for(n, size)
 
 
 @settings(max_examples=200, deadline=None)
@@ -143,8 +143,8 @@ def test_a_store_measures_rates_that_reproduce_its_own_stage_seconds(tiny_store:
 
     reports = [json.loads(p.read_text()) for p in sorted((Path(tiny_store) / "progress").glob("unit-*.json"))]
     seconds = {k: sum(r["seconds"].get(k, 0.0) for r in reports) for k in reports[0]["seconds"]}
-    fs = open_store(tiny_store)
-    est = estimate_stages(fs.spec, len(fs), store_rates(tiny_store))
+    features = open_store(tiny_store)
+    est = estimate_stages(features.spec, len(features), store_rates(tiny_store))
     encode = sum(seconds.get(k, 0.0) for k in ("vae", "encode", "h2d"))
     assert est.seconds("vae") == pytest.approx(encode, rel=1e-6)
     unet = sum(seconds.get(k, 0.0) for k in ("unet", "d2h", "noise"))
@@ -199,3 +199,14 @@ def test_cli_plan_from_a_store(tiny_store: str, tmp_path: Path) -> None:
     assert f"store {tiny_store}" in result.output
     result = CliRunner().invoke(app, ["plan", str(job), "--samples", "100", "--from-store", str(tmp_path)])
     assert result.exit_code == 2 and "no feature store" in result.output
+
+
+def test_plan_rates_are_the_stores_or_the_recorded_ones_with_a_given_write_rate(tiny_store: str) -> None:
+    from sdfeat.rates import plan_rates, recorded_rates, store_rates
+
+    measured = store_rates(tiny_store)
+    assert plan_rates(True, "H200", tiny_store) == measured
+    faster = plan_rates(True, "H200", tiny_store, 2e9)
+    assert faster.write_bytes_per_s == 2e9 and faster.unet_flops_per_s == measured.unet_flops_per_s
+    assert plan_rates(False, "H200") == recorded_rates(False, "H200")
+    assert plan_rates(False, "H200", None, 2e9).write_bytes_per_s == 2e9 != recorded_rates(False).write_bytes_per_s

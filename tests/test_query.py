@@ -19,41 +19,43 @@ def _raw(output: str, name: str) -> np.ndarray:
 
 
 def test_read_selections_match_zarr(tiny_store: str) -> None:
-    fs = open_store(tiny_store)
+    features = open_store(tiny_store)
     raw = _raw(tiny_store, "mid_block.resnets.1").astype(np.float32)  # (12, 2, 1, C, y, x)
-    np.testing.assert_array_equal(fs.read("mid_block.resnets.1"), raw)
-    np.testing.assert_array_equal(fs.read("mid_block.resnets[1]", [3, 1]),
+    np.testing.assert_array_equal(features.read("mid_block.resnets.1"), raw)
+    np.testing.assert_array_equal(features.read("mid_block.resnets[1]", [3, 1]),
                                   raw[[3, 1]])
-    np.testing.assert_array_equal(fs.read("mid_block.resnets.1", fs.sample_ids[7], timestep=200, seed=42),
+    np.testing.assert_array_equal(features.read("mid_block.resnets.1", features.sample_ids[7], timestep=200, seed=42),
                                   raw[[7], 1, 0])
-    np.testing.assert_array_equal(fs.read("mid_block.resnets.1", slice(2, 5), timestep=50), raw[2:5, 0])
-    assert fs.read("mid_block.resnets.1", [0], raw=True).dtype == np.float16
+    np.testing.assert_array_equal(features.read("mid_block.resnets.1", slice(2, 5), timestep=50), raw[2:5, 0])
+    assert features.read("mid_block.resnets.1", [0], raw=True).dtype == np.float16
 
 
 def test_bracket_names_are_accepted(tiny_store: str) -> None:
-    fs = open_store(tiny_store)
-    np.testing.assert_array_equal(fs.read("up_blocks[1].upsamplers[0]", [0]), fs.read("up_blocks.1.upsamplers.0", [0]))
+    features = open_store(tiny_store)
+    np.testing.assert_array_equal(features.read("up_blocks[1].upsamplers[0]", [0]),
+                                  features.read("up_blocks.1.upsamplers.0", [0]))
 
 
 def test_read_errors_name_the_problem(tiny_store: str) -> None:
-    fs = open_store(tiny_store)
+    features = open_store(tiny_store)
     with pytest.raises(UnknownBlockError, match="stored blocks"):
-        fs.read("up_blocks.2.resnets.0")
+        features.read("up_blocks.2.resnets.0")
     with pytest.raises(StoreError, match="sample 'nope'"):
-        fs.read("conv_in", ["nope"])
+        features.read("conv_in", ["nope"])
     with pytest.raises(StoreError, match="timestep 999"):
-        fs.read("conv_in", [0], timestep=999)
+        features.read("conv_in", [0], timestep=999)
     with pytest.raises(StoreError, match="out of range"):
-        fs.read("conv_in", [12])
+        features.read("conv_in", [12])
     with pytest.raises(StoreError, match="no feature store"):
         open_store(str(Path(tiny_store).parent / "missing"))
 
 
 def test_iter_samples_covers_every_row_once(tiny_store: str) -> None:
-    fs = open_store(tiny_store)
-    pieces = list(fs.iter_samples("conv_in", batch=5, timestep=50, seed=42))
+    features = open_store(tiny_store)
+    pieces = list(features.iter_samples("conv_in", batch=5, timestep=50, seed=42))
     assert [r for r, _ in pieces] == [slice(0, 5), slice(5, 10), slice(10, 12)]
-    np.testing.assert_array_equal(np.concatenate([v for _, v in pieces]), fs.read("conv_in", timestep=50, seed=42))
+    np.testing.assert_array_equal(np.concatenate([v for _, v in pieces]),
+                                  features.read("conv_in", timestep=50, seed=42))
 
 
 def test_xarray_view_has_named_dims_and_coords(tiny_store: str) -> None:
@@ -96,3 +98,14 @@ def test_queries_need_neither_torch_nor_diffusers(tiny_store: str) -> None:
             "print(x.shape, 'torch' in sys.modules, 'diffusers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "(1, 1, 64, 8, 8) False False"
+
+
+def test_unit_progress_counts_done_markers_and_sample_keys_parse(tiny_store: str, tmp_path: Path) -> None:
+    from sdfeat.query import sample_key, unit_progress
+
+    assert unit_progress(tiny_store) == (3, 3)           # 12 samples in units of 4, all finished
+    output = str(tmp_path / "stopped")
+    shutil.copytree(tiny_store, output)
+    Path(store.marker_path(output, 1)).unlink()
+    assert unit_progress(output) == (2, 3)
+    assert [sample_key(s) for s in ("3", "-1", "synthetic#00003", "3a")] == [3, -1, "synthetic#00003", "3a"]

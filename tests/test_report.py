@@ -148,17 +148,19 @@ def test_results_missing_or_malformed_are_store_errors(tmp_path) -> None:
 
 def test_an_empty_metric_table_reads_as_not_computed(tmp_path) -> None:
     store = _store(tmp_path / "s", tables=("position",))
-    pq.write_table(pa.table({}), store / "results" / "corners.parquet")  # what the runner writes for no rows
+    pq.write_table(pa.table({}), store / "results" / "corners.parquet")  # what older runners wrote for no rows
     table = load_results(store)
     assert select(table, RATIO["corner"]) == {} and len(select(table, PROBE[8])) == len(BLOCKS)
 
 
-def test_the_report_reads_the_rows_the_anomaly_metric_writes() -> None:
+def test_the_report_reads_the_rows_the_anomaly_metric_writes(tmp_path) -> None:
     from sdfeat.metrics.anomalies import anomaly_rows
+    from sdfeat.results import write_results
 
     rows = [{"model": "tiny", "block": "conv_in", "order": 0, **r}
             for r in anomaly_rows(np.array([2.0, 4.0]), np.array([9.0, 9.0]))]
-    table = report._conform(pa.Table.from_pylist(rows), Path("anomalies.parquet"))
+    write_results(str(tmp_path), "anomalies", rows)
+    table = load_results(tmp_path)
     assert select(table, ANOMALY_MEAN) == {"conv_in": 3.0}
     assert select(table, report.ANOMALY_STD) == {"conv_in": 1.0}  # population std of (2, 4)
 

@@ -59,7 +59,7 @@ def test_metrics_and_report_on_an_s3_store(s3_env) -> None:  # noqa: F811
     run_local(job_spec(store, source="synthetic:8", blocks=["up_blocks.1.upsamplers.0"]), progress=False,
               device="cpu")
     written = run_metrics(store, metrics=["position", "anomalies"], local=True)
-    assert written["position"] == f"{BUCKET}/first-contact/store/results/position.parquet"
+    assert written["position"] == f"{store}/results/position.parquet"  # the URL, usable as given
     results = fsspec.filesystem("s3", skip_instance_cache=True).ls(f"{BUCKET}/first-contact/store/results")
     assert f"{BUCKET}/first-contact/store/results/anomalies_detected.csv" in results
     summary = write_report([store], f"s3://{BUCKET}/first-contact/report")

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 import imagegen
 from sdfeat.errors import SourceError, SourceNotFoundError
@@ -229,3 +233,64 @@ def test_synthetic_images_are_pinned_non_square_and_varied():
 
 
 PINNED_SYNTHETIC_DIGEST = "65eb942a91719bb7"
+
+
+# ---- how a ref is read: decided once, when planning -------------------------------------------------------------
+
+
+def _noise_png(index: int) -> bytes:
+    """PNG bytes (lossless, so pixels compare exactly) of a noise image 40..56 x 24..36 px; sources name it JPEG."""
+    width, height = 40 + 8 * (index % 3), 24 + 6 * (index % 3)
+    return imagegen.encode(np.random.default_rng(index).integers(0, 256, (height, width, 3), np.uint8), "PNG")
+
+
+def _paper_crop(pixels: np.ndarray) -> np.ndarray:
+    """The paper's centre crop written out: the central square of side 2 * (min(w, h) // 2), resized to RES."""
+    height, width = pixels.shape[:2]
+    half = min(width, height) // 2
+    top, left = height // 2 - half, width // 2 - half
+    return np.asarray(Image.fromarray(pixels[top : top + 2 * half, left : left + 2 * half]).resize((RES, RES)))
+
+
+def _layouts(tmp_path) -> dict[str, tuple[str, list]]:
+    """{name: (source, expected pixels per ref or None for a failed one)}. Every image is PNG bytes under a JPEG
+    name: a .JPEG file, a .jpg tar member, an HF struct whose `path` says .JPEG, a plain binary column."""
+    noise = [np.asarray(Image.open(io.BytesIO(_noise_png(i)))) for i in range(6)]
+    imagegen.write_parquet_shards(tmp_path / "struct", 2, 3, row_group_size=2, image_fn=_noise_png)
+    binary = pa.table({"image": pa.array([_noise_png(i) for i in range(3)], pa.binary()), "label": [0, 1, 2]})
+    (tmp_path / "binary").mkdir()
+    pq.write_table(binary, tmp_path / "binary" / "images.parquet")
+    train = imagegen.write_ilsvrc_folders(tmp_path / "folder", per_class=2, image_fn=_noise_png, suffix=".JPEG")
+    os.symlink(tmp_path / "missing.JPEG", train / "n01440764" / "n01440764_2.JPEG")  # planned as a failure row
+    imagegen.write_webdataset_tars(tmp_path / "wds", 2, 2, image_fn=_noise_png, ext="jpg")
+    return {
+        "parquet": (str(tmp_path / "struct"), [_paper_crop(p) for p in noise]),
+        "parquet (binary column)": (str(tmp_path / "binary"), [_paper_crop(p) for p in noise[:3]]),
+        "folder": (str(train), [_paper_crop(p) for p in noise[:2]] + [None] + [_paper_crop(p) for p in noise[2:]]),
+        "webdataset": (str(tmp_path / "wds"), [_paper_crop(p) for p in noise[:4]]),
+        "synthetic": ("synthetic:3", [_paper_crop(synthetic_array(i)) for i in range(3)]),
+    }
+
+
+def test_refs_read_as_planned_also_when_rebuilt_from_the_manifest(tmp_path):
+    """Planning records how each image is read (`SampleRef.kind`: the layout, or "error" for a failure row); the
+    workers rebuild refs from the store's manifest and must read them the same way. The images are PNG bytes
+    under JPEG names and metadata: the encoding comes from the bytes, the way of reading from the plan."""
+    from sdfeat import store
+    from sdfeat.extract import _manifest_table
+
+    for name, (source, expected) in _layouts(tmp_path).items():
+        plan = plan_samples(source)
+        assert [r.kind for r in plan.refs] == [plan.format if e is not None else "error" for e in expected], name
+        output = str(tmp_path / "stores" / name.split()[0])
+        store.write_manifest(output, _manifest_table(plan.refs))
+        rebuilt = [SampleRef(**row) for row in store.read_manifest(output).to_pylist()]  # as extract's workers do
+        assert rebuilt == plan.refs, name
+        for refs in (plan.refs, rebuilt):
+            results = list(read_images(refs, RES, threads=2))
+            assert [r.error is None for r in results] == [e is not None for e in expected], name
+            for result, pixels in zip(results, expected, strict=True):
+                if pixels is not None:
+                    np.testing.assert_array_equal(result.pixels, pixels, err_msg=name)
+                else:
+                    assert "not a regular file" in result.error, name

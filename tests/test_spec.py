@@ -37,6 +37,19 @@ def test_errors_name_the_field(key: str, value: object, field: str) -> None:
         parse_spec({**BASE, key: value})
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("timesteps", [10, 50, 10], "field 'timesteps': Value error, timesteps must be unique"),
+    ("seeds", [1, 1], "field 'seeds': Value error, seeds must be unique"),
+    ("blocks", ["conv_in", "mid_block", "conv_in"], "field 'blocks': Value error, block names must be unique"),
+    ("variants", {"crops": [8, 8]}, "field 'variants.crops': Value error, crop margins must be unique"),
+])
+def test_repeated_values_are_refused_naming_the_field(key: str, value: object, message: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        parse_spec({**BASE, key: value})
+    assert message in str(caught.value)
+    parse_spec({**BASE, key: {"crops": [8, 16]} if key == "variants" else sorted(set(value))})  # no repeats: valid
+
+
 def test_unknown_key_is_called_unknown() -> None:
     with pytest.raises(SpecError, match="field 'timestep': unknown key"):
         parse_spec({**BASE, "timestep": 50})
@@ -128,3 +141,11 @@ def test_duplicate_yaml_keys_are_errors(tmp_path: Path, text: str, key: str, lin
     path.write_text(text)
     with pytest.raises(SpecError, match=f"duplicate key '{key}' \\({lines}\\)"):
         load_spec(path)
+
+
+def test_write_workers_is_checked_and_left_out_of_the_hash() -> None:
+    default, three = parse_spec(BASE), parse_spec({**BASE, "write_workers": 3})
+    assert default.write_workers is None and three.write_workers == 3
+    assert spec_hash(default) == spec_hash(three)  # the same work: the same store bytes
+    with pytest.raises(SpecError, match="field 'write_workers'"):
+        parse_spec({**BASE, "write_workers": 0})

@@ -33,6 +33,66 @@ def test_entrypoint_passes_the_actor_options() -> None:
     assert 'extract "$spec" --workers 3 --gpus-per-worker 0.5 --overwrite;' in entry
 
 
+# `extract` options a submitted job does not take: Ray-free runs only, or the cluster the Jobs API already joins
+NOT_FOR_SUBMIT = {"job", "local", "device", "threads", "address"}
+
+
+class _FakeJobsClient:
+    """Stands in for Ray's JobSubmissionClient: no jobs yet; keeps what `submit_job` sends."""
+
+    def __init__(self) -> None:
+        self.sent: dict = {}
+
+    def list_jobs(self) -> list:
+        return []
+
+    def submit_job(self, **kwargs: object) -> str:
+        self.sent = kwargs
+        return str(kwargs["submission_id"])
+
+    def get_address(self) -> str:
+        return "http://head.invalid:8265"
+
+
+def test_every_extract_option_reaches_the_jobs_extract(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sdfeat submit` with every extract option set: the job's entrypoint runs `extract` with flags that the real
+    `extract` command parses back to the same values."""
+    import shlex
+
+    import typer
+    from typer.testing import CliRunner
+
+    from sdfeat import submit
+    from sdfeat.cli import app
+
+    client = _FakeJobsClient()
+    monkeypatch.setattr(submit, "_client", lambda address: client)
+    job = _write_job(tmp_path / "job.yaml", output=str(tmp_path / "store"))
+    given = {"workers": 3, "gpus_per_worker": 0.5, "overwrite": True, "unit_timeout": 45.0,
+             "allow_version_change": True, "quiet": True}
+    in_spec = {"output": str(tmp_path / "elsewhere"), "write_workers": 2}   # they travel inside the shipped spec
+    args = ["submit", str(job), "--address", "head.invalid:8265", "--workers", "3", "--gpus-per-worker", "0.5",
+            "--overwrite", "--unit-timeout", "45", "--allow-version-change", "--quiet", "--write-workers", "2",
+            "--output", in_spec["output"]]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    entry = str(client.sent["entrypoint"])
+    assert 'extract "$spec" --workers 3 --gpus-per-worker 0.5 --unit-timeout 45.0 --overwrite ' \
+           '--allow-version-change --quiet;' in entry
+    shipped = yaml.safe_load(client.sent["runtime_env"]["env_vars"][submit.SPEC_ENV_VAR])  # type: ignore[index]
+    assert {k: shipped[k] for k in in_spec} == in_spec
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    extract_options = {p.name for p in commands["extract"].params}
+    forwarded = extract_options - NOT_FOR_SUBMIT - set(in_spec)
+    assert forwarded == set(given), "an extract option that submit does not pass on (or list in NOT_FOR_SUBMIT)"
+    assert forwarded | set(in_spec) <= {p.name for p in commands["submit"].params}
+    job_args = shlex.split(entry.split('extract "$spec"', 1)[1].split(";", 1)[0])
+    parsed = commands["extract"].make_context("extract", [str(job), *job_args]).params
+    assert {k: parsed[k] for k in given} == given
+    assert all(parsed[k] in (None, False) for k in NOT_FOR_SUBMIT - {"job"})
+
+
 def test_relative_output_is_refused_before_contacting_a_cluster(tmp_path: Path) -> None:
     job = _write_job(tmp_path / "job.yaml", output="out/store")
     with pytest.raises(SpecError, match="field 'output'.*relative"):

@@ -40,14 +40,14 @@ def _values(output: str, metric: str, **match: object) -> dict[tuple, float]:
 
 
 def test_summary_store_holds_summaries_only(stores: dict[str, str]) -> None:
-    fs = open_store(stores["summary"])
-    assert fs.blocks == [] and fs.attrs["summary_blocks"] == BLOCKS
-    assert fs.group["summaries/up_blocks.1.upsamplers.0/norms"].shape == (12, 1, 1, 8, 8)
-    assert fs.group["summaries/conv_in/tokens"].shape == (12, 1, 1, 8, 32)
-    assert "summaries/conv_in/crop_groups" in fs.group
-    assert fs.verify() == []
+    features = open_store(stores["summary"])
+    assert features.blocks == [] and features.attrs["summary_blocks"] == BLOCKS
+    assert features.group["summaries/up_blocks.1.upsamplers.0/norms"].shape == (12, 1, 1, 8, 8)
+    assert features.group["summaries/conv_in/tokens"].shape == (12, 1, 1, 8, 32)
+    assert "summaries/conv_in/crop_groups" in features.group
+    assert features.verify() == []
     full_bytes = open_store(stores["full"]).info()["bytes_raw"]
-    assert fs.info()["bytes_raw"] < full_bytes / 2
+    assert features.info()["bytes_raw"] < full_bytes / 2
 
 
 def test_norm_summaries_equal_the_stored_tensors_norms(stores: dict[str, str]) -> None:

@@ -116,8 +116,9 @@ def create_app(paths: Sequence[str]) -> FastAPI:
     @app.get("/api/stores/{s}/samples/{row}/image.png")
     def image(s: int, row: int, size: Opt = None, crop: Opt = None) -> Response:
         v = view(s)
-        if crop is not None and crop not in v.fs.crops:
-            raise StoreError(f"crop: no crop variant {crop} in store {s} (stored: {v.fs.crops or 'none'})")
+        if crop is not None and crop not in v.features.crops:
+            raise StoreError(f"crop: no crop variant {crop} in store {s} (stored: {v.features.crops or 'none'})")
+        v.check_not_failed(row)  # a failed row: 409 with its recorded reason (unfinished rows are shown)
         return Response(v.images.png(row, size, crop or 0), media_type="image/png",
                         headers={"Cache-Control": "max-age=3600"})
 

@@ -4,7 +4,9 @@ The image is found through the store's manifest (which file and row/member it ca
 `sources.read_image_bytes` and cropped with `decode.center_crop_resize` at the store's resolution, exactly as the
 extractor does; a crop variant's image is that crop with `margin` px cut from every side. Only store rows (ints)
 come from a request, never a path. Decoded rows are cached; a miss reads a block of neighbouring rows at once,
-since Parquet rows of one file share a row group (one read instead of one per thumbnail of a grid page).
+since Parquet rows of one file share a row group (one read instead of one per thumbnail of a grid page). A row the
+manifest records as planned unusable (`SampleRef.error`: a named pipe, a broken link) is never opened: asking for
+its image raises `RowNotReadyError` with the recorded reason, as for any failed row.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from PIL import Image
 
 from sdfeat import store
 from sdfeat.decode import ImageDecodeError, center_crop_resize, decode_rgb
-from sdfeat.errors import ArgumentError, SourceError, StoreError
+from sdfeat.errors import ArgumentError, RowNotReadyError, SourceError, StoreError
 from sdfeat.explore.cache import ByteLRU
 from sdfeat.sources import SampleRef, read_image_bytes
+from sdfeat.sources.refs import manifest_refs
 
 READ_BLOCK = 16  # rows decoded together on a cache miss
 MIN_SIZE, MAX_SIZE = 16, 1024  # PNG side in pixels
@@ -31,6 +34,7 @@ class SourceImages:
         self.path, self.resolution, self.n_rows = path, resolution, n_rows
         self._manifest = None
         self._cache: ByteLRU[np.ndarray | str] = ByteLRU(cache_bytes)
+        self._planned_errors: dict[int, tuple[str, str]] = {}  # row -> (sample_id, reason) of refs never opened
 
     def _refs(self, start: int, stop: int) -> list[SampleRef]:
         if self._manifest is None:
@@ -38,15 +42,16 @@ class SourceImages:
                 self._manifest = store.read_manifest(self.path)
             except (OSError, ValueError) as err:
                 raise SourceError(f"{self.path}: no readable manifest.parquet ({err})") from None
-        fields = ("sample_id", "label", "file", "member", "offset", "size")
-        rows = self._manifest.slice(start, stop - start).select(list(fields)).to_pylist()
-        return [SampleRef(**r) for r in rows]
+        return manifest_refs(self._manifest.slice(start, stop - start))
 
     def _read_block(self, row: int) -> dict[int, np.ndarray | str]:
         start = row - row % READ_BLOCK
         refs = self._refs(start, min(start + READ_BLOCK, self.n_rows))
+        for i, ref in enumerate(refs):
+            if ref.error:
+                self._planned_errors[start + i] = (ref.sample_id, ref.error)
         found: dict[int, np.ndarray | str] = {}
-        for i, data, reason in read_image_bytes(refs):
+        for i, data, reason in read_image_bytes(refs):  # planned errors come back unread, with their reason
             if data is None:
                 found[start + i] = reason or "unreadable"
                 continue
@@ -69,6 +74,9 @@ class SourceImages:
             return block[row]
 
         value = self._cache.get(row, compute, _nbytes)
+        if row in self._planned_errors:
+            sample_id, reason = self._planned_errors[row]
+            raise RowNotReadyError(f"row {row} ({sample_id}) failed at extraction: {reason}")
         if isinstance(value, str):
             raise SourceError(f"row {row}: its image could not be read ({value})")
         return value

@@ -7,7 +7,8 @@ components) and its default parameters. No HTTP here (`app.py` maps this to endp
 against the store (block, timestep, seed, crop, row); nothing is read from a path that came from a request.
 
 A store still being written is served as it stands: the done markers say which rows are finished (re-read at
-most every `STATUS_TTL_S` seconds); asking for an unfinished or failed row raises `RowNotReadyError`.
+most every `STATUS_TTL_S` seconds); asking for an unfinished or failed row raises `RowNotReadyError` (a failed
+row's maps and image alike, with the reason its unit's done marker records).
 """
 
 from __future__ import annotations
@@ -18,16 +19,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from sdfeat import store
+from sdfeat import results, store
 from sdfeat.blocks import canonical_name
 from sdfeat.errors import ArgumentError, RowNotReadyError, StoreError, UnknownBlockError
 from sdfeat.explore.cache import ByteLRU
 from sdfeat.explore.images import SourceImages
-from sdfeat.maps import cosine_to, norm_map, similarity_map, token_norms
+from sdfeat.maps import cosine_to, norm_map, similarity_map
 from sdfeat.metrics import anomalies
 from sdfeat.metrics.runner import DETECT_BLOCK, MetricOptions
+from sdfeat.norms import token_norms
+from sdfeat.plan import units_for
 from sdfeat.query import FeatureStore, open_store
 
 STATUS_TTL_S = 2.0
@@ -38,7 +40,6 @@ TOPK_CHUNK = 16           # rows read together by the top-k scan
 THRESHOLD_IMAGES = 64     # the detection threshold comes from at most this many finished images, evenly spaced
 ACTS_CACHE_BYTES = 512 * 2**20
 NORMS_CACHE_BYTES = 64 * 2**20  # 4 KiB per image at 32 x 32 tokens
-LABELS_FILE = "results/anomalies_detected.parquet"  # written by `sdfeat metrics` (rows: sample, x, y, peak_ratio)
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,10 @@ class StoreView:
 
     def __init__(self, index: int, path: str) -> None:
         self.index = index
-        self.fs: FeatureStore = open_store(path)
-        self.n = len(self.fs)
-        self.unit_size = int(self.fs.attrs["unit_size"])
-        self.images = SourceImages(path, self.fs.spec.resolution, self.n)
+        self.features: FeatureStore = open_store(path)
+        self.n = len(self.features)
+        self.unit_size = int(self.features.attrs["unit_size"])
+        self.images = SourceImages(path, self.features.spec.resolution, self.n)
         self._acts: ByteLRU[tuple[np.ndarray, np.ndarray]] = ByteLRU(ACTS_CACHE_BYTES)
         self._norms: ByteLRU[np.ndarray] = ByteLRU(NORMS_CACHE_BYTES)  # top-k chunks' token norms (small)
         self._lock = threading.Lock()
@@ -76,26 +77,26 @@ class StoreView:
     @property
     def crop_rows(self) -> int:
         """Crop variants exist for rows 0..crop_rows-1 (the job's `variants.samples`; all rows by default)."""
-        return int(self.fs.attrs.get("crop_samples", self.n))
+        return int(self.features.attrs.get("crop_samples", self.n))
 
     def status(self) -> tuple[np.ndarray, np.ndarray, int]:
         """(finished (n,) bool, ok (n,) bool, units done): re-read from the store at most every STATUS_TTL_S."""
         with self._lock:
             if self._status is None or time.monotonic() - self._status[0] > STATUS_TTL_S:
-                fs, root = store.filesystem(self.fs.path)
+                fs, root = store.filesystem(self.features.path)
                 fs.invalidate_cache(store.join(root, store.PROGRESS))  # s3fs caches listings: see new markers
-                done = store.done_units(self.fs.path)
+                done = store.done_units(self.features.path)
                 finished = np.zeros(self.n, dtype=bool)
                 for unit in done:
                     finished[unit * self.unit_size:(unit + 1) * self.unit_size] = True
-                self._status = (time.monotonic(), finished, self.fs.ok & finished, len(done))
+                self._status = (time.monotonic(), finished, self.features.ok & finished, len(done))
             return self._status[1], self._status[2], self._status[3]
 
     def _crop_blocks(self) -> dict[str, list[int]]:
         found: dict[str, list[int]] = {}
-        for margin in self.fs.crops:
-            for block in self.fs.blocks:
-                if f"crops/{margin}/{block}" in self.fs.group:
+        for margin in self.features.crops:
+            for block in self.features.blocks:
+                if f"crops/{margin}/{block}" in self.features.group:
                     found.setdefault(block, []).append(margin)
         return found
 
@@ -103,15 +104,15 @@ class StoreView:
         finished, ok, units_done = self.status()
         crops = self._crop_blocks()
         return {
-            "index": self.index, "path": self.fs.path, "model": self.fs.attrs["model"],
-            "protocol": self.fs.attrs["protocol"], "resolution": self.fs.spec.resolution, "samples": self.n,
+            "index": self.index, "path": self.features.path, "model": self.features.attrs["model"],
+            "protocol": self.features.attrs["protocol"], "resolution": self.features.spec.resolution, "samples": self.n,
             "finished": int(finished.sum()), "ok": int(ok.sum()), "failed": int((finished & ~ok).sum()),
-            "units": -(-self.n // self.unit_size), "units_done": units_done, "unit_size": self.unit_size,
-            "timesteps": self.fs.timesteps, "seeds": self.fs.seeds, "crops": self.fs.crops,
+            "units": units_for(self.n, self.unit_size), "units_done": units_done, "unit_size": self.unit_size,
+            "timesteps": self.features.timesteps, "seeds": self.features.seeds, "crops": self.features.crops,
             "crop_samples": self.crop_rows,
-            "class_names": self.fs.attrs.get("class_names"),
-            "blocks": [{"name": b, "shape": list(self.fs.shape(b)[-3:]), "crops": crops.get(b, [])}
-                       for b in self.fs.blocks],
+            "class_names": self.features.attrs.get("class_names"),
+            "blocks": [{"name": b, "shape": list(self.features.shape(b)[-3:]), "crops": crops.get(b, [])}
+                       for b in self.features.blocks],
             "has_labels": len(self._stored_labels()) > 0,
         }
 
@@ -119,11 +120,11 @@ class StoreView:
         if offset < 0 or not 1 <= limit <= MAX_PAGE:
             raise ArgumentError(f"offset/limit: need offset >= 0 and 1 <= limit <= {MAX_PAGE}")
         finished, ok, _ = self.status()
-        names = self.fs.attrs.get("class_names") or []
+        names = self.features.attrs.get("class_names") or []
         items = []
         for row in range(offset, min(offset + limit, self.n)):
-            label = int(self.fs.labels[row])
-            items.append({"row": row, "id": self.fs.sample_ids[row], "label": label,
+            label = int(self.features.labels[row])
+            items.append({"row": row, "id": self.features.sample_ids[row], "label": label,
                           "label_name": names[label] if 0 <= label < len(names) else None,
                           "finished": bool(finished[row]), "ok": bool(ok[row])})
         return {"total": self.n, "offset": offset, "items": items}
@@ -132,27 +133,43 @@ class StoreView:
 
     def selection(self, block: str, timestep: int | None, seed: int | None, crop: int | None) -> Selection:
         name = canonical_name(block)
-        if name not in self.fs.blocks:
+        if name not in self.features.blocks:
             raise UnknownBlockError(f"block: '{block}' is not in store {self.index}; stored blocks: "
-                                    f"{', '.join(self.fs.blocks)}")
-        t = self.fs.timesteps[0] if timestep is None else timestep
-        s = self.fs.seeds[0] if seed is None else seed
-        if t not in self.fs.timesteps:
-            raise StoreError(f"timestep: {t} is not in store {self.index} (stored: {self.fs.timesteps})")
-        if s not in self.fs.seeds:
-            raise StoreError(f"seed: {s} is not in store {self.index} (stored: {self.fs.seeds})")
+                                    f"{', '.join(self.features.blocks)}")
+        t = self.features.timesteps[0] if timestep is None else timestep
+        s = self.features.seeds[0] if seed is None else seed
+        if t not in self.features.timesteps:
+            raise StoreError(f"timestep: {t} is not in store {self.index} (stored: {self.features.timesteps})")
+        if s not in self.features.seeds:
+            raise StoreError(f"seed: {s} is not in store {self.index} (stored: {self.features.seeds})")
         if crop is not None:
-            self.fs.array(name, crop)  # raises StoreError naming the crop when it is not stored
+            self.features.array(name, crop)  # raises StoreError naming the crop when it is not stored
         return Selection(name, t, s, crop)
 
-    def check_row(self, row: int, sel: Selection | None = None) -> int:
+    def failure_reason(self, row: int) -> str:
+        """Why a failed row's image could not be used: the reason its unit's done marker records."""
+        sample_id = self.features.sample_ids[row]
+        try:
+            report = store.read_markers(self.features.path, [row // self.unit_size])[0]
+        except StoreError:
+            report = {}
+        reasons = [f["reason"] for f in report.get("failures", []) if f.get("sample_id") == sample_id]
+        return reasons[0] if reasons else "its image could not be used"
+
+    def check_not_failed(self, row: int) -> int:
+        """The row, when in range and not a finished row that failed (RowNotReadyError with the recorded reason)."""
         if not 0 <= row < self.n:
             raise StoreError(f"row: {row} is out of range for {self.n} samples (0..{self.n - 1})")
         finished, ok, _ = self.status()
+        if finished[row] and not ok[row]:
+            raise RowNotReadyError(f"row {row} ({self.features.sample_ids[row]}) failed: {self.failure_reason(row)}")
+        return row
+
+    def check_row(self, row: int, sel: Selection | None = None) -> int:
+        self.check_not_failed(row)
+        finished, _, _ = self.status()
         if not finished[row]:
             raise RowNotReadyError(f"row {row} is not finished yet (unit {row // self.unit_size} has no done marker)")
-        if not ok[row]:
-            raise RowNotReadyError(f"row {row} ({self.fs.sample_ids[row]}) failed: its image could not be used")
         if sel is not None and sel.crop is not None and row >= self.crop_rows:
             raise StoreError(f"crop: row {row} has no crop variant (crops cover the first "
                              f"{self.crop_rows} rows)")
@@ -164,8 +181,8 @@ class StoreView:
         """(C, H, W) float32 activations of one checked row and their (H, W) token norms (`maps.norm_map`)."""
 
         def read() -> tuple[np.ndarray, np.ndarray]:
-            values = self.fs.read(sel.block, slice(row, row + 1), sel.timestep, sel.seed, sel.crop)[0]  # (C, H, W)
-            return values, norm_map(values)
+            values = self.features.read(sel.block, slice(row, row + 1), sel.timestep, sel.seed, sel.crop)
+            return values[0], norm_map(values[0])  # (C, H, W), (H, W)
 
         return self._acts.get((sel, row), read, lambda v: v[0].nbytes + v[1].nbytes)
 
@@ -205,7 +222,7 @@ class StoreView:
         if len(rows) > THRESHOLD_IMAGES:
             rows = rows[np.linspace(0, len(rows) - 1, THRESHOLD_IMAGES).round().astype(np.int64)]
         if key not in self._thresholds:
-            maps = np.concatenate([token_norms(self.fs.read(sel.block, rows[i:i + TOPK_CHUNK], sel.timestep,
+            maps = np.concatenate([token_norms(self.features.read(sel.block, rows[i:i + TOPK_CHUNK], sel.timestep,
                                                             sel.seed, sel.crop))
                                    for i in range(0, len(rows), TOPK_CHUNK)])  # (k, H, W), not cached
             opts = MetricOptions()
@@ -216,12 +233,9 @@ class StoreView:
     def _stored_labels(self) -> np.ndarray:
         """(L, 3) (store row, x, y) from results/anomalies_detected.parquet when `sdfeat metrics` wrote one."""
         if self._labels is None:
-            fs, root = store.filesystem(self.fs.path)
-            path = store.join(root, LABELS_FILE)
+            table = results.read_results(self.features.path, results.DETECTIONS)  # None: no detections written
             labels = np.zeros((0, 3), dtype=np.int64)
-            if fs.exists(path):
-                with fs.open(path, "rb") as f:
-                    table = pq.read_table(f, columns=["sample", "x", "y"])
+            if table is not None:
                 labels = np.stack([table.column(c).to_numpy() for c in ("sample", "x", "y")], axis=1)
             self._labels = labels.astype(np.int64).reshape(-1, 3)
         return self._labels
@@ -232,9 +246,9 @@ class StoreView:
 
     def _ref_size(self) -> int:
         """The labels' map size, as the metrics runner takes it: the detection block's height, else res // 16."""
-        if DETECT_BLOCK in self.fs.blocks:
-            return self.fs.shape(DETECT_BLOCK)[-2]
-        return self.fs.spec.resolution // 16
+        if DETECT_BLOCK in self.features.blocks:
+            return self.features.shape(DETECT_BLOCK)[-2]
+        return self.features.spec.resolution // 16
 
     # -- cross-image top-k ---------------------------------------------------------------------------------
 
@@ -254,7 +268,7 @@ class StoreView:
         chunks = [rows[i:i + TOPK_CHUNK] for i in range(0, len(rows), TOPK_CHUNK)]
         results = list(self._pool.map(lambda c: self._topk_chunk(sel, c, query, k), chunks))
         images = [item for part in results for item in part]
-        names = self.fs.sample_ids
+        names = self.features.sample_ids
         for item in images:
             item["id"] = names[item["row"]]
         return {"query": {"row": row, "y": y, "x": x}, "k": k, "scanned": len(rows),
@@ -263,7 +277,7 @@ class StoreView:
     def _topk_chunk(self, sel: Selection, rows: np.ndarray, query: np.ndarray, k: int) -> list[dict]:
         lo, hi = int(rows[0]), int(rows[-1]) + 1
         samples = slice(lo, hi) if hi - lo == len(rows) else rows  # consecutive rows: a plain slice read
-        raw = self.fs.read(sel.block, samples, sel.timestep, sel.seed, sel.crop, raw=True)  # (n, C, H, W) fp16
+        raw = self.features.read(sel.block, samples, sel.timestep, sel.seed, sel.crop, raw=True)  # (n, C, H, W) fp16
         acts = raw.astype(np.float32)  # (n, C, H, W)
         norms = self._norms.get((sel, rows.tobytes()), lambda: token_norms(acts), lambda a: a.nbytes)  # (n, H, W)
         sims = cosine_to(acts, query, norms)  # (n, H, W)

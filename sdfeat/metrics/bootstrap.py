@@ -169,7 +169,7 @@ Parts = Union[CornerParts, AnomalyParts, ProbeParts]
 class Collected:
     """One block's per-image statistics of one metric for every (timestep, seed) measured."""
 
-    fs: FeatureStore
+    features: FeatureStore
     block: str
     sample_ids: list[str]  # the population: usable images in store order
     parts: dict[tuple[int | None, int | None], Parts]
@@ -186,11 +186,11 @@ class Collected:
         return self.with_pooled()[POOLED if len(self.parts) > 1 else next(iter(self.parts))]
 
 
-def _corner_parts(fs: FeatureStore, b: runner._Block, opts: runner.MetricOptions) -> CornerParts | None:
+def _corner_parts(features: FeatureStore, b: runner.Block, opts: runner.MetricOptions) -> CornerParts | None:
     n = b.height()
     if n < runner.MIN_CORNER_MAP:
         return None
-    chunked = runner.corner_sums(fs, b)
+    chunked = runner.corner_sums(features, b)
     if chunked is None:
         return None
     rows, chunks = chunked
@@ -203,7 +203,7 @@ def _corner_parts(fs: FeatureStore, b: runner._Block, opts: runner.MetricOptions
     return CornerParts(n - 2, np.searchsorted(b.rows, rows), sums, opts.paper_counts)
 
 
-def _anomaly_parts(fs: FeatureStore, b: runner._Block, opts: runner.MetricOptions, labels: np.ndarray,
+def _anomaly_parts(features: FeatureStore, b: runner.Block, opts: runner.MetricOptions, labels: np.ndarray,
                    source: str) -> AnomalyParts:
     index = np.searchsorted(b.rows, labels[:, 0])
     usable = (index < len(b.rows)) & (b.rows[np.minimum(index, len(b.rows) - 1)] == labels[:, 0])
@@ -214,13 +214,13 @@ def _anomaly_parts(fs: FeatureStore, b: runner._Block, opts: runner.MetricOption
     images = np.unique(labels[:, 0])
     local = labels.copy()
     local[:, 0] = np.searchsorted(images, labels[:, 0])
-    vs_mean, vs_median = anomalies.relative_norms(b.norm_maps(images), local, runner._ref_size(fs, opts))
+    vs_mean, vs_median = anomalies.relative_norms(b.norm_maps(images), local, runner.ref_size(features, opts))
     return AnomalyParts(index, vs_mean, vs_median, source)
 
 
-def _probe_parts(fs: FeatureStore, b: runner._Block, opts: runner.MetricOptions) -> ProbeParts:
-    results = [runner.probe_result(fs, b, opts, r) for r in range(max(1, opts.probe_repeats))]
-    return ProbeParts(results[0].n, opts.protocol or fs.spec.protocol, "tokens" if b.full else "summary_tokens",
+def _probe_parts(features: FeatureStore, b: runner.Block, opts: runner.MetricOptions) -> ProbeParts:
+    results = [runner.probe_result(features, b, opts, r) for r in range(max(1, opts.probe_repeats))]
+    return ProbeParts(results[0].n, opts.protocol or features.spec.protocol, "tokens" if b.full else "summary_tokens",
                       tuple(opts.probe.scales), [np.asarray(r.test_images) for r in results],
                       [np.stack([e.per_image for e in r.epochs]) for r in results])
 
@@ -229,23 +229,23 @@ def collect(store_path: str, block: str, metric: str, opts: runner.MetricOptions
             source: str = "given") -> Collected:
     """Per-image statistics of `metric` at `block` for every (timestep, seed) of the store, or the one `opts`
     names; no parts where the metric does not apply to the block (corners on small maps or without crops)."""
-    fs = open_store(store_path)
-    timesteps = [opts.timestep] if opts.timestep is not None else fs.timesteps
-    seeds = [opts.seed] if opts.seed is not None else fs.seeds
+    features = open_store(store_path)
+    timesteps = [opts.timestep] if opts.timestep is not None else features.timesteps
+    seeds = [opts.seed] if opts.seed is not None else features.seeds
     parts: dict[tuple[int | None, int | None], Parts] = {}
     for t in timesteps:
         for s in seeds:
-            b = runner._Block(fs, block, replace(opts, timestep=t, seed=s))
+            b = runner.Block(features, block, replace(opts, timestep=t, seed=s))
             if metric == "corners":
-                part = _corner_parts(fs, b, opts)
+                part = _corner_parts(features, b, opts)
             elif metric == "anomalies":
-                part = _anomaly_parts(fs, b, opts, np.asarray(labels)[:, :3].astype(np.int64), source)
+                part = _anomaly_parts(features, b, opts, np.asarray(labels)[:, :3].astype(np.int64), source)
             else:
-                part = _probe_parts(fs, b, opts)
+                part = _probe_parts(features, b, opts)
             if part is None:
-                return Collected(fs, block, [fs.sample_ids[r] for r in b.rows], {})
+                return Collected(features, block, [features.sample_ids[r] for r in b.rows], {})
             parts[(t, s)] = part
-    return Collected(fs, block, [fs.sample_ids[r] for r in b.rows], parts)
+    return Collected(features, block, [features.sample_ids[r] for r in b.rows], parts)
 
 
 def interval_rows(collected: Collected, replicates: int, seed: int, level: float = LEVEL) -> list[dict]:
@@ -275,15 +275,15 @@ def bootstrap_task(store_path: str, block: str, metric: str, opts: runner.Metric
     if not collected.parts:
         return []
     rows = interval_rows(collected, opts.bootstrap, opts.bootstrap_seed, opts.level)
-    return runner._label(collected.fs, block, rows)
+    return runner.label_rows(collected.features, block, rows)
 
 
-def detection_intervals(fs: FeatureStore, opts: runner.MetricOptions, detected: np.ndarray,
+def detection_intervals(features: FeatureStore, opts: runner.MetricOptions, detected: np.ndarray,
                         given: np.ndarray | None) -> dict[str, dict]:
     """Intervals of the detection rows (`detection_<stat>` -> the columns to add): per usable image its detections,
     labels and matches (`anomalies.match` never matches across images, so per-image matching is exact), resampled
     like every other row. Labels on images that did not extract are left out."""
-    population = np.flatnonzero(fs.ok)
+    population = np.flatnonzero(features.ok)
     n = len(population)
     at = {int(r): i for i, r in enumerate(population)}
     per_image = np.zeros((n, 3))  # detections, labels, matched
@@ -310,7 +310,7 @@ def detection_intervals(fs: FeatureStore, opts: runner.MetricOptions, detected: 
     values = np.array([[statistics(replicate_weights(n, rep, opts.bootstrap_seed))[k] for k in names]
                        for rep in range(opts.bootstrap)]).reshape(opts.bootstrap, len(names))
     low, high = percentile_interval(values, opts.level)
-    timestep = opts.timestep if opts.timestep is not None else fs.timesteps[0]
-    seed = opts.seed if opts.seed is not None else fs.seeds[0]
+    timestep = opts.timestep if opts.timestep is not None else features.timesteps[0]
+    seed = opts.seed if opts.seed is not None else features.seeds[0]
     return {f"detection_{k}": {"ci_low": float(lo), "ci_high": float(hi), "n_images": n, "timestep": timestep,
                                "seed": seed, "pooled": False} for k, lo, hi in zip(names, low, high)}

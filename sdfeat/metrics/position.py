@@ -35,9 +35,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sdfeat.results import PROBE_SCALES
+
 log = logging.getLogger(__name__)
 
-SCALES: tuple[int, ...] = (8, 16, 32, 64)
 ImageReader = Callable[[np.ndarray], np.ndarray]  # image indices (k,) -> activations (k, C, n, n)
 Batch = tuple[torch.Tensor, torch.Tensor]  # features (b, C), labels (b, 2) int64 (row, col)
 
@@ -49,7 +50,7 @@ class ProbeSettings:
     batch_size: int = 512
     lr: float = 1e-3
     train_fraction: float = 0.8
-    scales: tuple[int, ...] = SCALES
+    scales: tuple[int, ...] = PROBE_SCALES
     seed: int = 42
     memory_budget_bytes: int = 4 * 2**30  # paper: load the block's train tokens whole when they fit
     chunk_images: int = 16  # images per read

@@ -4,8 +4,10 @@ Each task opens the store itself and reads its block in chunks of `chunk_images`
 mode loads its block's train tokens whole when they fit `ProbeSettings.memory_budget_bytes`), so memory does not
 grow with the number of images; only small tables travel back. With `local=True` the same task functions run
 in this process; otherwise each is a Ray task (`num_cpus=1`; `address` passed to `ray.init` when Ray is not yet
-initialised). The driver writes `<store>/results/<metric>.parquet` (write to a temporary name, then rename), so
-re-running replaces the table with the same rows: idempotent.
+initialised). The driver writes `<store>/results/<metric>.parquet` with `results.write_results` (the schema of
+`sdfeat.results`, written atomically), so re-running replaces the table with the same rows: idempotent.
+`all_blocks`, `block_order`, `execute` and `check_complete` are public for `sdfeat compare`; `Block`,
+`corner_sums`, `probe_result`, `ref_size` and `label_rows` for `metrics.bootstrap`.
 
 Blocks stored only as per-image summaries (`summaries/<block>/...`) run from those: probe on the sampled tokens,
 corners from the group sums, anomalies from the norm maps.
@@ -23,22 +25,20 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from sdfeat import store as store_layout
 from sdfeat.errors import ArgumentError, SdfeatError, StoreError
 from sdfeat.metrics import anomalies, corners, position
 from sdfeat.metrics.labels import read_labels, write_labels
+from sdfeat.plan import units_for
 from sdfeat.query import FeatureStore, open_store
+from sdfeat.results import DETECTIONS, METRICS, RESULTS, write_results
 
 log = logging.getLogger(__name__)
 
-METRICS: tuple[str, ...] = ("position", "corners", "anomalies")
 DETECT_BLOCK = "up_blocks.1.upsamplers.0"
 MIN_CORNER_MAP = 4  # n×n maps from 4×4 up: the (n-2)² inner map has 4 distinct corners (at 4×4 it is all corners)
-LEAD_COLUMNS = ["model", "block", "order", "metric", "statistic", "value"]
 
 
 @dataclass(frozen=True)
@@ -63,23 +63,23 @@ class MetricOptions:
     level: float = 0.95
 
 
-class _Block:
+class Block:
     """One block of an open store: reads full tensors or summaries, ok rows only, in store-row terms."""
 
-    def __init__(self, fs: FeatureStore, block: str, opts: MetricOptions) -> None:
-        self.fs, self.name, self.opts = fs, block, opts
-        self.t = opts.timestep if opts.timestep is not None else fs.timesteps[0]
-        self.s = opts.seed if opts.seed is not None else fs.seeds[0]
-        self.rows = np.flatnonzero(fs.ok)  # images that extracted
-        self.full = block in fs.blocks
+    def __init__(self, features: FeatureStore, block: str, opts: MetricOptions) -> None:
+        self.features, self.name, self.opts = features, block, opts
+        self.t = opts.timestep if opts.timestep is not None else features.timesteps[0]
+        self.s = opts.seed if opts.seed is not None else features.seeds[0]
+        self.rows = np.flatnonzero(features.ok)  # images that extracted
+        self.full = block in features.blocks
 
     def read(self, rows: np.ndarray, crop: int | None = None) -> np.ndarray:  # (k, C, H, W) stored dtype
-        return self.fs.read(self.name, samples=rows, timestep=self.t, seed=self.s, crop=crop, raw=True)
+        return self.features.read(self.name, samples=rows, timestep=self.t, seed=self.s, crop=crop, raw=True)
 
     def summary(self, name: str, rows: np.ndarray) -> np.ndarray:  # (k, *shape)
-        arr = self.fs.group[f"summaries/{self.name}/{name}"]
-        return np.asarray(arr.get_orthogonal_selection((rows,)))[:, self.fs.timesteps.index(self.t),
-                                                                   self.fs.seeds.index(self.s)]
+        arr = self.features.group[f"summaries/{self.name}/{name}"]
+        return np.asarray(arr.get_orthogonal_selection((rows,)))[:, self.features.timesteps.index(self.t),
+                                                                   self.features.seeds.index(self.s)]
 
     def chunks(self, rows: np.ndarray) -> list[np.ndarray]:
         return [rows[i:i + self.opts.chunk_images] for i in range(0, len(rows), self.opts.chunk_images)]
@@ -90,35 +90,40 @@ class _Block:
         return np.concatenate([anomalies.token_norms(self.read(c)).numpy() for c in self.chunks(rows)])
 
     def height(self) -> int:
-        return self.fs.shape(self.name)[-2] if self.full else self.fs.group[f"summaries/{self.name}/norms"].shape[-2]
+        if self.full:
+            return self.features.shape(self.name)[-2]
+        return self.features.group[f"summaries/{self.name}/norms"].shape[-2]
 
 
-def _order(fs: FeatureStore, block: str) -> int:
+def block_order(features: FeatureStore, block: str) -> int:
+    """The `order` column of a block: its index in the `all` preset (execution order); blocks outside it after."""
     from sdfeat.blocks import preset_names
 
     names = preset_names("all")
-    return names.index(block) if block in names else len(names) + _all_blocks(fs).index(block)
+    return names.index(block) if block in names else len(names) + all_blocks(features).index(block)
 
 
-def _label(fs: FeatureStore, block: str, rows: list[dict]) -> list[dict]:
-    head = {"model": fs.spec.model, "block": block, "order": _order(fs, block)}
+def label_rows(features: FeatureStore, block: str, rows: list[dict]) -> list[dict]:
+    """The rows with the store's `model` and the block's `block` and `order` columns in front."""
+    head = {"model": features.spec.model, "block": block, "order": block_order(features, block)}
     return [{**head, **r} for r in rows]
 
 
-def _prior_blocks(fs: FeatureStore, block: str, n_train_images: int) -> list[tuple[int, int, int]]:
+def _prior_blocks(features: FeatureStore, block: str, n_train_images: int) -> list[tuple[int, int, int]]:
     """(channels, n, n_train_tokens) of the blocks the reference's loop trains before `block`."""
     try:
         from sdfeat.blocks import block_shapes, preset_names
-        from sdfeat.models import unet_config
+        from sdfeat.configs import unet_config
 
         names = preset_names("paper")
         if block in names:
-            infos = block_shapes(unet_config(fs.spec.model), fs.spec.resolution, names[:names.index(block)])
+            infos = block_shapes(unet_config(features.spec.model), features.spec.resolution, names[:names.index(block)])
             return [(b.channels, b.height, n_train_images * b.height * b.width) for b in infos]
     except SdfeatError as err:
         log.warning("probe: paper block shapes unavailable (%s); replaying the store's earlier blocks", err)
-    earlier = fs.blocks[:fs.blocks.index(block)] if block in fs.blocks else []
-    return [(fs.shape(b)[-3], fs.shape(b)[-2], n_train_images * fs.shape(b)[-2] * fs.shape(b)[-1]) for b in earlier]
+    earlier = features.blocks[:features.blocks.index(block)] if block in features.blocks else []
+    shapes = [features.shape(b) for b in earlier]
+    return [(s[-3], s[-2], n_train_images * s[-2] * s[-1]) for s in shapes]
 
 
 def position_task(store_path: str, block: str, opts: MetricOptions) -> list[dict]:
@@ -126,30 +131,30 @@ def position_task(store_path: str, block: str, opts: MetricOptions) -> list[dict
         from sdfeat.metrics.bootstrap import bootstrap_task
 
         return bootstrap_task(store_path, block, "position", opts)
-    fs = open_store(store_path)
-    b = _Block(fs, block, opts)
-    rows = position.probe_rows(probe_result(fs, b, opts), opts.protocol or fs.spec.protocol)
+    features = open_store(store_path)
+    b = Block(features, block, opts)
+    rows = position.probe_rows(probe_result(features, b, opts), opts.protocol or features.spec.protocol)
     for r in rows:
         r["variant"] = "tokens" if b.full else "summary_tokens"
-    return _label(fs, block, rows)
+    return label_rows(features, block, rows)
 
 
-def probe_result(fs: FeatureStore, b: _Block, opts: MetricOptions, repeat: int = 0) -> position.ProbeResult:
+def probe_result(features: FeatureStore, b: Block, opts: MetricOptions, repeat: int = 0) -> position.ProbeResult:
     """The probe on one block. `repeat` > 0: the standard protocol on another image-level split (seed + repeat),
     one of the bootstrap's repeated splits."""
     block = b.name
-    protocol = opts.protocol or fs.spec.protocol
+    protocol = opts.protocol or features.spec.protocol
     settings = replace(opts.probe, protocol=protocol, chunk_images=opts.chunk_images)
-    classes = fs.labels[b.rows] if (fs.labels[b.rows] >= 0).all() else None
+    classes = features.labels[b.rows] if (features.labels[b.rows] >= 0).all() else None
     if repeat:
         protocol = "standard"
         settings = replace(settings, protocol=protocol, seed=settings.seed + repeat)
         classes = classes if classes is not None else np.zeros(len(b.rows), dtype=np.int64)  # one class: random
     n_train = int(len(b.rows) * settings.train_fraction)
-    prior = _prior_blocks(fs, block, n_train) if protocol == "paper" else ()
+    prior = _prior_blocks(features, block, n_train) if protocol == "paper" else ()
     seed = position.block_seed(settings.seed, block)
     if b.full:
-        channels, n, width = fs.shape(block)[-3:]
+        channels, n, width = features.shape(block)[-3:]
         if n != width:
             raise StoreError(f"position probe needs square maps; block '{block}' is {n}x{width}")
         return position.probe_block(lambda idx: b.read(b.rows[idx]), len(b.rows), channels, n, settings,
@@ -164,12 +169,12 @@ def corners_task(store_path: str, block: str, opts: MetricOptions) -> list[dict]
         from sdfeat.metrics.bootstrap import bootstrap_task
 
         return bootstrap_task(store_path, block, "corners", opts)
-    fs = open_store(store_path)
-    b = _Block(fs, block, opts)
+    features = open_store(store_path)
+    b = Block(features, block, opts)
     n = b.height()
     if n < MIN_CORNER_MAP:
         return []
-    found = corner_sums(fs, b)
+    found = corner_sums(features, b)
     if found is None:
         return []
     rows, chunks = found
@@ -183,22 +188,22 @@ def corners_task(store_path: str, block: str, opts: MetricOptions) -> list[dict]
                   if r["statistic"] in ("group_mean", "ratio") and "|" not in r["group"]]
     for r in table:
         r["n_images"] = len(rows)
-    return _label(fs, block, table)
+    return label_rows(features, block, table)
 
 
 CORNER_KEYS = ("groups", "groups_diag", "corner_groups")
 
 
-def corner_sums(fs: FeatureStore, b: _Block) -> tuple[np.ndarray, Iterator[tuple[dict, dict]]] | None:
+def corner_sums(features: FeatureStore, b: Block) -> tuple[np.ndarray, Iterator[tuple[dict, dict]]] | None:
     """The rows the corner metric uses (those with crops: `variants.samples`) and, chunk by chunk, the group
     similarity sums of (reprcropped, cropped), from the full tensors or the stored summaries; None when the block
     has no crop variant. Shared by the point estimate and the bootstrap."""
-    margin = fs.spec.resolution // b.height()
-    rows = b.rows[b.rows < fs.crop_samples]
-    if b.full and (margin not in fs.crops or f"crops/{margin}/{b.name}" not in fs.group):
+    margin = features.spec.resolution // b.height()
+    rows = b.rows[b.rows < features.crop_samples]
+    if b.full and (margin not in features.crops or f"crops/{margin}/{b.name}" not in features.group):
         log.info("corners: block %s has no crop-%d variant; skipped", b.name, margin)
         return None
-    if not b.full and f"summaries/{b.name}/crop_groups" not in fs.group:
+    if not b.full and f"summaries/{b.name}/crop_groups" not in features.group:
         return None
 
     def chunks() -> Iterator[tuple[dict, dict]]:
@@ -212,11 +217,11 @@ def corner_sums(fs: FeatureStore, b: _Block) -> tuple[np.ndarray, Iterator[tuple
     return rows, chunks()
 
 
-def _ref_size(fs: FeatureStore, opts: MetricOptions) -> int:
+def ref_size(features: FeatureStore, opts: MetricOptions) -> int:
     """The labels' map size: the detection block's height (32 at 512 px), else resolution // 16."""
-    if opts.detect_block in _all_blocks(fs):
-        return _Block(fs, opts.detect_block, opts).height()
-    return fs.spec.resolution // 16
+    if opts.detect_block in all_blocks(features):
+        return Block(features, opts.detect_block, opts).height()
+    return features.spec.resolution // 16
 
 
 def anomaly_task(store_path: str, block: str, labels: np.ndarray, source: str, opts: MetricOptions) -> list[dict]:
@@ -224,22 +229,22 @@ def anomaly_task(store_path: str, block: str, labels: np.ndarray, source: str, o
         from sdfeat.metrics.bootstrap import bootstrap_task
 
         return bootstrap_task(store_path, block, "anomalies", opts, labels, source)
-    fs = open_store(store_path)
-    b = _Block(fs, block, opts)
+    features = open_store(store_path)
+    b = Block(features, block, opts)
     images = np.unique(labels[:, 0])
     local = labels.copy()
     local[:, 0] = np.searchsorted(images, labels[:, 0])
-    vs_mean, vs_median = anomalies.relative_norms(b.norm_maps(images), local, _ref_size(fs, opts))
+    vs_mean, vs_median = anomalies.relative_norms(b.norm_maps(images), local, ref_size(features, opts))
     rows = anomalies.anomaly_rows(vs_mean, vs_median)
     for r in rows:
         r["labels"] = source
-    return _label(fs, block, rows)
+    return label_rows(features, block, rows)
 
 
 def detect_task(store_path: str, opts: MetricOptions) -> np.ndarray:
     """(M, 4) detections (store row, x, y, peak ratio) on the detection block, label-free."""
-    fs = open_store(store_path)
-    b = _Block(fs, opts.detect_block, opts)
+    features = open_store(store_path)
+    b = Block(features, opts.detect_block, opts)
     pooled = np.concatenate([anomalies.pooled_ratios(b.norm_maps(c)) for c in b.chunks(b.rows)])
     threshold = anomalies.robust_threshold(pooled, opts.detect_k, opts.detect_min_ratio)
     found = anomalies.detect(pooled, threshold)
@@ -247,9 +252,10 @@ def detect_task(store_path: str, opts: MetricOptions) -> np.ndarray:
     return found
 
 
-def _all_blocks(fs: FeatureStore) -> list[str]:
-    summary_blocks = list(fs.group["summaries"].group_keys()) if "summaries" in fs.group else []
-    return fs.blocks + [s for s in summary_blocks if s not in fs.blocks]
+def all_blocks(features: FeatureStore) -> list[str]:
+    """The blocks a metric can run on: those stored in full, then those stored only as summaries."""
+    summary_blocks = list(features.group["summaries"].group_keys()) if "summaries" in features.group else []
+    return features.blocks + [s for s in summary_blocks if s not in features.blocks]
 
 
 def _threaded(threads: int, fn: Callable[..., Any], *args: Any) -> Any:
@@ -268,8 +274,8 @@ def _call_name(fn: Callable[..., Any], args: tuple) -> str:
     return f"{fn.__name__.removesuffix('_task')} {block}".strip()
 
 
-def _execute(calls: list[tuple[Callable[..., Any], tuple]], local: bool, address: str | None,
-             threads: int = 1, progress: bool = False) -> list[Any]:
+def execute(calls: list[tuple[Callable[..., Any], tuple]], local: bool, address: str | None,
+            threads: int = 1, progress: bool = False) -> list[Any]:
     """Run the task calls here or as Ray tasks; `progress`: a bar on stderr (a terminal only) over the tasks."""
     from sdfeat.progress import TaskProgress
 
@@ -296,29 +302,16 @@ def _execute(calls: list[tuple[Callable[..., Any], tuple]], local: bool, address
         return ray.get(refs)
 
 
-def _write(fs: FeatureStore, name: str, rows: list[dict]) -> str:
-    filesystem, root = store_layout.filesystem(fs.path)
-    folder = store_layout.join(root, "results")
-    filesystem.makedirs(folder, exist_ok=True)
-    path = store_layout.join(folder, f"{name}.parquet")
-    table = pa.Table.from_pylist(rows)
-    table = table.select(LEAD_COLUMNS + [c for c in table.column_names if c not in LEAD_COLUMNS]) if rows else table
-    with filesystem.open(path + ".tmp", "wb") as f:
-        pq.write_table(table, f)
-    filesystem.mv(path + ".tmp", path)
-    return path
-
-
-def _say_corner_skips(fs: FeatureStore, names: list[str], opts: MetricOptions) -> None:
+def _say_corner_skips(features: FeatureStore, names: list[str], opts: MetricOptions) -> None:
     """Name, at the default log level, the blocks the corner metric cannot measure and what would enable it."""
     no_variant, too_small = [], []
     for name in names:
-        b = _Block(fs, name, opts)
+        b = Block(features, name, opts)
         n = b.height()
         if n < MIN_CORNER_MAP:
             too_small.append(f"{name} ({n}×{n})")
-        elif b.full and f"crops/{fs.spec.resolution // n}/{name}" not in fs.group or \
-                not b.full and f"summaries/{name}/crop_groups" not in fs.group:
+        elif b.full and f"crops/{features.spec.resolution // n}/{name}" not in features.group or \
+                not b.full and f"summaries/{name}/crop_groups" not in features.group:
             no_variant.append(name)
     if no_variant:
         shown = ", ".join(no_variant[:5]) + (" …" if len(no_variant) > 5 else "")
@@ -329,23 +322,23 @@ def _say_corner_skips(fs: FeatureStore, names: list[str], opts: MetricOptions) -
                     MIN_CORNER_MAP, MIN_CORNER_MAP)
 
 
-def _check_complete(fs: FeatureStore, allow_partial: bool) -> None:
+def check_complete(features: FeatureStore, allow_partial: bool) -> None:
     """Refuse an unfinished store unless `allow_partial`; say which units and failed images are left out."""
-    size = int(fs.attrs["unit_size"])
-    n_units = -(-len(fs) // size)
-    unfinished = sorted(set(range(n_units)) - store_layout.done_units(fs.path))
+    size = int(features.attrs["unit_size"])
+    n_units = units_for(len(features), size)
+    unfinished = sorted(set(range(n_units)) - store_layout.done_units(features.path))
     shown = ", ".join(map(str, unfinished[:10])) + (" …" if len(unfinished) > 10 else "")
     if unfinished and not allow_partial:
-        raise StoreError(f"{fs.path} is incomplete: {len(unfinished)} of {n_units} units have no done marker "
+        raise StoreError(f"{features.path} is incomplete: {len(unfinished)} of {n_units} units have no done marker "
                          f"(units {shown}); finish the job (run it again), or pass --allow-partial to measure the "
                          "finished units only")
     if unfinished:
         log.warning("metrics on a partial store: skipped %d of %d units (%s; %d images)", len(unfinished), n_units,
-                    shown, sum(min(len(fs), (u + 1) * size) - u * size for u in unfinished))
-    failed = int((~fs.ok).sum()) - sum(min(len(fs), (u + 1) * size) - u * size for u in unfinished)
+                    shown, sum(min(len(features), (u + 1) * size) - u * size for u in unfinished))
+    failed = int((~features.ok).sum()) - sum(min(len(features), (u + 1) * size) - u * size for u in unfinished)
     if failed > 0:
         log.warning("metrics: %d failed image(s) left out (see %s)", failed,
-                    store_layout.join(fs.path, store_layout.FAILURES))
+                    store_layout.join(features.path, store_layout.FAILURES))
 
 
 def run_metrics(store_path: str, metrics: Sequence[str] = METRICS, blocks: Sequence[str] | None = None,
@@ -360,28 +353,28 @@ def run_metrics(store_path: str, metrics: Sequence[str] = METRICS, blocks: Seque
     labels: anomaly labels (.csv / .npy, store-row image indices); without them the anomaly metric uses the
     detected anomalies. Detections go to results/anomalies_detected.parquet (+ .csv in the paper's format)."""
     opts = options or MetricOptions()
-    fs = open_store(store_path)
+    features = open_store(store_path)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ArgumentError(f"metrics: unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
-    _check_complete(fs, allow_partial)
-    names = list(blocks) if blocks else _all_blocks(fs)
-    missing = [n for n in names if n not in _all_blocks(fs)]
+    check_complete(features, allow_partial)
+    names = list(blocks) if blocks else all_blocks(features)
+    missing = [n for n in names if n not in all_blocks(features)]
     if missing:
-        raise StoreError(f"block '{missing[0]}' is not in {fs.path}")
+        raise StoreError(f"block '{missing[0]}' is not in {features.path}")
     if "corners" in metrics:
-        _say_corner_skips(fs, names, opts)
+        _say_corner_skips(features, names, opts)
     calls: list[tuple[Callable[..., Any], tuple]] = []
     tags: list[str] = []
     for metric, task in (("position", position_task), ("corners", corners_task)):
         if metric in metrics:
-            calls += [(task, (fs.path, n, opts)) for n in names]
+            calls += [(task, (features.path, n, opts)) for n in names]
             tags += [metric] * len(names)
-    detecting = "anomalies" in metrics and opts.detect_block in _all_blocks(fs)
+    detecting = "anomalies" in metrics and opts.detect_block in all_blocks(features)
     if detecting:
-        calls.append((detect_task, (fs.path, opts)))
+        calls.append((detect_task, (features.path, opts)))
         tags.append("detect")
-    results = _execute(calls, local, address, opts.task_threads, progress)
+    results = execute(calls, local, address, opts.task_threads, progress)
     tables: dict[str, list[dict]] = {m: [] for m in metrics}
     detected = None
     for tag, result in zip(tags, results):
@@ -393,19 +386,19 @@ def run_metrics(store_path: str, metrics: Sequence[str] = METRICS, blocks: Seque
         given = read_labels(labels) if labels else None
         use, source = (given, "given") if given is not None else (detected, "detected")
         if use is not None and len(use):
-            runs = _execute([(anomaly_task, (fs.path, n, use[:, :3].astype(np.int64), source, opts))
+            runs = execute([(anomaly_task, (features.path, n, use[:, :3].astype(np.int64), source, opts))
                              for n in names], local, address, opts.task_threads, progress)
             tables["anomalies"] += [r for rows in runs for r in rows]
         if detected is not None:
-            tables["anomalies"] += _detection_rows(fs, opts, detected, given)
-            _write(fs, "anomalies_detected", [{"sample": int(d[0]), "sample_id": fs.sample_ids[int(d[0])],
+            tables["anomalies"] += _detection_rows(features, opts, detected, given)
+            write_results(features.path, DETECTIONS, [{"sample": int(d[0]), "sample_id": features.sample_ids[int(d[0])],
                                                "x": int(d[1]), "y": int(d[2]), "peak_ratio": float(d[3])}
                                               for d in detected])
-            write_labels(store_layout.join(fs.path, "results", "anomalies_detected.csv"), detected)
-    return {m: _write(fs, m, tables[m]) for m in metrics}
+            write_labels(store_layout.join(features.path, RESULTS, f"{DETECTIONS}.csv"), detected)
+    return {m: write_results(features.path, m, tables[m]) for m in metrics}
 
 
-def _detection_rows(fs: FeatureStore, opts: MetricOptions, detected: np.ndarray,
+def _detection_rows(features: FeatureStore, opts: MetricOptions, detected: np.ndarray,
                     given: np.ndarray | None) -> list[dict]:
     stats = {"n_detected": float(len(detected))}
     if given is not None:
@@ -415,7 +408,7 @@ def _detection_rows(fs: FeatureStore, opts: MetricOptions, detected: np.ndarray,
     if opts.bootstrap:
         from sdfeat.metrics.bootstrap import detection_intervals
 
-        intervals = detection_intervals(fs, opts, detected, given)
+        intervals = detection_intervals(features, opts, detected, given)
         for r in rows:
             r.update(intervals[r["statistic"]])
-    return _label(fs, opts.detect_block, rows)
+    return label_rows(features, opts.detect_block, rows)

@@ -1,0 +1,87 @@
+"""Model names and configs without torch: `configs`, the config-computed block shapes, and the torch-free layout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import sdfeat.configs as configs
+import sdfeat.models as models
+from sdfeat.blocks import _config_shapes, _meta_shapes
+from sdfeat.errors import ModelNotFoundError
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_layout_plan_and_checks_of_the_demo_import_no_torch() -> None:
+    """The store layout, unit size and cheap checks of jobs/demo.yaml, and `sdfeat blocks`, run without importing
+    torch or diffusers (a fresh interpreter, so nothing imported by other tests counts)."""
+    code = """
+import sys
+from typer.testing import CliRunner
+from sdfeat.checks import check_job
+from sdfeat.cli import app
+from sdfeat.layout import job_layout
+from sdfeat.plan import estimate_job
+from sdfeat.spec import load_spec
+
+spec = load_spec("jobs/demo.yaml", output=sys.argv[1])
+check_job(spec)
+layout = job_layout(spec)
+est = estimate_job(spec)
+result = CliRunner().invoke(app, ["blocks", "sd15", "--json"])
+assert result.exit_code == 0, result.output
+heavy = sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules)
+print(len(layout.arrays), len(layout.passes), est.n_units, len(result.output.splitlines()), heavy)
+"""
+    out = subprocess.run([sys.executable, "-c", code, "/nonexistent/demo-store"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    # demo at 256 px: the 8 blocks' maps are 32, 16, 8 and 4 tokens wide -> crop margins 8, 16, 32, 64 px, so the
+    # full pass and 4 crop passes, and more arrays than blocks; 24 images in units of 8; sd15's paper preset: 45
+    arrays, passes, units, lines, heavy = out.stdout.split(maxsplit=4)
+    assert heavy.strip() == "[]"
+    assert (int(passes), int(units), int(lines)) == (5, 3, 45)
+    assert int(arrays) > 8
+
+
+@pytest.mark.parametrize("model", ["tiny", "sd15", "sd21"])
+@pytest.mark.parametrize("resolution", [64, 72, 136, 248, 256, 496, 512])
+def test_config_shapes_match_the_meta_forward(model: str, resolution: int) -> None:
+    """Odd latent sides (72 px -> 9, 136 -> 17, 248 -> 31, crop passes) round as diffusers' forward does."""
+    config = configs.unet_config(model)
+    meta = tuple((name, *map(int, shape)) for name, *shape in _meta_shapes(config, resolution))
+    assert _config_shapes(config, resolution) == meta
+
+
+def test_config_shapes_leave_other_layouts_to_the_meta_forward() -> None:
+    tiny = configs.unet_config("tiny")
+    assert _config_shapes({**tiny, "down_block_types": ["SomethingNew2D"] * 4}, 256) is None
+    assert _config_shapes({**tiny, "mid_block_type": None}, 256) is None
+    assert _config_shapes({**tiny, "block_out_channels": [32, 64, 64]}, 256) is None
+    assert _config_shapes({**tiny, "downsample_padding": 0}, 256) is None
+    assert _config_shapes({**tiny, "addition_embed_type": "text_time"}, 256) is None
+
+
+def test_models_reexports_the_config_names() -> None:
+    for name in ("REGISTRY", "RANDOM_PREFIX", "TINY_UNET_CONFIG", "TINY_VAE_CONFIG", "shipped_config",
+                 "unet_config"):
+        assert getattr(models, name) is getattr(configs, name), name
+
+
+def test_local_unet_config_reads_files_only(tmp_path: Path) -> None:
+    assert configs.local_unet_config("sd21") == configs.shipped_config("sd21", "unet")
+    assert configs.local_unet_config("random:sdturbo") == configs.shipped_config("sdturbo", "unet")
+    assert configs.local_unet_config("tiny") == configs.TINY_UNET_CONFIG
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text('{"block_out_channels": [1]}')
+    assert configs.local_unet_config(str(tmp_path)) == {"block_out_channels": [1]}
+    (tmp_path / "unet" / "config.json").write_text("{not json")
+    assert configs.local_unet_config(str(tmp_path)) is None  # the loader reports it
+    assert configs.local_unet_config("owner/name") is None  # a hub id: only huggingface_hub knows
+    assert configs.local_unet_config("random:sd3") is None
+    with pytest.raises(ModelNotFoundError, match="random:sd3"):
+        configs.unet_config("random:sd3")
