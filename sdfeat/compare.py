@@ -25,7 +25,7 @@ from dataclasses import replace
 import numpy as np
 
 from sdfeat.errors import ArgumentError, StoreError
-from sdfeat.metrics import runner
+from sdfeat.metrics import runner, tasks
 from sdfeat.metrics.bootstrap import collect, percentile_interval, replicate_weights
 from sdfeat.metrics.labels import read_labels
 from sdfeat.query import open_store
@@ -61,7 +61,7 @@ def _key(row: dict) -> tuple:
     return tuple(row.get(k) for k in ("metric", "statistic", "group", "variant", "scale", "epoch", "paper_counts"))
 
 
-def compare_task(path_a: str, path_b: str, block: str, metric: str, opts: runner.MetricOptions,
+def compare_task(path_a: str, path_b: str, block: str, metric: str, opts: tasks.MetricOptions,
                  labels_a: Labels = None, labels_b: Labels = None) -> list[dict]:
     """Difference rows (B − A) of one metric at one block; [] where the metric does not apply to the block."""
     a = collect(path_a, block, metric, opts, *(labels_a or ()))
@@ -93,7 +93,7 @@ def compare_task(path_a: str, path_b: str, block: str, metric: str, opts: runner
     out = []
     for (i, j), lo, hi in zip(chosen, low, high):
         ra, rb = rows_a[i], rows_b[j]
-        out.append({"block": block, "order": runner.block_order(a.features, block), "metric": metric,
+        out.append({"block": block, "order": tasks.block_order(a.features, block), "metric": metric,
                     "series": series_name(ra), "a": ra["value"], "b": rb["value"],
                     "difference": rb["value"] - ra["value"], "ci_low": float(lo), "ci_high": float(hi),
                     "excludes_zero": bool(lo > 0 or hi < 0), "n_a": part_a.n_images(), "n_b": part_b.n_images(),
@@ -101,7 +101,7 @@ def compare_task(path_a: str, path_b: str, block: str, metric: str, opts: runner
     return out
 
 
-def _labels(paths: Sequence[str], labels: str | None, opts: runner.MetricOptions, local: bool,
+def _labels(paths: Sequence[str], labels: str | None, opts: tasks.MetricOptions, local: bool,
             address: str | None) -> list[Labels]:
     """Each store's anomaly labels: the given file for both, else each store's own detections (none where the
     store lacks the detection block)."""
@@ -109,8 +109,8 @@ def _labels(paths: Sequence[str], labels: str | None, opts: runner.MetricOptions
         given = read_labels(labels)
         return [(given, "given")] * len(paths)
     found: list[Labels] = [None] * len(paths)
-    detect = [i for i, p in enumerate(paths) if opts.detect_block in runner.all_blocks(open_store(p))]
-    for i, detected in zip(detect, runner.execute([(runner.detect_task, (paths[i], opts)) for i in detect],
+    detect = [i for i, p in enumerate(paths) if opts.detect_block in tasks.all_blocks(open_store(p))]
+    for i, detected in zip(detect, runner.execute([(tasks.detect_task, (paths[i], opts)) for i in detect],
                                                   local, address, opts.task_threads)):
         found[i] = (detected[:, :3].astype(np.int64), "detected") if len(detected) else None
     return found
@@ -118,9 +118,9 @@ def _labels(paths: Sequence[str], labels: str | None, opts: runner.MetricOptions
 
 def compare_stores(path_a: str, path_b: str, metrics: Sequence[str] = METRICS,
                    blocks: Sequence[str] | None = None, local: bool = False, address: str | None = None,
-                   labels: str | None = None, options: runner.MetricOptions | None = None) -> list[dict]:
+                   labels: str | None = None, options: tasks.MetricOptions | None = None) -> list[dict]:
     """Difference rows (columns COLUMNS + order) for every metric and block both stores hold, in block order."""
-    opts = options or runner.MetricOptions()
+    opts = options or tasks.MetricOptions()
     if not opts.bootstrap:
         opts = replace(opts, bootstrap=DEFAULT_REPLICATES)
     unknown = [m for m in metrics if m not in METRICS]
@@ -129,7 +129,7 @@ def compare_stores(path_a: str, path_b: str, metrics: Sequence[str] = METRICS,
     stores = [open_store(p) for p in (path_a, path_b)]
     for features in stores:
         runner.check_complete(features, allow_partial=False)  # unfinished units: refused, as by `sdfeat metrics`
-    held = [runner.all_blocks(features) for features in stores]
+    held = [tasks.all_blocks(features) for features in stores]
     names = list(blocks) if blocks else [blk for blk in held[0] if blk in held[1]]
     for path, have in zip((path_a, path_b), held):
         missing = [n for n in names if n not in have]

@@ -84,7 +84,7 @@ def test_corners_of_a_4x4_map_are_measured(tmp_path: Path) -> None:
     """At 4×4 the inner 2×2 map is all corners: the corner group mean is the mean cosine over its 12 ordered
     pairs, computed here directly from the stored tensors."""
     from sdfeat.extract import run_local
-    from sdfeat.metrics.runner import MetricOptions, corners_task
+    from sdfeat.metrics.tasks import MetricOptions, corners_task
 
     out = str(tmp_path / "c")
     run_local(small_spec(out, source="synthetic:4", blocks=["down_blocks.2.attentions.0"], timesteps=[50],

@@ -3,7 +3,6 @@ metrics as a job that stores the full tensors (and their crops), on the same ima
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq

@@ -27,7 +27,7 @@ from sdfeat.explore.cache import ByteLRU
 from sdfeat.explore.images import SourceImages
 from sdfeat.maps import cosine_to, norm_map, similarity_map
 from sdfeat.metrics import anomalies
-from sdfeat.metrics.runner import DETECT_BLOCK, MetricOptions
+from sdfeat.metrics.tasks import MetricOptions, ref_size
 from sdfeat.norms import token_norms
 from sdfeat.plan import units_for
 from sdfeat.query import FeatureStore, open_store
@@ -245,10 +245,8 @@ class StoreView:
         return labels[labels[:, 0] == row]
 
     def _ref_size(self) -> int:
-        """The labels' map size, as the metrics runner takes it: the detection block's height, else res // 16."""
-        if DETECT_BLOCK in self.features.blocks:
-            return self.features.shape(DETECT_BLOCK)[-2]
-        return self.features.spec.resolution // 16
+        """The labels' map size, as the metrics take it (`tasks.ref_size`)."""
+        return ref_size(self.features, MetricOptions())
 
     # -- cross-image top-k ---------------------------------------------------------------------------------
 

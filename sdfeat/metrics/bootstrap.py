@@ -1,7 +1,7 @@
 """Confidence intervals for every metric row: an image-level bootstrap over small per-image statistics.
 
-`sdfeat metrics STORE --bootstrap B` runs the same Ray tasks as without it (`runner.position_task`, `corners_task`,
-`anomaly_task` hand over to `bootstrap_task`). A task reads its block once, in chunks, and keeps only per-image
+`sdfeat metrics STORE --bootstrap B` runs `bootstrap_task` where it would run `tasks.position_task`,
+`corners_task` or `anomaly_task`, in the same way (locally or as Ray tasks). A task reads its block once, in chunks, and keeps only per-image
 contributions (never the activations):
   corners    per image the pair sums of each group, cropped and repr-cropped (`corners.group_similarity_sums`),
   anomalies  per label its relative norms and its image,
@@ -38,13 +38,13 @@ from typing import Union
 
 import numpy as np
 
-from sdfeat.metrics import anomalies, corners, position, runner
+from sdfeat.metrics import anomalies, corners, position, tasks
 from sdfeat.query import FeatureStore, open_store
 
 log = logging.getLogger(__name__)
 
 LEVEL = 0.95
-CORNER_KEYS = runner.CORNER_KEYS
+CORNER_KEYS = tasks.CORNER_KEYS
 POOLED = (None, None)  # the (timestep, seed) key of the pooled rows
 
 
@@ -186,11 +186,11 @@ class Collected:
         return self.with_pooled()[POOLED if len(self.parts) > 1 else next(iter(self.parts))]
 
 
-def _corner_parts(features: FeatureStore, b: runner.Block, opts: runner.MetricOptions) -> CornerParts | None:
+def _corner_parts(features: FeatureStore, b: tasks.Block, opts: tasks.MetricOptions) -> CornerParts | None:
     n = b.height()
-    if n < runner.MIN_CORNER_MAP:
+    if n < tasks.MIN_CORNER_MAP:
         return None
-    chunked = runner.corner_sums(features, b)
+    chunked = tasks.corner_sums(features, b)
     if chunked is None:
         return None
     rows, chunks = chunked
@@ -203,7 +203,7 @@ def _corner_parts(features: FeatureStore, b: runner.Block, opts: runner.MetricOp
     return CornerParts(n - 2, np.searchsorted(b.rows, rows), sums, opts.paper_counts)
 
 
-def _anomaly_parts(features: FeatureStore, b: runner.Block, opts: runner.MetricOptions, labels: np.ndarray,
+def _anomaly_parts(features: FeatureStore, b: tasks.Block, opts: tasks.MetricOptions, labels: np.ndarray,
                    source: str) -> AnomalyParts:
     index = np.searchsorted(b.rows, labels[:, 0])
     usable = (index < len(b.rows)) & (b.rows[np.minimum(index, len(b.rows) - 1)] == labels[:, 0])
@@ -214,18 +214,18 @@ def _anomaly_parts(features: FeatureStore, b: runner.Block, opts: runner.MetricO
     images = np.unique(labels[:, 0])
     local = labels.copy()
     local[:, 0] = np.searchsorted(images, labels[:, 0])
-    vs_mean, vs_median = anomalies.relative_norms(b.norm_maps(images), local, runner.ref_size(features, opts))
+    vs_mean, vs_median = anomalies.relative_norms(b.norm_maps(images), local, tasks.ref_size(features, opts))
     return AnomalyParts(index, vs_mean, vs_median, source)
 
 
-def _probe_parts(features: FeatureStore, b: runner.Block, opts: runner.MetricOptions) -> ProbeParts:
-    results = [runner.probe_result(features, b, opts, r) for r in range(max(1, opts.probe_repeats))]
+def _probe_parts(features: FeatureStore, b: tasks.Block, opts: tasks.MetricOptions) -> ProbeParts:
+    results = [tasks.probe_result(features, b, opts, r) for r in range(max(1, opts.probe_repeats))]
     return ProbeParts(results[0].n, opts.protocol or features.spec.protocol, "tokens" if b.full else "summary_tokens",
                       tuple(opts.probe.scales), [np.asarray(r.test_images) for r in results],
                       [np.stack([e.per_image for e in r.epochs]) for r in results])
 
 
-def collect(store_path: str, block: str, metric: str, opts: runner.MetricOptions, labels: np.ndarray | None = None,
+def collect(store_path: str, block: str, metric: str, opts: tasks.MetricOptions, labels: np.ndarray | None = None,
             source: str = "given") -> Collected:
     """Per-image statistics of `metric` at `block` for every (timestep, seed) of the store, or the one `opts`
     names; no parts where the metric does not apply to the block (corners on small maps or without crops)."""
@@ -235,7 +235,7 @@ def collect(store_path: str, block: str, metric: str, opts: runner.MetricOptions
     parts: dict[tuple[int | None, int | None], Parts] = {}
     for t in timesteps:
         for s in seeds:
-            b = runner.Block(features, block, replace(opts, timestep=t, seed=s))
+            b = tasks.Block(features, block, replace(opts, timestep=t, seed=s))
             if metric == "corners":
                 part = _corner_parts(features, b, opts)
             elif metric == "anomalies":
@@ -268,17 +268,17 @@ def interval_rows(collected: Collected, replicates: int, seed: int, level: float
     return out
 
 
-def bootstrap_task(store_path: str, block: str, metric: str, opts: runner.MetricOptions,
+def bootstrap_task(store_path: str, block: str, metric: str, opts: tasks.MetricOptions,
                    labels: np.ndarray | None = None, source: str = "given") -> list[dict]:
-    """The metric task with intervals (what `runner`'s tasks run when `opts.bootstrap` > 0)."""
+    """The metric task with intervals (what `metrics.runner` runs instead of `tasks`' own when `opts.bootstrap` > 0)."""
     collected = collect(store_path, block, metric, opts, labels, source)
     if not collected.parts:
         return []
     rows = interval_rows(collected, opts.bootstrap, opts.bootstrap_seed, opts.level)
-    return runner.label_rows(collected.features, block, rows)
+    return tasks.label_rows(collected.features, block, rows)
 
 
-def detection_intervals(features: FeatureStore, opts: runner.MetricOptions, detected: np.ndarray,
+def detection_intervals(features: FeatureStore, opts: tasks.MetricOptions, detected: np.ndarray,
                         given: np.ndarray | None) -> dict[str, dict]:
     """Intervals of the detection rows (`detection_<stat>` -> the columns to add): per usable image its detections,
     labels and matches (`anomalies.match` never matches across images, so per-image matching is exact), resampled
