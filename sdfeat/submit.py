@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
 SPEC_ENV_VAR = "SDFEAT_JOB_SPEC"
 ACTIVE_STATES = ("PENDING", "RUNNING")
+# A freshly started head may have no job agent for its first seconds; Ray then refuses a submission with this text
+# (HTTP 500, before anything is submitted), and the submission is tried again for up to AGENT_WAIT_S.
+NO_AGENT = "No available agent to submit job"
+AGENT_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -157,15 +161,30 @@ def submit_job(spec_path: str | Path, address: str | None = None, workers: int |
                                   allow_version_change=allow_version_change, quiet=quiet)
     stage = _stage_package()
     try:
-        client.submit_job(
+        _submit_when_agent_ready(client, lambda: client.submit_job(
             entrypoint=entrypoint, submission_id=submission_id,
             runtime_env={"py_modules": [str(stage / "sdfeat")], "env_vars": {SPEC_ENV_VAR: spec_to_yaml(spec)}},
             metadata={"sdfeat_spec_hash": digest, "sdfeat_output": spec.output, "sdfeat_spec": Path(spec_path).name},
-        )
+        ))
     finally:
         shutil.rmtree(stage, ignore_errors=True)  # uploaded during submit_job
     log.info("submitted %s (entrypoint %r)", submission_id, entrypoint)
     return Submission(submission_id, client.get_address(), digest, entrypoint)
+
+
+def _submit_when_agent_ready(client: Any, send: Callable[[], Any], wait_s: float = AGENT_WAIT_S,
+                             poll_s: float = 2.0) -> None:
+    """`send()`, tried again while the head answers that it has no job agent yet (nothing was submitted then)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            send()
+            return
+        except RuntimeError as err:
+            if NO_AGENT not in str(err) or time.monotonic() + poll_s > deadline:
+                raise
+            log.info("%s has no job agent yet; submitting again in %.0f s", client.get_address(), poll_s)
+            time.sleep(poll_s)
 
 
 def _ask(address: str | None, submission_id: str, question: Callable[[Any], Any]) -> Any:

@@ -54,6 +54,36 @@ class _FakeJobsClient:
         return "http://head.invalid:8265"
 
 
+def test_a_head_without_a_job_agent_yet_is_asked_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray refuses a submission to a head whose job agent is not up yet ("No available agent", nothing
+    submitted): `submit_job` sends it again and succeeds once the agent is there; any other error is raised."""
+    from sdfeat import submit
+
+    class SlowAgent(_FakeJobsClient):
+        def __init__(self, refusals: int, text: str) -> None:
+            super().__init__()
+            self.refusals, self.text, self.calls = refusals, text, 0
+
+        def submit_job(self, **kwargs: object) -> str:
+            self.calls += 1
+            if self.calls <= self.refusals:
+                raise RuntimeError(f"Request failed with status code 500: {self.text}")
+            return super().submit_job(**kwargs)
+
+    monkeypatch.setattr(submit.time, "sleep", lambda s: None)
+    job = _write_job(tmp_path / "job.yaml", output=str(tmp_path / "store"))
+    client = SlowAgent(2, "No available agent to submit job, please try again later.")
+    monkeypatch.setattr(submit, "_client", lambda address: client)
+    submission = submit.submit_job(job)
+    assert client.calls == 3 and client.sent["submission_id"] == submission.submission_id
+
+    other = SlowAgent(1, "Job with submission_id x already exists.")
+    monkeypatch.setattr(submit, "_client", lambda address: other)
+    with pytest.raises(RuntimeError, match="already exists"):
+        submit.submit_job(job)
+    assert other.calls == 1
+
+
 def test_every_extract_option_reaches_the_jobs_extract(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`sdfeat submit` with every extract option set: the job's entrypoint runs `extract` with flags that the real
     `extract` command parses back to the same values."""
