@@ -94,7 +94,7 @@ def test_store_list_and_samples_describe_the_store(client: TestClient, tiny_stor
     assert [i["row"] for i in page["items"]] == [10, 11]
     assert page["items"][0] == {"row": 10, "id": features.sample_ids[10], "label": int(features.labels[10]),
                                 "label_name": features.attrs["class_names"][int(features.labels[10])], "finished": True,
-                                "ok": True}
+                                "ok": True, "reason": None}
 
 
 def test_thumbnail_is_the_extractors_image(client: TestClient, tiny_store: str) -> None:
@@ -180,12 +180,13 @@ def test_failure_rows_show_as_failed_with_their_recorded_reason(tmp_path: Path) 
     client = _client(output)
     items = {i["id"]: i for i in client.get("/api/stores/0/samples").json()["items"]}
     for sid, reason in recorded.items():
-        assert items[sid]["finished"] and not items[sid]["ok"]
+        assert items[sid]["finished"] and not items[sid]["ok"] and items[sid]["reason"] == reason
         for path in (f"/api/stores/0/samples/{row[sid]}/image.png", f"/api/stores/0/norm?block={BLOCK}&row={row[sid]}"):
             r = client.get(path)
             assert r.status_code == 409, (path, r.text)
             assert "failed" in r.json()["detail"] and reason in r.json()["detail"], r.json()
     for sid in ("n01000000/n01000000_0.JPEG", "n01000000/n01000000_1.JPEG"):
+        assert items[sid]["ok"] and items[sid]["reason"] is None
         r = client.get(f"/api/stores/0/samples/{row[sid]}/image.png")
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     # below the view (a row of a job still running): a planned-unusable ref is never opened, its reason comes back

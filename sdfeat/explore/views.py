@@ -121,12 +121,14 @@ class StoreView:
             raise ArgumentError(f"offset/limit: need offset >= 0 and 1 <= limit <= {MAX_PAGE}")
         finished, ok, _ = self.status()
         names = self.features.attrs.get("class_names") or []
+        rows = range(offset, min(offset + limit, self.n))
+        reasons = self.failure_reasons([row for row in rows if finished[row] and not ok[row]])
         items = []
-        for row in range(offset, min(offset + limit, self.n)):
+        for row in rows:
             label = int(self.features.labels[row])
             items.append({"row": row, "id": self.features.sample_ids[row], "label": label,
                           "label_name": names[label] if 0 <= label < len(names) else None,
-                          "finished": bool(finished[row]), "ok": bool(ok[row])})
+                          "finished": bool(finished[row]), "ok": bool(ok[row]), "reason": reasons.get(row)})
         return {"total": self.n, "offset": offset, "items": items}
 
     # -- arguments -----------------------------------------------------------------------------------------
@@ -146,15 +148,20 @@ class StoreView:
             self.features.array(name, crop)  # raises StoreError naming the crop when it is not stored
         return Selection(name, t, s, crop)
 
-    def failure_reason(self, row: int) -> str:
-        """Why a failed row's image could not be used: the reason its unit's done marker records."""
-        sample_id = self.features.sample_ids[row]
+    def failure_reasons(self, rows: list[int]) -> dict[int, str]:
+        """{row: why its image could not be used} for finished, failed rows: the reasons their units' done markers
+        record (each marker read once)."""
+        units = sorted({row // self.unit_size for row in rows})
         try:
-            report = store.read_markers(self.features.path, [row // self.unit_size])[0]
+            reports = store.read_markers(self.features.path, units)
         except StoreError:
-            report = {}
-        reasons = [f["reason"] for f in report.get("failures", []) if f.get("sample_id") == sample_id]
-        return reasons[0] if reasons else "its image could not be used"
+            reports = []
+        recorded = {f.get("sample_id"): f["reason"] for r in reports for f in r.get("failures", [])}
+        return {row: recorded.get(self.features.sample_ids[row], "its image could not be used") for row in rows}
+
+    def failure_reason(self, row: int) -> str:
+        """Why a failed row's image could not be used (`failure_reasons` of one row)."""
+        return self.failure_reasons([row])[row]
 
     def check_not_failed(self, row: int) -> int:
         """The row, when in range and not a finished row that failed (RowNotReadyError with the recorded reason)."""

@@ -11,7 +11,7 @@ export function renderGrid(container, storeIndex, page, selectedRow, onPick) {
     cell.className = "cell" + (item.finished ? (item.ok ? "" : " failed") : " pending");
     if (item.row === selectedRow) cell.classList.add("selected");
     cell.dataset.row = item.row;
-    cell.title = item.finished ? (item.ok ? item.id : `${item.id}: failed`) : `${item.id}: not extracted yet`;
+    cell.title = item.finished ? (item.ok ? item.id : `${item.id}: failed (${item.reason})`) : `${item.id}: not extracted yet`;
     const thumb = document.createElement("div");
     thumb.className = "thumb";
     if (!item.finished || item.ok) {
