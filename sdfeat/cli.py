@@ -10,7 +10,7 @@ import logging
 import os
 from collections.abc import Callable
 from contextvars import ContextVar
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
 
@@ -83,23 +83,23 @@ OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Overri
 StoreArg = Annotated[str, typer.Argument(help="Store directory or URL (the job's output).")]
 
 
-class Preset(str, Enum):
+class Preset(StrEnum):
     paper = "paper"
     all = "all"
 
 
-class MapKind(str, Enum):
+class MapKind(StrEnum):
     norm = "norm"
     similarity = "similarity"
 
 
-class Reference(str, Enum):
+class Reference(StrEnum):
     sd15 = "sd15"
     sd21 = "sd21"
     sdturbo = "sdturbo"
 
 
-class Metric(str, Enum):
+class Metric(StrEnum):
     position = "position"
     corners = "corners"
     anomalies = "anomalies"

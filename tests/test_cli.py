@@ -34,6 +34,7 @@ def test_blocks_sd15_paper_preset_matches_the_protocol_table() -> None:
     assert cells[-1] == ("conv_out", "conv_out", 4, 64, 64)
     table = runner.invoke(app, ["blocks", "sd15", "--preset", "all"])
     assert table.exit_code == 0 and "conv_out" in table.output
+    assert table.output.splitlines()[0] == "# sd15 at 512px (all); --json for JSON lines"  # the choice, not its enum
     all46 = runner.invoke(app, ["blocks", "sd15", "--preset", "all", "--json"])
     assert len(all46.output.splitlines()) == 46 and "up_blocks.0.resnets.2" in all46.output
 
