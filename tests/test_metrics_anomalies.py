@@ -10,9 +10,9 @@ import pytest
 import sdfeat
 
 from sdfeat.errors import SourceError, SourceNotFoundError
-from sdfeat.metrics.anomalies import (detect, label_patch, match, pooled_ratios, relative_norms, robust_threshold,
-                                      token_norms)
+from sdfeat.metrics.anomalies import detect, label_patch, match, pooled_ratios, relative_norms, robust_threshold
 from sdfeat.metrics.labels import read_labels, write_labels
+from sdfeat.norms import token_norms
 
 REFERENCE = str(Path(sdfeat.__file__).parent / "data" / "reference" / "sd15_anomaly_labels.csv")  # shipped data
 
@@ -44,7 +44,7 @@ def test_label_patch_scaling() -> None:
 def test_planted_patch_detected_and_clean_maps_not() -> None:
     acts = clean_maps(12)
     acts[5, :, 6:8, 10:12] *= 5.0  # image 5, rows 6-7, cols 10-11 -> label (5, x=10, y=6)
-    norms = token_norms(acts).numpy()
+    norms = token_norms(acts)
     pooled = pooled_ratios(norms)
     t = robust_threshold(pooled)
     found = detect(pooled, t)
@@ -52,7 +52,7 @@ def test_planted_patch_detected_and_clean_maps_not() -> None:
     expected_peak = norms[5, 6:8, 10:12].mean() / np.median(norms[5])
     assert found[0, 3] == pytest.approx(expected_peak, rel=1e-5)
     assert found[0, 3] > 4
-    clean = pooled_ratios(token_norms(clean_maps(12, seed=1)).numpy())
+    clean = pooled_ratios(token_norms(clean_maps(12, seed=1)))
     assert len(detect(clean, robust_threshold(clean))) == 0
 
 
@@ -60,7 +60,7 @@ def test_two_adjacent_cells_are_one_anomaly_at_the_peak() -> None:
     acts = clean_maps(4)
     acts[2, :, 4:6, 4:6] *= 4.0
     acts[2, :, 4:6, 6:8] *= 6.0
-    pooled = pooled_ratios(token_norms(acts).numpy())
+    pooled = pooled_ratios(token_norms(acts))
     assert detect(pooled, robust_threshold(pooled))[:, :3].tolist() == [[2, 6, 4]]
 
 

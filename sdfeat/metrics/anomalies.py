@@ -21,12 +21,6 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from sdfeat import norms
-
-
-def token_norms(acts: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H, W) float32 tensor: `norms.token_norms` of the activations as a tensor (numpy in too)."""
-    return norms.token_norms(torch.as_tensor(acts))
 
 
 def label_patch(x: int, y: int, height: int, ref_size: int = 32) -> tuple[slice, slice]:

@@ -25,6 +25,7 @@ import torch
 
 from sdfeat.errors import SdfeatError, StoreError
 from sdfeat.metrics import anomalies, corners, position
+from sdfeat.norms import token_norms
 from sdfeat.query import FeatureStore, open_store
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class Block:
     def norm_maps(self, rows: np.ndarray) -> np.ndarray:  # (k, H, W) float32
         if not self.full:
             return np.concatenate([self.summary("norms", c) for c in self.chunks(rows)]).astype(np.float32)
-        return np.concatenate([anomalies.token_norms(self.read(c)).numpy() for c in self.chunks(rows)])
+        return np.concatenate([token_norms(torch.from_numpy(self.read(c))).numpy() for c in self.chunks(rows)])
 
     def height(self) -> int:
         if self.full:

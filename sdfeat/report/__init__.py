@@ -20,47 +20,17 @@ from pathlib import Path
 import pyarrow as pa
 
 from sdfeat.errors import ArgumentError
-from sdfeat.report.figures import (
-    CROSS_MODEL_ROWS,
-    FIGURE2_ROWS,
-    INTERVENTION_ROWS,
-    PUBLISHED_LABEL,
-    STORE_LABEL,
-    figure_2,
-    figure_cross_model,
-    figure_interventions,
-    save_figure,
-)
+from sdfeat.report.figures import (PUBLISHED_LABEL, STORE_LABEL, figure_2, figure_cross_model, figure_interventions,
+                                   save_figure)
 from sdfeat.report.stores import intervention_label, token_maps
 from sdfeat.report.summary import model_section, unique_names
-from sdfeat.report.tables import (
-    PREFERRED_VARIANT,
-    REFERENCE_DIR,
-    REFERENCE_MODELS,
-    block_axis,
-    load_reference,
-    select,
-    select_interval,
-    weights_note,
-)
-from sdfeat.results import (
-    ANOMALY_MEAN,
-    ANOMALY_STD,
-    CORNERS_EXCLUDED,
-    PROBE,
-    PROBE_SCALES,
-    RATIO,
-    TIDY_SCHEMA,
-    Series,
-    load_results,
-)
+from sdfeat.report.tables import REFERENCE_DIR, load_reference, select, select_interval, weights_note
+from sdfeat.results import ANOMALY_MEAN, ANOMALY_STD, PROBE, RATIO, TIDY_SCHEMA, load_results
 
 __all__ = [
-    "ANOMALY_MEAN", "ANOMALY_STD", "CORNERS_EXCLUDED", "CROSS_MODEL_ROWS", "FIGURE2_ROWS", "INTERVENTION_ROWS",
-    "PREFERRED_VARIANT", "PROBE", "PROBE_SCALES", "PUBLISHED_LABEL", "RATIO", "REFERENCE_DIR", "REFERENCE_MODELS",
-    "STORE_LABEL", "TIDY_SCHEMA", "Series", "block_axis", "figure_2", "figure_cross_model", "figure_interventions",
-    "intervention_label", "load_reference", "load_results", "save_figure", "select", "select_interval",
-    "token_maps", "weights_note", "write_report",
+    "ANOMALY_MEAN", "ANOMALY_STD", "PROBE", "PUBLISHED_LABEL", "RATIO", "REFERENCE_DIR", "STORE_LABEL", "TIDY_SCHEMA",
+    "figure_2", "figure_cross_model", "figure_interventions", "intervention_label", "load_reference", "load_results",
+    "save_figure", "select", "select_interval", "token_maps", "weights_note", "write_report",
 ]
 
 log = logging.getLogger(__name__)
