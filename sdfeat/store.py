@@ -59,6 +59,12 @@ def filesystem(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def missing_value(dtype: np.dtype | str) -> float | int | bool:
+    """What a row that holds no data (a failed image, an unfinished unit) holds in an array of `dtype`: the
+    array's fill value, and what a worker writes into the rows of failed images."""
+    return 0
+
+
 def _group_path(group: zarr.Group, path: str) -> tuple[zarr.Group, str]:
     """Create the intermediate groups of `path` ("crops/16/conv_in") and return (parent, leaf name)."""
     *parents, leaf = path.split("/")
@@ -102,7 +108,7 @@ def create_template(output: str, arrays: Sequence[ArrayLayout], n_samples: int, 
             shards=(unit_size, *layout.sample_shape),
             dtype=layout.dtype,
             compressors=compressors,
-            fill_value=0,
+            fill_value=missing_value(layout.dtype),
             dimension_names=["sample" if layout.rows is None else "crop_sample", *layout.dims],
         )
     zarr.consolidate_metadata(join(output, FEATURES))
