@@ -19,6 +19,7 @@ from sdfeat.interventions import check_padding
 from sdfeat.layout import Layout, job_layout
 from sdfeat.plan import Unit, plan_units, unit_size, units_for
 from sdfeat.sources import SampleRef, plan_samples
+from sdfeat.simdevice import Simulation
 from sdfeat.spec import JobSpec, spec_hash
 from sdfeat.stages import STAGES, shares
 from sdfeat.unit_runner import UnitRunner
@@ -179,22 +180,24 @@ def end_job(plan: JobPlan, todo: list[Unit], failed: dict[int, str], wall: float
 
 
 def run_local(spec: JobSpec, overwrite: bool = False, progress: bool = True, device: str | None = None,
-              threads: int | None = None, allow_version_change: bool = False) -> dict:
+              threads: int | None = None, allow_version_change: bool = False,
+              simulate: Simulation | None = None) -> dict:
     """Prepare, run every pending unit in this process, finalize. A failing unit is named; others are kept.
-    `threads`: torch's thread count while the job runs (None: as it is); the previous count is restored."""
+    `threads`: torch's thread count while the job runs (None: as it is); the previous count is restored.
+    `simulate`: a `simdevice.Simulation` in place of the device stages (benchmarks of the host pipeline)."""
     with process.torch_threads(threads):
-        return _run_units(spec, overwrite, progress, device, threads, allow_version_change)
+        return _run_units(spec, overwrite, progress, device, threads, allow_version_change, simulate)
 
 
 def _run_units(spec: JobSpec, overwrite: bool, progress: bool, device: str | None, threads: int | None,
-               allow_version_change: bool) -> dict:
+               allow_version_change: bool, simulate: Simulation | None) -> dict:
     from sdfeat.progress import UnitProgress
 
     plan = prepare_job(spec, overwrite, allow_version_change)
     todo = pending_units(plan)
     failed: dict[int, str] = {}
     start = time.perf_counter()
-    runner = UnitRunner(spec, plan.output, device, threads) if todo else None
+    runner = UnitRunner(spec, plan.output, device, threads, simulate=simulate) if todo else None
     load_seconds = time.perf_counter() - start
     start = time.perf_counter()
     held = runner is not None and process.hold_freed_memory()  # batches reuse their memory (no page faults)
@@ -209,6 +212,8 @@ def _run_units(spec: JobSpec, overwrite: bool, progress: bool, device: str | Non
                 else:
                     bar.update(report)
     finally:
+        if runner is not None:
+            runner.close()
         if held:
             process.release_freed_memory()
     summary = end_job(plan, todo, failed, time.perf_counter() - start, bar.this_run())

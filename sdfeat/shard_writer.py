@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -219,20 +220,25 @@ def _sync_filesystem(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSystem
     return fsspec.AbstractFileSystem.from_json(json.dumps(config))
 
 
-def write_shards(target: ShardTarget, jobs: Sequence[ShardJob], workers: int | None = None) -> None:
+def _write_timed(target: ShardTarget, job: ShardJob) -> float:
+    """Write one shard; returns the CPU seconds this thread spent on it."""
+    start = time.thread_time()
+    target.write(job)
+    return time.thread_time() - start
+
+
+def write_shards(target: ShardTarget, jobs: Sequence[ShardJob], workers: int | None = None) -> float:
     """Write every job's shard, `workers` at a time (default `default_workers()`), largest first; returns once all
-    are written and raises the first error after the others have finished."""
+    are written (the CPU seconds the writing threads spent) and raises the first error after the others have
+    finished."""
     workers = default_workers() if workers is None else workers
     ordered = sorted(jobs, key=lambda j: -j.nbytes)
     if workers <= 1 or len(ordered) <= 1:
-        for job in ordered:
-            target.write(job)
-        return
+        return sum(_write_timed(target, job) for job in ordered)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sdfeat-shard") as pool:
-        futures = [pool.submit(target.write, job) for job in ordered]
+        futures = [pool.submit(_write_timed, target, job) for job in ordered]
         try:
-            for future in futures:
-                future.result()
+            return sum(future.result() for future in futures)
         except BaseException:
             pool.shutdown(cancel_futures=True)  # the shards not started yet are not written
             raise

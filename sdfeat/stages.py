@@ -2,7 +2,7 @@
 
 `unit_runner.UnitRunner` times every unit with a `StageClock`. On a GPU most work is asynchronous: a wall clock around
 a kernel launch measures the launch, not the kernel. So device stages (`h2d`, `vae`, `noise`, `unet`, `d2h`) are
-bracketed by CUDA events on the current stream and read once, after the unit's final synchronisation; host
+bracketed by CUDA events (on the stream doing the work) and read once the writer has waited on the unit's fence; host
 stages (`decode`, `write`) and every stage on a CPU use `time.perf_counter`. `stall` is how long the compute
 loop waited for decoded images: near zero when decoding overlaps the device's work.
 
@@ -33,15 +33,16 @@ class StageClock:
         self._start = time.perf_counter()
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Time the enclosed work as stage `name` (CUDA events for device stages on a GPU)."""
+    def stage(self, name: str, stream: torch.cuda.Stream | None = None) -> Iterator[None]:
+        """Time the enclosed work as stage `name` (CUDA events on `stream`, default the current one, for device
+        stages on a GPU)."""
         if name not in self._host:
             raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
         if self._events and name in DEVICE_STAGES:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             yield
-            end.record()
+            end.record(stream)
             self._pending.append((name, start, end))
             return
         t = time.perf_counter()

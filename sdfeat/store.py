@@ -138,13 +138,14 @@ def read_attrs(output: str) -> dict:
 
 
 def write_unit(group: zarr.Group, start: int, stop: int, data: dict[str, np.ndarray], ok: np.ndarray, *,
-               workers: int | None = None, direct: bool = True) -> None:
+               workers: int | None = None, direct: bool = True) -> float:
     """Write one unit's rows [start, stop) of every array (whole shards), then its `ok` flags. An array given fewer
     rows (one limited to its first rows) gets rows [start, start + len(values)); none when empty.
 
     Arrays whose layout `shard_writer` covers (every sharded per-sample array of `create_template`) are written as
     shard bytes, `workers` shards at a time (default min(4, cores)); the others, and all of them with
-    `direct=False`, by zarr-python. Both give the same bytes. `ok` is written (by zarr) after all the data."""
+    `direct=False`, by zarr-python. Both give the same bytes. `ok` is written (by zarr) after all the data.
+    Returns the CPU seconds the shard writer's threads spent (0 when it wrote nothing)."""
     target = shard_writer.ShardTarget.of(group.store) if direct else None
     jobs: list[shard_writer.ShardJob] = []
     # Activations are never all-zero, so zarr's scan for empty chunks only costs time (1.5-2.5x slower writes
@@ -160,9 +161,9 @@ def write_unit(group: zarr.Group, start: int, stop: int, data: dict[str, np.ndar
                 array[start:start + len(values)] = values
             else:
                 jobs += planned
-    if jobs:
-        shard_writer.write_shards(target, jobs, workers)
+    cpu = shard_writer.write_shards(target, jobs, workers) if jobs else 0.0
     group["ok"][start:stop] = ok
+    return cpu
 
 
 # -- manifest, markers, failures ----------------------------------------------------------------------------
