@@ -21,7 +21,7 @@ from sdfeat.plan import Unit, plan_units, unit_size, units_for
 from sdfeat.sources import SampleRef, plan_samples
 from sdfeat.simdevice import Simulation
 from sdfeat.spec import JobSpec, spec_hash
-from sdfeat.stages import STAGES, shares
+from sdfeat.stages import HOST_STAGES, STAGES, shares
 from sdfeat.unit_runner import UnitRunner
 
 __all__ = ["JobPlan", "UnitRunner", "end_job", "finalize_job", "pending_units", "prepare_job", "run_local"]
@@ -155,9 +155,10 @@ def finalize_job(plan: JobPlan) -> dict:
     failures = [f for r in reports for f in r["failures"]]
     store.write_failures(plan.output, failures)  # writes nothing when unchanged (a finished job rerun)
     seconds = {k: round(sum(r.get("seconds", {}).get(k, 0.0) for r in reports), 3) for k in STAGES}
+    cpu = {k: round(sum(r.get("cpu", {}).get(k, 0.0) for r in reports), 3) for k in HOST_STAGES}
     return {"output": plan.output, "units": len(plan.units), "rows": plan.n_samples,
             "ok": sum(r["ok"] for r in reports), "failures": len(failures), "seconds": seconds,
-            "share": shares(seconds, sum(r.get("wall", 0.0) for r in reports))}
+            "share": shares(seconds, sum(r.get("wall", 0.0) for r in reports)), "cpu": cpu}
 
 
 def end_job(plan: JobPlan, todo: list[Unit], failed: dict[int, str], wall: float, this_run: dict) -> dict:

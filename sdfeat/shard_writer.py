@@ -143,11 +143,28 @@ def morton_order(grid: tuple[int, ...]) -> np.ndarray:
     return order
 
 
+def _index_tail(index: np.ndarray) -> bytes:
+    index_bytes = index.tobytes()
+    return index_bytes + np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()
+
+
 def encode_shard(job: ShardJob) -> Iterator[memoryview | bytes]:
     """The shard object's bytes, in order, as pieces (views of `job.values` for codec none): chunks, then index."""
     index = np.full((*job.chunks_per_shard, 2), MISSING, dtype="<u8")  # C order of the inner-chunk grid
-    offset = 0
     rows = job.values.shape[0]
+    if job.zstd is None and all(n == 1 for n in job.chunks_per_shard[1:]):
+        # chunks stacked along rows only: Morton order is row order and the chunks are consecutive in `values`,
+        # so the data is `values` itself, written at once (the summaries' ~400 small arrays per unit: per-chunk
+        # Python work cost more than their bytes)
+        count = -(-rows // job.chunk_shape[0])
+        nbytes = job.values.nbytes // count if count else 0
+        index[:count, ..., 0] = (np.arange(count, dtype="<u8") * nbytes).reshape(-1, *([1] * (index.ndim - 2)))
+        index[:count, ..., 1] = nbytes
+        if rows:
+            yield memoryview(np.ascontiguousarray(job.values).reshape(-1).view(np.uint8))
+        yield _index_tail(index)
+        return
+    offset = 0
     for coords in morton_order(job.chunks_per_shard):
         first = int(coords[0]) * job.chunk_shape[0]
         if first >= rows:  # past the array's end: absent from the shard
@@ -159,8 +176,7 @@ def encode_shard(job: ShardJob) -> Iterator[memoryview | bytes]:
         index[tuple(coords)] = (offset, len(piece))
         offset += len(piece)
         yield piece
-    index_bytes = index.tobytes()
-    yield index_bytes + np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()
+    yield _index_tail(index)
 
 
 def shard_bytes(job: ShardJob) -> bytes:

@@ -21,6 +21,9 @@ import torch
 
 DEVICE_STAGES: tuple[str, ...] = ("h2d", "vae", "noise", "unet", "d2h")
 STAGES: tuple[str, ...] = ("decode", "stall", *DEVICE_STAGES, "write")
+# CPU seconds a unit report's `cpu` holds: per host thread (`feed` reads, decodes and assembles batches, `launch`
+# runs the device stages, `write` the writer and its shard threads) and the worker process's in all over the unit.
+HOST_STAGES: tuple[str, ...] = ("read", "decode", "feed", "launch", "write", "process")
 
 
 class StageClock:

@@ -98,6 +98,7 @@ class UnitRunner:
         self.class_names: list[str] | None = attrs.get("class_names")
         self.manifest = store.read_manifest(self.output)  # one row per store row; read once per worker
         self.group = store.open_features(self.output, mode="r+")
+        self._opened: dict = {}  # the store's arrays, opened once by the writer (`store.write_unit`)
         self.unit_size = min(int(attrs["unit_size"]), int(attrs["n_samples"]))
         # Arrays limited to the store's first rows (crop variants under `variants.samples`): path -> row count.
         self._row_limits = {a.path: a.rows for a in self.layout.arrays if a.rows is not None}
@@ -174,6 +175,7 @@ class UnitRunner:
             tokens_per_image=spec.summaries.tokens_per_image if spec.summaries else 0,
             crop_rows=self._crop_rows, latent_dtype=_numpy_dtype(self._compute_dtype()), pin=self.forward.pinned)
         self._feeder = Feeder(settings, self.manifest, self.decode_threads, self.cache)
+        self._process_cpu = time.process_time()
         threading.Thread(target=self._launch_loop, daemon=True, name="sdfeat-launch").start()
         threading.Thread(target=self._write_loop, daemon=True, name="sdfeat-write").start()
 
@@ -304,12 +306,14 @@ class UnitRunner:
             ok = np.zeros(unit.rows, dtype=bool)
             ok[work.rows] = True
             shard_cpu = store.write_unit(self.group, unit.start, unit.stop, data, ok,
-                                         workers=self.spec.write_workers) or 0.0
+                                         workers=self.spec.write_workers, opened=self._opened) or 0.0
             if end.cold:
                 self._store_latents(work, end.failures)
         clock.add("decode", end.decode_seconds)
+        now = time.process_time()  # this process's CPU (every thread) since the previous unit was written
         cpu = {**end.cpu, "launch": round(work.launch_cpu, 4),
-               "write": round(time.thread_time() - start + shard_cpu, 4)}
+               "write": round(time.thread_time() - start + shard_cpu, 4), "process": round(now - self._process_cpu, 4)}
+        self._process_cpu = now
         report = {"unit": unit.index, "rows": unit.rows, "ok": int(ok.sum()), "failures": end.failures,
                   "seconds": clock.seconds(), "wall": round(wall, 4), "cpu": cpu, "worker": self.worker}
         store.write_marker(self.output, unit.index, report)
