@@ -81,10 +81,11 @@ class ExtractionWorker:
         if tally is not None:  # progress per batch: fire-and-forget to the driver's tally
             self.runner.on_batch = lambda unit, rows: tally.add.remote(unit, rows)
 
-    def ready(self) -> str:
+    def ready(self) -> tuple[str, float]:
+        """(the worker's name, its compile warm-up seconds); raises what failed its loading."""
         if self.error is not None:
             raise self.error
-        return self.runner.worker
+        return self.runner.worker, self.runner.compile_seconds
 
     def run(self, unit: Unit) -> dict:
         return self.runner.run(unit)
@@ -196,6 +197,7 @@ class _Outcome:
     failed: dict[int, str] = field(default_factory=dict)     # unit -> last error, after all retries
     retries: int = 0
     actor_restarts: int = 0
+    compile_seconds: float = 0.0  # the longest compile warm-up of an actor (`compile: true`), before its units
 
 
 class _Driver:
@@ -298,7 +300,8 @@ class _Driver:
     def _on_ready(self, slot: _Slot) -> None:
         """An actor finished loading, or died while loading (replaced; a domain error is raised as itself)."""
         try:
-            slot.name = ray.get(slot.ready_ref)
+            slot.name, compile_seconds = ray.get(slot.ready_ref)
+            self.out.compile_seconds = max(self.out.compile_seconds, compile_seconds)
             slot.ready_ref = None
             slot.last_activity = time.monotonic()
             self.failed_starts = 0
@@ -420,7 +423,8 @@ def run_on_ray(spec: JobSpec, address: str | None = None, workers: int | None = 
         summary["ray"] = {"cluster": cluster, "actors": min(layout.count, len(todo)), "device": layout.device,
                           "num_cpus": layout.num_cpus, "num_gpus": layout.num_gpus, "threads": layout.threads,
                           "units_run": len(outcome.reports), "units_skipped": len(plan.units) - len(todo),
-                          "retries": outcome.retries, "actor_restarts": outcome.actor_restarts}
+                          "retries": outcome.retries, "actor_restarts": outcome.actor_restarts,
+                          "compile_seconds": round(outcome.compile_seconds, 2)}
         return summary
     finally:
         if connected_here:

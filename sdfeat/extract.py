@@ -21,7 +21,7 @@ from sdfeat.plan import Unit, plan_units, unit_size, units_for
 from sdfeat.sources import SampleRef, plan_samples
 from sdfeat.simdevice import Simulation
 from sdfeat.spec import JobSpec, spec_hash
-from sdfeat.stages import HOST_STAGES, STAGES, shares
+from sdfeat.stages import HOST_STAGES, STAGES, shares, steady_rate
 from sdfeat.unit_runner import UnitRunner
 
 __all__ = ["JobPlan", "UnitRunner", "end_job", "finalize_job", "pending_units", "prepare_job", "run_local"]
@@ -158,7 +158,8 @@ def finalize_job(plan: JobPlan) -> dict:
     cpu = {k: round(sum(r.get("cpu", {}).get(k, 0.0) for r in reports), 3) for k in HOST_STAGES}
     return {"output": plan.output, "units": len(plan.units), "rows": plan.n_samples,
             "ok": sum(r["ok"] for r in reports), "failures": len(failures), "seconds": seconds,
-            "share": shares(seconds, sum(r.get("wall", 0.0) for r in reports)), "cpu": cpu}
+            "share": shares(seconds, sum(r.get("wall", 0.0) for r in reports)), "cpu": cpu,
+            "steady_images_per_second": steady_rate(reports)}
 
 
 def end_job(plan: JobPlan, todo: list[Unit], failed: dict[int, str], wall: float, this_run: dict) -> dict:
@@ -218,5 +219,6 @@ def _run_units(spec: JobSpec, overwrite: bool, progress: bool, device: str | Non
         if held:
             process.release_freed_memory()
     summary = end_job(plan, todo, failed, time.perf_counter() - start, bar.this_run())
-    summary["load_seconds"] = round(load_seconds, 2)
+    summary["load_seconds"] = round(load_seconds, 2)  # the model's load and, with `compile: true`, its compiling
+    summary["compile_seconds"] = round(runner.compile_seconds, 2) if runner is not None else 0.0
     return summary

@@ -64,8 +64,6 @@ def channels_last(values: torch.Tensor) -> bool:
 class Forward:
     """The real device stages of one job on `device` (a GPU: asynchronous; a CPU: synchronous)."""
 
-    buffer_sets: int  # host buffer sets a worker keeps: two on a GPU (one filled while the other is written)
-
     def __init__(self, model: LoadedModel, spec: JobSpec, layout: Layout, device: torch.device,
                  unit_rows: Callable[[str, Unit], int], keep_latents: bool,
                  class_names: Sequence[str] | None) -> None:
@@ -74,7 +72,6 @@ class Forward:
         self.layout = layout
         self.device = device
         self.cuda = device.type == "cuda"
-        self.buffer_sets = 2 if self.cuda else 1
         self.pinned = self.cuda
         self.unit_rows = unit_rows
         self.keep_latents = keep_latents

@@ -60,7 +60,6 @@ class Simulation:
 class SimulatedDevice:
     """Device stages that take `1 / images_per_second` per image and compute nothing (see the module doc)."""
 
-    buffer_sets = 2        # as on a GPU: one unit's buffers filled while the other's are written
     pinned = False         # host tensors stay pageable: there is no device to pin them for
     vae_digest = "simulated-device"  # the latent cache key's VAE part
 

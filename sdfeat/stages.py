@@ -72,3 +72,12 @@ class StageClock:
 def shares(seconds: Mapping[str, float], wall: float) -> dict[str, float]:
     """Busy time of each stage as a fraction of `wall`."""
     return {k: round(v / wall, 3) if wall > 0 else 0.0 for k, v in seconds.items()}
+
+
+def steady_rate(reports: list[dict]) -> float | None:
+    """Images per second between the first and the last unit to finish (their reports' `finished` times): the rate
+    once the pipeline is full, without starting and loading. None with fewer than two timed reports."""
+    timed = sorted((r for r in reports if "finished" in r), key=lambda r: r["finished"])
+    if len(timed) < 2 or timed[-1]["finished"] <= timed[0]["finished"]:
+        return None
+    return sum(r["rows"] for r in timed[1:]) / (timed[-1]["finished"] - timed[0]["finished"])

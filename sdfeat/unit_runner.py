@@ -48,6 +48,7 @@ from sdfeat.stages import StageClock
 log = logging.getLogger(__name__)
 
 _STOP = object()
+SECOND_SET_MAX_BYTES = 256 * 2**20  # on a CPU, a second unit buffer set only up to this size
 
 
 def _padding(spec: JobSpec) -> dict[str, str]:
@@ -121,9 +122,13 @@ class UnitRunner:
                                    self.cache is not None, self.class_names)
         # A compiled model compiles every graph here, so compile time is reported apart from throughput.
         self.compile_seconds = self.forward.warm_up() if spec.compile and self.device.type == "cuda" else 0.0
-        # Host buffers for whole units, reused: fresh ones would page-fault on every first write.
+        # Host buffers for whole units, reused: fresh ones would page-fault on every first write. Two sets (one unit
+        # computed while the previous one is written) on a GPU, and on a CPU where a set is small; one otherwise
+        # (the CPU's peak memory: a large unit is written while the device, here the CPU itself, waits).
+        unit_bytes = self.unit_size * self.layout.bytes_per_sample()
+        sets = 2 if self.device.type == "cuda" or simulate is not None or unit_bytes <= SECOND_SET_MAX_BYTES else 1
         self._buffers: queue.Queue[dict[str, torch.Tensor]] = queue.Queue()
-        for _ in range(self.forward.buffer_sets):
+        for _ in range(sets):
             self._buffers.put({a.path: torch.zeros((self.unit_size, *a.sample_shape), dtype=getattr(torch, a.dtype),
                                                    pin_memory=self.forward.pinned)
                                for a in self.layout.arrays})
@@ -315,7 +320,8 @@ class UnitRunner:
                "write": round(time.thread_time() - start + shard_cpu, 4), "process": round(now - self._process_cpu, 4)}
         self._process_cpu = now
         report = {"unit": unit.index, "rows": unit.rows, "ok": int(ok.sum()), "failures": end.failures,
-                  "seconds": clock.seconds(), "wall": round(wall, 4), "cpu": cpu, "worker": self.worker}
+                  "seconds": clock.seconds(), "wall": round(wall, 4), "cpu": cpu, "worker": self.worker,
+                  "finished": round(time.time(), 3)}
         store.write_marker(self.output, unit.index, report)
         return report
 
