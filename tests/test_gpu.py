@@ -28,36 +28,34 @@ def test_cuda_store_matches_cpu_store(tiny_store: str, tmp_path: Path, compute_d
 
 
 def test_the_launching_thread_never_waits_for_the_device(tmp_path: Path) -> None:
-    """Every batch of a job with crops, several timesteps and seeds, summaries, a failed image and a latent cache
-    (cold, then warm) launches without a synchronising CUDA call: torch's sync debug mode raises on any (`.item()`,
-    `.cpu()`, a pageable copy, `torch.cuda.synchronize`) in the thread that runs the device stages."""
+    """Every batch of a job with crops, several timesteps and seeds, summaries and a latent cache (cold, then
+    warm) launches without a synchronising CUDA call: torch's sync debug mode warns on any (`.item()`, `.cpu()`,
+    a pageable copy, `torch.cuda.synchronize`), and no warning comes from the thread that launches the device
+    stages (the writer's wait on a unit's fence is the one expected, in its own thread)."""
     import threading
+    import warnings
 
     import torch
 
-    from sdfeat import forward
+    seen: list[tuple[str, str]] = []
+    show = warnings.showwarning
 
-    errors: list[BaseException] = []
-    run = forward.Forward.run
+    def record(message, *args, **kwargs) -> None:
+        seen.append((threading.current_thread().name, str(message)))
 
-    def strict(self, batch, work):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return run(self, batch, work)
-        except RuntimeError as err:  # recorded, then re-raised: the unit fails and the test says why
-            errors.append(err)
-            raise
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-    forward.Forward.run = strict
+    torch.cuda.set_sync_debug_mode("warn")
+    warnings.showwarning = record
     try:
-        for name in ("cold", "warm"):
-            spec = small_spec(str(tmp_path / name), timesteps=[50, 200], seeds=[1, 2], batch_size=3,
-                              variants={"crops": "auto"}, summaries={"blocks": "paper", "tokens_per_image": 4},
-                              latent_cache=str(tmp_path / "cache"))
-            run_local(spec, progress=False, device="cuda")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            for name in ("cold", "warm"):
+                spec = small_spec(str(tmp_path / name), timesteps=[50, 200], seeds=[1, 2], batch_size=3,
+                                  variants={"crops": "auto"}, summaries={"blocks": "paper", "tokens_per_image": 4},
+                                  latent_cache=str(tmp_path / "cache"))
+                run_local(spec, progress=False, device="cuda")
     finally:
-        forward.Forward.run = run
-    assert errors == [], errors[0]
-    assert threading.active_count() >= 1
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = show
+    launching = [message for thread, message in seen if thread == "sdfeat-launch" and "synchroniz" in message]
+    assert launching == []
