@@ -89,8 +89,10 @@ class Forward:
         return [self.spec.prompt.format(class_name=self.class_names[y] if y >= 0 else "") for y in labels]
 
     def _up(self, host: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """A host tensor on the device (from pinned memory: asynchronous, on the launching stream)."""
-        return host.to(self.device, dtype, non_blocking=True)
+        """A host tensor on the device (from pinned memory: asynchronous, on the launching stream), cast there: a
+        copy that also casts would cast on the host into pageable memory, whose copy waits for the device."""
+        values = host.to(self.device, non_blocking=True)
+        return values if dtype is None else values.to(dtype)
 
     def _to_host(self, values: torch.Tensor, target: torch.Tensor) -> None:
         """Copy device `values` into the host tensor `target` after the work launched so far, on the download

@@ -80,6 +80,9 @@ class Schedule:
         _check(protocol)
         self.protocol = protocol
         self.timestep = {t: torch.tensor([t], dtype=torch.int64, device=device) for t in timesteps}
+        # DDIM's add_noise moves its table to the samples' device on first use: here, not in the first batch
+        noise_scheduler = model.noise_scheduler
+        noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
         self._scalers = {}
         if protocol == "paper":
             probe = torch.zeros(1, device=device)
@@ -116,9 +119,11 @@ def noisy_latents(model: LoadedModel, dist, protocol: str, seed: int, sample_ids
         else:
             mean, std = dist.mean, dist.std  # (B, 4, h, w)
             eps, field = noise if noise is not None else standard_noise(seed, sample_ids, mean.shape[1:])
-            eps = eps.to(mean.device, mean.dtype, non_blocking=True)
+            # up in float32 (an asynchronous copy from pinned memory), cast on the device: a copy that also casts
+            # would cast on the host into pageable memory, and a pageable copy waits for the device
+            eps = eps.to(mean.device, non_blocking=True).to(mean.dtype)
             latents = (mean + std * eps) * model.scaling_factor
-            field = field.to(latents.device, latents.dtype, non_blocking=True)
+            field = field.to(latents.device, non_blocking=True).to(latents.dtype)
         inputs = {}
         for t in timesteps:
             noisy = model.noise_scheduler.add_noise(latents, field, schedule.timestep[t])
