@@ -11,10 +11,12 @@ Two sections, each against a baseline run in the same process:
      - the irreducible host cost: a bare loop of PIL decode + resize of the same JPEGs plus a plain `write` of the
        same bytes the job stores, in CPU-seconds per image,
      - a host-bound run (the device 10^6 img/s): the pipeline's host CPU-seconds per image by stage and in all
-       (this process's CPU time; Ray: the actors' stage tallies), its ratio to the irreducible cost (target
-       <= 1.25), and the host ceiling = cores / host CPU-s per image,
+       (the worker process's CPU while its units ran: `cpu.process` of the unit reports; the job's fixed cost,
+       planning and the store template, apart), its ratio to the irreducible cost (target <= 1.25), and the host
+       ceiling = cores / host CPU-s per image, beside the disk's (its rate for the same bytes, fsynced),
      - runs with the device at half and at twice that ceiling: end-to-end img/s, the device rate, the device's
-       idle share; targets: >= 0.9x the device rate (half), >= 0.9x the ceiling (twice).
+       idle share (rates between the first and the last unit to finish); targets: >= 0.9x the device rate (half),
+       >= 0.9x the ceiling (twice), the ceiling being the lower of the CPU's and the disk's.
 2. `hidden` — the real tiny model, torch on one thread (a core left for the host), 160 large photo JPEGs
    (1600×1200) in one Parquet file, 256 px, batch 8, unit_size 8 and 64: the job's wall time against the same
    job over `synthetic:` images; target: the difference <= 30 % of a bare decode loop over those JPEGs.
@@ -69,16 +71,18 @@ def bare_decode(data: list[bytes], resolution: int) -> tuple[float, float]:
     return time.perf_counter() - wall, time.thread_time() - cpu
 
 
-def bare_write(folder: Path, n_bytes: int, chunk: int = 64 * 2**20) -> float:
-    """CPU s of writing `n_bytes` with plain `write` calls into one file of `folder` (the same disk)."""
+def bare_write(folder: Path, n_bytes: int, chunk: int = 64 * 2**20) -> tuple[float, float]:
+    """(wall s, CPU s) of writing `n_bytes` with plain `write` calls into one file of `folder` (the stores' disk),
+    flushed to it (`fsync`): the disk's own rate bounds a job that writes as much."""
     folder.mkdir(parents=True, exist_ok=True)
     block = memoryview(os.urandom(min(chunk, n_bytes)) if n_bytes else b"")
-    cpu = time.thread_time()
+    cpu, wall = time.thread_time(), time.perf_counter()
     with open(folder / "plain.bin", "wb") as f:
         left = n_bytes
         while left > 0:
             left -= f.write(block[: min(left, len(block))])
-    spent = time.thread_time() - cpu
+        os.fsync(f.fileno())
+    spent = time.perf_counter() - wall, time.thread_time() - cpu
     (folder / "plain.bin").unlink()
     return spent
 
@@ -116,40 +120,46 @@ def overlap(args: argparse.Namespace, source: Path, on_ray: bool) -> list[dict]:
     }
     rows = []
     where = "ray" if on_ray else "local"
+    stores = Path(args.store_dir or args.dir)
     for name, fields in jobs.items():
         cache = Path(args.dir) / f"cache-{name}"
         shutil.rmtree(cache, ignore_errors=True)
         for warmth in ("cold", "warm"):
             def spec(tag: str):
-                out = Path(args.dir) / f"out-{name}-{warmth}-{tag}"
+                out = stores / f"out-{name}-{warmth}-{tag}"
                 shutil.rmtree(out, ignore_errors=True)
                 return parse_spec({**fields, "source": str(source), "latent_cache": str(cache),
                                    "output": str(out), "limit": n})
             per_image_bytes = job_layout(spec("probe")).bytes_per_sample()
-            write_cpu = bare_write(Path(args.dir) / "plain", per_image_bytes * n)
+            write_wall, write_cpu = bare_write(stores / "plain", per_image_bytes * n)
             irreducible = ((decode_cpu if warmth == "cold" else 0.0) + write_cpu) / n
             # the host-bound run fills the cache when cold; the warm runs read it
             bound_spec = spec("bound")
             bound, process_cpu = _run(bound_spec, Simulation(1e6), on_ray)
-            stages = {k: v / n for k, v in _stage_cpu(bound_spec.output).items()}
-            host_cpu = sum(stages.values()) if on_ray else process_cpu / n
-            ceiling = CORES / host_cpu
-            row = {"where": where, "job": name, "cache": warmth, "images": n,
+            stages = {k: v / n for k, v in bound["cpu"].items()}
+            host_cpu = stages["process"]  # every thread of the worker process(es), while units ran
+            cpu_ceiling = CORES / host_cpu
+            disk_ceiling = n / write_wall  # the disk's own rate for the bytes the job writes
+            ceiling = min(cpu_ceiling, disk_ceiling)
+            row = {"where": where, "job": name, "cache": warmth, "images": n, "bytes_per_image": per_image_bytes,
                    "irreducible_cpu_s_per_image": round(irreducible, 5),
-                   "bare_decode_cpu_s_per_image": round(decode_cpu / n, 5), "bare_write_cpu_s_per_image":
-                       round(write_cpu / n, 5), "host_cpu_s_per_image": round(host_cpu, 5),
+                   "bare_decode_cpu_s_per_image": round(decode_cpu / n, 5),
+                   "bare_write_cpu_s_per_image": round(write_cpu / n, 5),
+                   "host_cpu_s_per_image": round(host_cpu, 5),
                    "host_cpu_by_stage": {k: round(v, 5) for k, v in stages.items()},
-                   "host_cost_ratio": round(host_cpu / irreducible, 3), "host_ceiling_img_s": round(ceiling, 1),
-                   "host_bound_img_s": bound["images_per_second"], "runs": []}
+                   "job_fixed_cpu_s": round(process_cpu - bound["cpu"]["process"], 2) if not on_ray else None,
+                   "host_cost_ratio": round(host_cpu / irreducible, 3),
+                   "host_ceiling_img_s": round(cpu_ceiling, 1), "disk_ceiling_img_s": round(disk_ceiling, 1),
+                   "host_bound_img_s": bound["steady_images_per_second"], "runs": []}
             shutil.rmtree(bound_spec.output, ignore_errors=True)
             for factor in (0.5, 2.0):
                 device = factor * ceiling
                 run_spec = spec(f"x{factor}")
                 summary, _ = _run(run_spec, Simulation(device), on_ray)
                 busy = summary["seconds"]["unet"]
-                e2e = summary["images_per_second"]
+                e2e = summary["steady_images_per_second"]
                 goal = 0.9 * min(device, ceiling)
-                row["runs"].append({"device_img_s": round(device, 1), "end_to_end_img_s": e2e,
+                row["runs"].append({"device_img_s": round(device, 1), "end_to_end_img_s": round(e2e, 1),
                                     "device_idle_share": round(1 - busy / max(summary["wall_seconds"], 1e-9), 3),
                                     "target_img_s": round(goal, 1), "met": e2e >= goal})
                 shutil.rmtree(run_spec.output, ignore_errors=True)
@@ -186,6 +196,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=768)
     parser.add_argument("--dir", default=str(ROOT / "out" / "bench-pipeline"), help="a folder on a real disk")
+    parser.add_argument("--store-dir", help="where the stores go (default: --dir); /dev/shm takes the disk out")
     parser.add_argument("--sections", default="overlap,hidden")
     parser.add_argument("--no-ray", action="store_true")
     parser.add_argument("--out", help="write every figure here as JSON")

@@ -20,6 +20,7 @@ Imports torch only for the host tensors; never touches a device.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -49,6 +50,19 @@ _END = object()  # end of a queue's stream
 
 class _Closed(Exception):
     """The feeder was closed while a thread waited; the thread ends."""
+
+
+HOST_NICENESS = 5  # the feeder's threads yield a contended core to the launching thread (and on a CPU, to torch)
+
+
+def yield_to_the_device() -> None:
+    """Lower this thread's scheduling priority (Linux: per thread) so that, when cores are short, the thread that
+    keeps the device busy runs first and the host's reading and decoding take the time that is left."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + HOST_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not allowed: priorities stay as they are
+        pass
 
 
 @dataclass
@@ -123,7 +137,8 @@ class Feeder:
         self._units: queue.Queue = queue.Queue()
         self._planned: queue.Queue = queue.Queue(maxsize=4)
         self._window = threading.BoundedSemaphore(max(settings.batch_size, 4 * threads))
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sdfeat-decode")
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sdfeat-decode",
+                                        initializer=yield_to_the_device)
         self._files = OpenFiles()
         self._cpu: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self._decode_wall: dict[int, float] = defaultdict(float)
@@ -165,6 +180,7 @@ class Feeder:
     # -- 1. planning and reading ---------------------------------------------------------------------------------
 
     def _plan_loop(self) -> None:
+        yield_to_the_device()
         try:
             while (unit := self._units.get()) is not _END and not self._stop.is_set():
                 self._plan(unit)
@@ -222,6 +238,7 @@ class Feeder:
     # -- 3. assembling -------------------------------------------------------------------------------------------
 
     def _assemble_loop(self) -> None:
+        yield_to_the_device()
         try:
             while (planned := self._planned.get()) is not _END and not self._stop.is_set():
                 self._assemble(planned)

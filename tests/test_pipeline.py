@@ -32,14 +32,15 @@ def test_spread_rows_moves_compacted_rows_to_their_places_and_fills_the_rest() -
 
 
 def _count_row_group_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The row groups a reader starts reading (a row group is read in batches, from its first row on)."""
     reads: list[int] = []
-    original = pq.ParquetFile.read_row_group
+    original = pq.ParquetFile.iter_batches
 
-    def counted(self, i, *args, **kwargs):
-        reads.append(i)
-        return original(self, i, *args, **kwargs)
+    def counted(self, *args, row_groups=None, **kwargs):
+        reads.extend(row_groups)
+        return original(self, *args, row_groups=row_groups, **kwargs)
 
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counted)
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
     return reads
 
 
