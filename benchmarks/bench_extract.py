@@ -136,11 +136,10 @@ def child_sdfeat(job: dict) -> dict:
             timing["load_s"] = time.perf_counter() - t
             timing.update(_loaded())
 
-        def run(self, unit):
+        def run_many(self, units):
             t = time.perf_counter()
-            report = super().run(unit)
+            yield from super().run_many(units)
             timing["units_s"] += time.perf_counter() - t
-            return report
 
     extract.UnitRunner = TimedRunner  # run_local looks the class up at call time
     out = tempfile.mkdtemp(prefix="sdfeat-bench-", dir=job["tmp"])
