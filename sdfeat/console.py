@@ -113,8 +113,9 @@ def print_info(summary: dict) -> None:
         f"seeds {summary['seeds']}, units {summary['units_done']}/{summary['units']} done")
     print_table(["array", "shape", "dtype"],
                 [[b["name"], "×".join(map(str, b["shape"])), b["dtype"]] for b in summary["blocks"]])
+    ratio = summary["compression_ratio"]
     say(f"{summary['bytes_stored'] / 2**20:.1f} MiB stored, {summary['bytes_raw'] / 2**20:.1f} MiB raw, "
-        f"compression {summary['compression_ratio']:.2f}×")
+        + (f"compression {ratio:.2f}×" if ratio is not None else "compression n/a (no unit finished yet)"))
 
 
 def print_stats(values: np.ndarray) -> None:

@@ -61,8 +61,23 @@ def filesystem(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 def missing_value(dtype: np.dtype | str) -> float | int | bool:
     """What a row that holds no data (a failed image, an unfinished unit) holds in an array of `dtype`: the
-    array's fill value, and what a worker writes into the rows of failed images."""
-    return 0
+    array's fill value, and what a worker writes into the rows of failed images. NaN for floating arrays, so that
+    any reader (plain xarray or zarr too) sees a missing row as missing; 0 / False for integer and bool arrays,
+    whose rows readers mask by the `ok` coordinate.
+
+    Stores written before NaN was the fill value hold 0 in such rows: `nan_fill(group)` says which kind a store
+    is, and sdfeat's readers mask by `ok` either way."""
+    kind = np.dtype(dtype).kind
+    if kind in "fc":
+        return float("nan")
+    return False if kind == "b" else 0
+
+
+def nan_fill(array: zarr.Array) -> bool:
+    """Whether `array`'s rows without data read as NaN (a floating array created with NaN as its fill value);
+    False for stores written before that (fill 0) and for integer arrays: mask those by `ok`."""
+    fill = array.metadata.fill_value
+    return np.dtype(array.dtype).kind in "fc" and bool(np.isnan(fill))
 
 
 def _group_path(group: zarr.Group, path: str) -> tuple[zarr.Group, str]:
