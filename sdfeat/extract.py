@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 
-from sdfeat import process, store
+from sdfeat import process, store, writer_lock
+from sdfeat.configs import require_weights
 from sdfeat.errors import SourceError, SpecError, StoreError, UnitFailedError
 from sdfeat.interventions import check_padding
 from sdfeat.layout import Layout, job_layout
@@ -181,8 +182,10 @@ def end_job(plan: JobPlan, todo: list[Unit], failed: dict[int, str], wall: float
 def run_local(spec: JobSpec, overwrite: bool = False, progress: bool = True, device: str | None = None,
               threads: int | None = None, allow_version_change: bool = False) -> dict:
     """Prepare, run every pending unit in this process, finalize. A failing unit is named; others are kept.
-    `threads`: torch's thread count while the job runs (None: as it is); the previous count is restored."""
-    with process.torch_threads(threads):
+    `threads`: torch's thread count while the job runs (None: as it is); the previous count is restored.
+    The weights are checked before anything is written; the output's writer lock is held throughout."""
+    require_weights(spec.model, spec.revision)
+    with writer_lock.hold(spec.output), process.torch_threads(threads):
         return _run_units(spec, overwrite, progress, device, threads, allow_version_change)
 
 

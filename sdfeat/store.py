@@ -212,17 +212,22 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         raise
 
 
-def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
-    """Write `table` as Parquet at `path` so that a reader sees the old file or the whole new one, never a part:
-    the bytes are made in memory first, then written by `write_atomic` on a local disk (temporary name, rename)
-    or by one upload on an object store (a single put is whole or absent). The one Parquet writer of sdfeat."""
-    buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer)
-    data = buffer.getvalue().to_pybytes()
+def write_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Replace the file at `path` with `data` so that a reader sees the old file or the whole new one, never a
+    part: `write_atomic` on a local disk (temporary name, rename), one upload on an object store (a single put
+    is whole or absent)."""
     if isinstance(fs, LocalFileSystem):
         write_atomic(fs, path, data)
     else:
         fs.pipe_file(path, data)
+
+
+def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
+    """Write `table` as Parquet at `path` with `write_whole` (the bytes made in memory first). The one Parquet
+    writer of sdfeat."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    write_whole(fs, path, buffer.getvalue().to_pybytes())
 
 
 def write_marker(output: str, unit: int, report: dict) -> None:
