@@ -73,6 +73,13 @@ def check_blocks(spec: JobSpec) -> None:
         check_names(spec.summaries.blocks, positions, "summaries.blocks")
 
 
+def check_spec(spec: JobSpec) -> None:
+    """The checks that need none of the job's paths (for `plan` and `submit`, whose source and output may not be
+    reachable from here): the model and the block names."""
+    check_model(spec)
+    check_blocks(spec)
+
+
 def check_job(spec: JobSpec) -> None:
     """All cheap checks, cheapest first. Raises SpecError, SourceNotFoundError or UnknownBlockError."""
     check_model(spec)

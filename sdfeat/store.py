@@ -29,6 +29,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 
@@ -129,10 +130,37 @@ def create_template(output: str, arrays: Sequence[ArrayLayout], n_samples: int, 
     zarr.consolidate_metadata(join(output, FEATURES))
 
 
+def refuse_file(path: str) -> None:
+    """A store is a folder: a file given as one is named in one line (a job spec given instead of its store, with
+    the store its `output:` names)."""
+    fs, root = filesystem(path)
+    if not fs.isfile(root):
+        return
+    hint = ""
+    if root.endswith((".yaml", ".yml")):
+        try:
+            output = yaml.safe_load(fs.cat_file(root)).get("output")
+        except (yaml.YAMLError, AttributeError, OSError):
+            output = None
+        hint = f": a job spec? its store is {output}" if output else ": a job spec? pass the folder its output: names"
+    raise StoreError(f"{path} is a file, not a store{hint}")
+
+
+def check_writable(folder: str) -> None:
+    """Create `folder` and a probe file in it, then remove the probe: storage that refuses (read-only, full,
+    forbidden) raises its OSError now, before any work whose result would go there."""
+    fs, root = filesystem(folder)
+    fs.makedirs(root, exist_ok=True)
+    probe = join(root, f".sdfeat-write-probe-{uuid.uuid4().hex[:12]}")
+    fs.pipe_file(probe, b"")
+    fs.rm(probe)
+
+
 def open_features(output: str, mode: str = "r") -> zarr.Group:
     try:
         return zarr.open_group(join(output, FEATURES), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        refuse_file(output)
         raise StoreError(f"no feature store at {output} (expected {join(output, FEATURES)})") from None
     except ValueError as err:  # metadata that does not parse (a torn write): named, never silently replaced
         reason = " ".join(str(err).split())[:120]

@@ -55,7 +55,7 @@ def test_wrong_address_fails_in_seconds_with_one_line(command: list[str], tmp_pa
 @pytest.fixture(scope="module")
 def head():
     root = Path(tempfile.mkdtemp(prefix="sdh", dir="/tmp"))     # short: Ray's socket paths live under TMPDIR
-    h = start_head(root, token=True)
+    h = start_head(root, token=True, venv_on_path=False)  # as the README starts it: `.venv/bin/ray start --head`
     yield h
     h.stop()
     shutil.rmtree(root, ignore_errors=True)
