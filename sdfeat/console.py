@@ -152,6 +152,8 @@ def print_info(summary: dict) -> None:
     say(f"{summary['path']}: model {summary['model']}, protocol {summary['protocol']}, spec {summary['spec_hash']}")
     say(f"samples {summary['samples']} ({summary['ok']} ok), timesteps {summary['timesteps']}, "
         f"seeds {summary['seeds']}, units {summary['units_done']}/{summary['units']} done")
+    if summary.get("writer"):
+        say(f"being written by {summary['writer']}")
     print_table(["array", "shape", "dtype"],
                 [[b["name"], "×".join(map(str, b["shape"])), b["dtype"]] for b in summary["blocks"]])
     ratio = summary["compression_ratio"]

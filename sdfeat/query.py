@@ -242,8 +242,10 @@ class FeatureStore:
         return paths
 
     def info(self) -> dict:
-        """Blocks with shapes, samples, completeness, bytes on disk and the compression ratio (of the finished
-        units' rows: unwritten rows take no space)."""
+        """Blocks with shapes, samples, completeness, the run writing it (its writer lock), bytes on disk and the
+        compression ratio (of the finished units' rows: unwritten rows take no space)."""
+        from sdfeat.writer_lock import read_holder
+
         fs, root = store.filesystem(self.path)  # fsspec filesystem of the store
         stored = fs.du(store.join(root, store.FEATURES))
         arrays = [self.group[p] for p in self._all_array_paths()]
@@ -262,6 +264,7 @@ class FeatureStore:
             "units_done": len(done), "units": n_units,
             "blocks": [{"name": p, "shape": list(a.shape), "dtype": str(a.dtype)}
                        for p, a in zip(self._all_array_paths(), arrays)],
+            "writer": writer.describe() if (writer := read_holder(self.path)) is not None else None,
             "bytes_raw": raw, "bytes_stored": int(stored),
             # raw bytes of the finished rows over the bytes stored; None before any unit finished
             "compression_ratio": round(written / max(1, stored), 3) if done else None,

@@ -165,3 +165,15 @@ def test_a_job_that_cannot_run_leaves_no_lock_and_no_folder(tmp_path: Path) -> N
     with pytest.raises(SourceError):
         run_local(small_spec(str(out), source=str(tmp_path / "empty")), progress=False)
     assert not out.exists()
+
+
+def test_info_names_the_run_writing_a_store(tiny_store: str, tmp_path: Path) -> None:
+    import shutil
+
+    from sdfeat.query import open_store
+
+    copy = str(tmp_path / "s")
+    shutil.copytree(tiny_store, copy)
+    assert open_store(copy).info()["writer"] is None
+    with hold(copy) as holder:
+        assert open_store(copy).info()["writer"] == holder.describe()
