@@ -30,6 +30,7 @@ import torch
 from ray.exceptions import RayActorError, RayTaskError
 
 from sdfeat import process, writer_lock
+from sdfeat.checks import check_job
 from sdfeat.configs import require_weights
 from sdfeat.errors import ArgumentError, SdfeatError, storage_error
 from sdfeat.extract import JobPlan, end_job, pending_units, prepare_job
@@ -393,6 +394,7 @@ def run_on_ray(spec: JobSpec, address: str | None = None, workers: int | None = 
     None = wait forever. Set it well above one unit's time (it covers one running and one queued unit).
     Raises UnitFailedError naming the unit(s) that failed `max_retries` + 1 times; finished units are kept.
     """
+    check_job(spec)  # before the lock: a spec that cannot run leaves nothing at its output
     with writer_lock.hold(spec.output):  # one writer per store, for the whole job
         return _run_on_ray(spec, address, workers, gpus_per_worker, overwrite, progress, max_retries, runtime_env,
                            worker_class, unit_timeout_s, allow_version_change)
