@@ -346,7 +346,7 @@ SubmissionArg = Annotated[str, typer.Argument(metavar="ID", help="The submission
 
 
 @command(help="Submit a job to a Ray cluster through the Ray Jobs API (spec validated here first). With "
-             f"--wait, follow its logs until it ends. {STATE_CODES}")
+         f"--wait, follow its logs until it ends. {STATE_CODES}")
 @domain_errors
 def submit(
     job: JobArg,
@@ -400,7 +400,7 @@ def status(submission_id: SubmissionArg, address: AddressOpt = None, as_json: Js
 
 
 @command(help="What a submitted job has printed so far; with --follow, until it ends, and then the exit code "
-             "says its state: 0 SUCCEEDED, 1 FAILED, 3 STOPPED; 2 the job could not be asked about.")
+         "says its state: 0 SUCCEEDED, 1 FAILED, 3 STOPPED; 2 the job could not be asked about.")
 @domain_errors
 def logs(submission_id: SubmissionArg, address: AddressOpt = None,
          follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream new lines until the job ends.")] = False,
@@ -443,8 +443,9 @@ def metrics(
                                                        "and n_images to every row (0: none).")] = 0,
     bootstrap_seed: BootstrapSeedOpt = 0,
     probe_repeats: ProbeRepeatsOpt = 5,
-    results: Annotated[Optional[str], typer.Option(help="Folder for the tables (default: STORE/results; e.g. for a "
-                                                        "store you cannot write). `sdfeat report DIR` reads it.")] = None,
+    results: Annotated[Optional[str], typer.Option(help=(
+        "Folder for the tables (default: STORE/results; e.g. for a store you cannot write). `sdfeat report DIR` "
+        "reads it."))] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Compute the paper's metrics per block as Ray tasks; tidy Parquet tables land in STORE/results/ (or --results

@@ -174,10 +174,9 @@ def value_stats(values: np.ndarray) -> dict:
 def print_stats(values: np.ndarray) -> None:
     """`value_stats` as one line."""
     stats = value_stats(values)
-    shown = ", ".join(f"{k} {stats[k]:.4g}" if stats[k] is not None else f"{k} n/a" for k in ("mean", "std", "min",
-                                                                                               "max"))
-    say(f"shape {tuple(stats['shape'])}, {shown}" + (f" ({stats['nan_rows']} NaN rows skipped)" if stats["nan_rows"]
-                                                     else ""))
+    shown = [f"{k} {stats[k]:.4g}" if stats[k] is not None else f"{k} n/a" for k in ("mean", "std", "min", "max")]
+    skipped = f" ({stats['nan_rows']} NaN rows skipped)" if stats["nan_rows"] else ""
+    say(f"shape {tuple(stats['shape'])}, {', '.join(shown)}{skipped}")
 
 
 def print_serving(n_stores: int, host: str, port: int) -> None:

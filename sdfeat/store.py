@@ -11,7 +11,8 @@ processes ever write the same shard, arrays are never resized, and a unit withou
     <output>/failures.parquet    images that could not be used, with the reason
 
 Which arrays a job has (paths, shapes, dims, dtypes) is `layout`'s; this module only reads and writes them.
-Works on local paths and fsspec URLs (s3://…). Imports numpy and zarr only: no torch, no diffusers.
+Works on local paths and fsspec URLs (s3://…). Imports numpy, zarr, pyarrow and yaml (to name a job file given
+as a store) only: no torch, no diffusers.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def missing_value(dtype: np.dtype | str) -> float | int | bool:
     any reader (plain xarray or zarr too) sees a missing row as missing; 0 / False for integer and bool arrays,
     whose rows readers mask by the `ok` coordinate.
 
-    Stores written before NaN was the fill value hold 0 in such rows: `nan_fill(group)` says which kind a store
-    is, and sdfeat's readers mask by `ok` either way."""
+    Stores written before NaN was the fill value hold 0 in such rows: `nan_fill(array)` says which kind an
+    array is, and sdfeat's readers mask by `ok` either way."""
     kind = np.dtype(dtype).kind
     if kind in "fc":
         return float("nan")

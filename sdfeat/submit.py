@@ -50,7 +50,10 @@ spec=$(mktemp --suffix=.yaml) || exit 2
 printenv SDFEAT_JOB_SPEC > "$spec"
 raylet=$(sed -n 's/^PPid:[[:space:]]*//p' "/proc/$PPID/status" 2>/dev/null)
 ray_python=$(tr '\0' '\n' < "/proc/$raylet/cmdline" 2>/dev/null | sed -n 's/^--python_worker_command=\([^ ]*\).*/\1/p')
-check='import importlib.util as u, sys; m = [n for n in sys.argv[1:] if u.find_spec(n) is None]; print("no module", *m); sys.exit(bool(m))'
+check='import importlib.util as u, sys
+missing = [n for n in sys.argv[1:] if u.find_spec(n) is None]
+print("no module", *missing)
+sys.exit(bool(missing))'
 python=""; tried=""
 for candidate in $ray_python python3 python; do
   if ! command -v "$candidate" >/dev/null 2>&1; then tried="$tried $candidate: not found;"; continue; fi
@@ -58,7 +61,9 @@ for candidate in $ray_python python3 python; do
   tried="$tried $candidate: $missing;"
 done
 if [ -z "$python" ]; then
-  echo "error: no Python on this Ray head can run sdfeat (tried$tried): install sdfeat's dependencies into the Python that runs Ray there (pip install -e 'sdfeat[s3]', as cluster.yaml's setup_commands do), or start the head with that Python's ray (.venv/bin/ray start --head)" >&2
+  echo "error: no Python on this Ray head can run sdfeat (tried$tried):" \
+    "install sdfeat's dependencies into the Python that runs Ray there (pip install -e 'sdfeat[s3]'," \
+    "as cluster.yaml's setup_commands do), or start the head with that Python's ray (.venv/bin/ray start --head)" >&2
   status=2
 else
   "$python" -m sdfeat.cli extract "$spec" "$@"; status=$?

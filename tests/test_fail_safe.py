@@ -76,7 +76,12 @@ def test_metrics_check_where_tables_go_before_measuring(tiny_store: str, tmp_pat
     monkeypatch.setattr(store, "check_writable", read_only)
     calls: list[int] = []
     execute = runner.execute
-    monkeypatch.setattr(runner, "execute", lambda calls_, *a, **k: calls.append(len(calls_)) or execute(calls_, *a, **k))
+
+    def counted(tasks: list, *args: object, **kwargs: object) -> list:
+        calls.append(len(tasks))
+        return execute(tasks, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "execute", counted)
     args = ["metrics", copy, "--local", "--metric", "position", "--block", "conv_in"]
     refused = CliRunner().invoke(app, args)
     assert refused.exit_code == 2 and calls == []

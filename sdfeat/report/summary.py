@@ -1,6 +1,6 @@
 """The Markdown side of the report: one `summary.md` section per store (model, random-weights and partial-store
-warnings, its Figure 2, the peak of each series beside the published one, and a per-block table of the plotted values), and the file
-names the stores go by (`figure2_<name>.png`)."""
+warnings, its Figure 2, the peak of each series beside the published one, and a per-block table of the plotted
+values), and the file names the stores go by (`figure2_<name>.png`)."""
 
 from __future__ import annotations
 
