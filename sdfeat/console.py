@@ -10,6 +10,7 @@ import math
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import TextIO
 
 import numpy as np
 from rich.console import Console
@@ -29,8 +30,8 @@ def print_error(err: Exception) -> None:
     err_console.print(f"[red]error:[/red] {err}", highlight=False)
 
 
-def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None,
-                 line: str | None = None) -> None:
+def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: TextIO | None = None, line: str | None = None) -> None:
     """`warnings.showwarning` for the commands: sdfeat's own warnings (`MissingRowsWarning`) as one line
     `warning: <message>` on stderr; any other as Python shows it."""
     from sdfeat.errors import MissingRowsWarning

@@ -22,9 +22,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 
+import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from sdfeat import store
@@ -67,9 +68,7 @@ def read_holder(output: str) -> Holder | None:
         data = json.loads(fs.cat_file(store.join(root, LOCK)))
         return Holder(str(data["host"]), int(data["pid"]), str(data["since"]), float(data["heartbeat"]),
                       str(data["token"]))
-    except FileNotFoundError:
-        return None
-    except (ValueError, KeyError, TypeError):
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -141,7 +140,7 @@ def _acquire(output: str) -> Holder:
                             "changing); remove it if no run writes this output")
 
 
-def _modified(fs, path: str) -> float:
+def _modified(fs: fsspec.AbstractFileSystem, path: str) -> float:
     info = fs.info(path)
     stamp = info.get("mtime") or info.get("LastModified") or info.get("created")
     return stamp.timestamp() if isinstance(stamp, datetime) else float(stamp or 0.0)
@@ -157,8 +156,7 @@ def _beat(output: str, holder: Holder, stop: threading.Event) -> None:
                       current.describe() if current else "removed")
             return
         try:
-            store.write_whole(fs, store.join(root, LOCK), _record(Holder(**{**asdict(holder),
-                                                                            "heartbeat": time.time()})))
+            store.write_whole(fs, store.join(root, LOCK), _record(replace(holder, heartbeat=time.time())))
         except OSError as err:  # a transient storage error: the next beat tries again
             log.warning("%s: writer lock heartbeat failed (%s)", output, err)
 
@@ -188,6 +186,6 @@ def hold(output: str) -> Iterator[Holder]:
         _remove_folder_if_empty(fs, root, made_folder)
 
 
-def _remove_folder_if_empty(fs, root: str, made_folder: bool) -> None:
+def _remove_folder_if_empty(fs: fsspec.AbstractFileSystem, root: str, made_folder: bool) -> None:
     if made_folder and fs.exists(root) and not fs.ls(root):
         fs.rmdir(root)
