@@ -3,8 +3,8 @@
 one line naming the run that writes it, instead of doing every unit a second time.
 
 The lock is the file `<output>/writer.lock` (JSON: host, pid, since, heartbeat, a random token), created
-exclusively (`pipe_file(mode="create")`: O_EXCL on a local disk, a conditional put on S3), so of two runs starting
-together exactly one gets it. The holder rewrites its heartbeat every `HEARTBEAT_S` seconds. A lock is stale, and
+exclusively and whole (`_create`: a hard link of a finished temporary file on a local disk, a conditional put on
+S3), so of two runs starting together exactly one gets it, and a reader never sees half a lock. The holder rewrites its heartbeat every `HEARTBEAT_S` seconds. A lock is stale, and
 taken over, when its process is gone: on the same host its pid no longer runs; on any host its heartbeat is older
 than `STALE_AFTER_S` (a killed machine, a run on a node that died). The holder removes the lock at the end (also
 after an error or Ctrl-C), and the output folder too when the lock made it and nothing else was written, so a job
@@ -118,7 +118,7 @@ def _acquire(output: str) -> Holder:
                   datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds"), time.time(), uuid.uuid4().hex)
     for _ in range(5):
         try:
-            fs.pipe_file(path, _record(mine), mode="create")
+            _create(fs, path, _record(mine))
             return mine
         except FileExistsError:
             pass
@@ -138,6 +138,23 @@ def _acquire(output: str) -> Holder:
             fs.rm(path)
     raise OutputLockedError(f"{output}: cannot take the writer lock {lock_path(output)} (it does not parse or keeps "
                             "changing); remove it if no run writes this output")
+
+
+def _create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Create `path` holding `data`, or FileExistsError when it exists, atomically: locally a finished temporary
+    file hard-linked to the name (fsspec's local `mode="create"` tests, then writes: two runs could both pass);
+    elsewhere fsspec's exclusive put (S3's If-None-Match)."""
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data, mode="create")
+        return
+    folder, name = path.rsplit("/", 1)
+    temporary = f"{folder}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
+    with open(temporary, "wb") as f:
+        f.write(data)
+    try:
+        os.link(temporary, path)  # fails with FileExistsError when the name is taken
+    finally:
+        os.remove(temporary)
 
 
 def _modified(fs: fsspec.AbstractFileSystem, path: str) -> float:
