@@ -8,8 +8,8 @@ Runs, interleaved, `--repeats` times each, as fresh processes (wall seconds, med
     bad_yaml    a duplicate key (`batch_size` twice)
     bad_model   a model name sdfeat does not know (`model: nosuch`), also without --local (the Ray path)
     no_output   an empty `output:`
-    full_start  a valid job whose output is a file under a forbidden place (reaches torch + diffusers imports and
-                the store write: what the cheap checks save, for scale)
+    full_start  a valid job whose output is under a forbidden place (reaches the torch import and the writer lock,
+                the first write: what the cheap checks save, for scale)
 
 and prints each beside the baseline: extra seconds over start-up and the ratio. Target: extra < 1 s for all but
 full_start (measured 0.2-0.4 s on 2 busy cores) and torch/diffusers never imported for them.
