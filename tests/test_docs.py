@@ -155,7 +155,7 @@ def test_the_readme_figures_come_from_the_script_that_runs_its_commands(tmp_path
                            "conv_in,down_blocks.1.attentions.1,up_blocks.1.upsamplers.0", "--bootstrap", "2",
                            "--paddings", "zeros,replicate"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    commands = [line.split()[1:3] for line in done.stdout.splitlines() if line.startswith("$ sdfeat")]
+    commands = [line.split()[2:4] for line in done.stdout.splitlines() if line.startswith("$ sdfeat")]
     assert commands == [["extract", str(tmp_path / "work" / "demo.yaml")], ["metrics", str(tmp_path / "work" / "demo")],
                         ["report", str(tmp_path / "work" / "demo")],
                         *[c for p in ("zeros", "replicate") for c in
