@@ -148,10 +148,12 @@ def refuse_file(path: str) -> None:
 
 
 def check_writable(folder: str) -> None:
-    """Create `folder` and a probe file in it, then remove the probe: storage that refuses (read-only, full,
-    forbidden) raises its OSError now, before any work whose result would go there."""
+    """Write a probe file into `folder` (or, where it does not exist yet, its nearest existing parent, where it would
+    be made) and remove it: storage that refuses (read-only, full, forbidden) raises its OSError now, before any work
+    whose result would go there. Leaves nothing behind."""
     fs, root = filesystem(folder)
-    fs.makedirs(root, exist_ok=True)
+    while not fs.exists(root) and "/" in root.strip("/"):
+        root = root.rstrip("/").rsplit("/", 1)[0] or "/"
     probe = join(root, f".sdfeat-write-probe-{uuid.uuid4().hex[:12]}")
     fs.pipe_file(probe, b"")
     fs.rm(probe)

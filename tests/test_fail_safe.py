@@ -129,3 +129,11 @@ def test_missing_weights_leave_no_store_on_ray(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: model 'sd15': weights for"), result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_the_write_probe_leaves_nothing_behind(tmp_path: Path) -> None:
+    from sdfeat import store
+
+    store.check_writable(str(tmp_path / "store" / "results"))   # neither exists yet: probed in tmp_path
+    store.check_writable(str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
