@@ -192,9 +192,11 @@ def build_entrypoint(workers: int | None, gpus_per_worker: float | None, overwri
 def submit_job(spec_path: str | Path, address: str | None = None, workers: int | None = None,
                gpus_per_worker: float | None = None, overwrite: bool = False, *, unit_timeout: float | None = None,
                allow_version_change: bool = False, quiet: bool = False, **overrides: object) -> Submission:
-    """Validate the spec locally, ship it with this package to the cluster at `address` (the dashboard URL,
-    e.g. http://HEAD:8265; None = RAY_ADDRESS) and start `sdfeat extract` there with the given extract options
-    (`build_entrypoint`); `overrides` change spec fields (e.g. output). Returns the submission."""
+    """Validate the spec locally, ship it with this package to the cluster at `address` (its Jobs API, e.g.
+    http://HEAD:8265, or its GCS address: `rayconnect.jobs_api_url`) and start `sdfeat extract` there with the given
+    extract options (`build_entrypoint`); `overrides` change spec fields (e.g. output). Refused before submitting: a
+    spec that cannot run, an output holding another spec's store or written by another run. Returns the
+    submission."""
     from sdfeat.checks import check_spec
 
     spec = load_spec(spec_path, **overrides)
@@ -202,7 +204,6 @@ def submit_job(spec_path: str | Path, address: str | None = None, workers: int |
     _check_paths_reach_cluster(spec)
     if not overwrite:
         _check_output_is_ours(spec)
-    _check_output_is_free(spec)
     digest = spec_hash(spec)
     client = _client(address)
     jobs = client.list_jobs()
@@ -211,6 +212,7 @@ def submit_job(spec_path: str | Path, address: str | None = None, workers: int |
         if same_work and (job.metadata or {}).get("sdfeat_output") == spec.output and str(job.status) in ACTIVE_STATES:
             raise StoreError(f"{job.submission_id} is still {job.status} for this spec and output; follow it with "
                               f"`ray job logs --follow {job.submission_id}` or stop it before resubmitting")
+    _check_output_is_free(spec)  # after: a run of this very spec is better named by its submission
     submission_id = next_submission_id(digest, [j.submission_id for j in jobs if j.submission_id])
     entrypoint = build_entrypoint(workers, gpus_per_worker, overwrite, unit_timeout=unit_timeout,
                                   allow_version_change=allow_version_change, quiet=quiet)

@@ -194,3 +194,32 @@ def test_the_job_runs_extract_with_a_python_that_has_sdfeat_or_says_none_does(tm
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert "python3: no module typer torch; python: not found;" in lines[0] and "ray start --head" in lines[0]
+
+
+def test_an_output_another_run_writes_is_refused_before_submitting(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import socket
+    import subprocess
+    import time
+
+    from sdfeat import submit
+    from sdfeat.writer_lock import LOCK, OutputLockedError
+
+    client = _FakeJobsClient()
+    monkeypatch.setattr(submit, "_client", lambda address: client)
+    out = tmp_path / "store"
+    out.mkdir()
+    job = _write_job(tmp_path / "job.yaml", output=str(out))
+    holder = subprocess.Popen(["sleep", "300"])               # a live run on this host
+    try:
+        (out / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "since": "then",
+                                            "heartbeat": time.time(), "token": "x"}))
+        with pytest.raises(OutputLockedError, match=f"pid {holder.pid}, since then"):
+            submit_job(job, address="http://head.invalid:8265")
+        assert client.sent == {}
+    finally:
+        holder.kill()
+        holder.wait()
+    submit_job(job, address="http://head.invalid:8265")      # its process gone: the lock is stale
+    assert client.sent["submission_id"].startswith("sdfeat-")
