@@ -210,7 +210,7 @@ def _nearest_key(loc: tuple) -> str:
     if close:
         return f"; did you mean '{close[0]}'?"
     if len(loc) == 1:
-        for section, field in JobSpec.model_fields.items():
+        for section in JobSpec.model_fields:
             owner = _model_at((section, loc[-1]))
             if owner is not None and owner is not JobSpec and loc[-1] in owner.model_fields:
                 return f"; it is a key of '{section}:' (indent it under '{section}:')"

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import http.server
+import os
 import re
 import subprocess
 import sys
@@ -107,7 +108,7 @@ def test_a_jobs_api_address_given_to_extract_is_named_as_submit_s(tmp_path: Path
     job.write_text(f"model: tiny\nsource: synthetic:2\nresolution: 64\nblocks: [conv_in]\noutput: {tmp_path}/o\n")
     address = form.format(jobs_api_lookalike)
     result = subprocess.run([sys.executable, "-m", "sdfeat.cli", "extract", str(job), "-q"], capture_output=True,
-                            text=True, timeout=120, env={**__import__("os").environ, "RAY_ADDRESS": address})
+                            text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": address})
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "is a Ray Jobs API (dashboard) address" in lines[0] and "HEAD:6379" in lines[0]
