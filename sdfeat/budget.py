@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from sdfeat.costs import pass_costs
 from sdfeat.errors import SpecError
 from sdfeat.layout import Layout, job_layout
-from sdfeat.rates import Rates, recorded
+from sdfeat.rates import Rates, end_to_end_runs, host_costs, recorded
 from sdfeat.spec import JobSpec
 
 IMAGENET_TRAIN = 1_281_167
@@ -141,6 +141,25 @@ def imagenet_budget(spec: JobSpec, rates: Rates, n_samples: int = IMAGENET_TRAIN
     return budgets
 
 
+def _end_to_end_line(budgets: list[ModelBudget]) -> str:
+    """What the hours above rest on: recorded whole-job rates where a GPU run measured them, else a warning that
+    stage rates measured apart were added as if decoding and writing overlapped perfectly, with the host cost."""
+    runs = [r for r in end_to_end_runs() if r.get("job") == "summaries"]
+    if runs:
+        measured = ", ".join(f"{r['cache']} {r['img_s']:g} img/s" for r in runs)
+        hours = {r["cache"]: len(budgets) * budgets[0].cold.n_samples / r["img_s"] / 3600 for r in runs}
+        return (f"end to end (recorded {runs[0].get('recorded')}, {runs[0].get('device')}, SD-1.5 summaries job): "
+                f"{measured} → " + ", ".join(f"{k} {v:.2f} GPU-h" for k, v in hours.items()) +
+                f" for {len(budgets)} models at that rate")
+    host = host_costs().get("summaries", {})
+    feed = "" if not host else (
+        f"; the host needs {host['cold'] * 1e3:.0f} ms CPU per image cold, {host['warm'] * 1e3:.0f} ms warm "
+        f"(simulated device), i.e. ≥{host['cold'] * budgets[0].cold.n_samples / max(budgets[0].cold.hours, 1e-9) / 3600:.1f} "
+        "cores per GPU at the cold rate above")
+    return ("end to end: not measured on a GPU yet; these hours add stage rates measured apart, as if decoding "
+            "and writing overlapped the device perfectly" + feed)
+
+
 def _fits(value: float, aim: float) -> str:
     return "fits" if value <= aim else f"over by {value / aim:.2f}×"
 
@@ -166,6 +185,7 @@ def render_budget(budgets: list[ModelBudget], device_peak: float | None):  # -> 
         f"{fill:.2f} GPU-h more if no two models' VAEs hash the same, once (later jobs reuse it)",
         f"storage: {_tb(stored)} → {_fits(stored, AIM_BYTES)}",
         f"rates: {budgets[0].cold.rates.source}",
+        _end_to_end_line(budgets),
     ]
     if device_peak:
         flops = sum(b.cold.flops for b in budgets)

@@ -36,19 +36,24 @@ from sdfeat.errors import ArgumentError, SdfeatError, storage_error
 from sdfeat.extract import JobPlan, end_job, pending_units, prepare_job
 from sdfeat.plan import Unit
 from sdfeat.progress import UnitProgress
+from sdfeat.simdevice import Simulation
 from sdfeat.spec import JobSpec
 from sdfeat.unit_runner import UnitRunner
 
 log = logging.getLogger(__name__)
 
-UNITS_PER_ACTOR = 2          # one running, one queued behind it, so an actor never waits for the driver
+UNITS_PER_ACTOR = 3          # one being written, one computing, one being read ahead: the actor never waits
+GPU_TORCH_THREADS = 2        # a GPU actor's torch CPU threads (its host work runs in the feeder and writer threads)
+GPU_ACTOR_CPUS_MAX = 16      # more host threads than this do not feed one GPU any faster
+GPU_ACTOR_CPUS_UNSEEN = 8    # a GPU actor's request when no GPU node is up yet (an autoscaler starts them)
 MAX_FAILED_STARTS = 3        # actors that die while loading the model, before the job gives up
 WAIT_S = 2.0                 # ray.wait timeout; bounds how late the "waiting for resources" warning comes
 STARVED_WARN_S = 60.0
 
 
 class ExtractionWorker:
-    """Body of one extraction actor: a `UnitRunner` (model loaded once, store opened once).
+    """Body of one extraction actor: a `UnitRunner` (model loaded once, store opened once, one pipeline for the
+    actor's life: the units Ray hands it in turn are read and decoded ahead while earlier ones compute and write).
 
     A domain error while loading (missing weights, store of another spec; storage that refuses, as an OSError:
     the driver maps it, see `_domain_error`) is kept and re-raised by `ready()`, so the driver can report it as such
@@ -56,12 +61,17 @@ class ExtractionWorker:
     """
 
     def __init__(self, spec: JobSpec, output: str, device: str | None, threads: int | None,
-                 tally: Any = None) -> None:
+                 tally: Any = None, simulate: Simulation | None = None) -> None:
         self.error: Exception | None = None
+        decode_threads = None
+        if device == "cuda":  # sized from the CPUs Ray gave this actor on the node it landed on
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+            threads, decode_threads = GPU_TORCH_THREADS, gpu_decode_threads(cpus)
         if threads:  # the actor owns its process: torch's thread count is set here, for its life
             torch.set_num_threads(threads)
         try:
-            self.runner = UnitRunner(spec, output, device, threads)
+            self.runner = UnitRunner(spec, output, device, threads, decode_threads=decode_threads,
+                                     simulate=simulate)
         except SdfeatError as err:
             self.error = err
             return
@@ -74,10 +84,11 @@ class ExtractionWorker:
         if tally is not None:  # progress per batch: fire-and-forget to the driver's tally
             self.runner.on_batch = lambda unit, rows: tally.add.remote(unit, rows)
 
-    def ready(self) -> str:
+    def ready(self) -> tuple[str, float]:
+        """(the worker's name, its compile warm-up seconds); raises what failed its loading."""
         if self.error is not None:
             raise self.error
-        return self.runner.worker
+        return self.runner.worker, self.runner.compile_seconds
 
     def run(self, unit: Unit) -> dict:
         return self.runner.run(unit)
@@ -110,31 +121,43 @@ class ActorLayout:
     count: int
     num_cpus: float       # Ray resource request per actor
     num_gpus: float
-    threads: int          # torch intra-op threads per actor
+    threads: int          # torch intra-op threads per actor (a GPU actor sizes its own from its CPUs)
     device: str           # "cuda" or "cpu"
 
 
-def plan_actors(node_cpus: list[float], cluster_gpus: float, workers: int | None = None,
-                gpus_per_worker: float | None = None) -> ActorLayout:
-    """How many actors and what each asks Ray for, given the CPUs of each alive node and the cluster's GPUs.
+def gpu_decode_threads(cpus: float) -> int:
+    """Decode threads of a GPU actor given `cpus`: all but one for the launching and feeding threads and one for
+    the writer (whose shard threads mostly wait on the disk)."""
+    return max(1, int(cpus) - 2)
 
-    GPU clusters: one actor per `gpus_per_worker` GPUs (default 1), up to 1 CPU each. CPU-only: one actor per node
-    by default, torch threads = cores / actors, and fractional CPU requests that leave one core unclaimed so Ray
-    tasks (file listing, metrics) can still be scheduled (1-CPU actors filling every core deadlock them). No
-    request exceeds the largest node, or the actor could never be placed.
+
+def plan_actors(nodes: list[tuple[float, float]], workers: int | None = None,
+                gpus_per_worker: float | None = None) -> ActorLayout:
+    """How many actors and what each asks Ray for, given the (CPUs, GPUs) of each alive node.
+
+    GPU clusters: one actor per `gpus_per_worker` GPUs (default 1), asking for the CPUs that come with that many
+    GPUs on the GPU node with the fewest per GPU (decode, launch and write threads feed the device; at most
+    `GPU_ACTOR_CPUS_MAX`), so an actor fits on every GPU node. CPU-only: one actor per node by default, torch
+    threads = cores / actors, and fractional CPU requests that leave one core unclaimed so Ray tasks (file
+    listing, metrics) can still be scheduled (1-CPU actors filling every core deadlock them). No request exceeds
+    the largest node, or the actor could never be placed.
     """
     if workers is not None and workers < 1:
         raise ArgumentError(f"workers: must be at least 1, got {workers}")
     if gpus_per_worker is not None and gpus_per_worker < 0:
         raise ArgumentError(f"gpus_per_worker: must be non-negative, got {gpus_per_worker}")
+    node_cpus = [c for c, _ in nodes]
+    cluster_gpus = sum(g for _, g in nodes)
     cpus = sum(node_cpus)
     largest = max(node_cpus, default=0.0)
     use_gpu = gpus_per_worker > 0 if gpus_per_worker is not None else cluster_gpus > 0
     if use_gpu:
         per_actor = gpus_per_worker or 1.0
         count = workers or max(1, int(cluster_gpus // per_actor))
-        threads = max(1, min(8, int(cpus // count)))
-        return ActorLayout(count, min(1.0, cpus / count, largest), per_actor, threads, "cuda")
+        shares = [c / g * per_actor for c, g in nodes if g > 0]
+        want = min(shares) if shares else GPU_ACTOR_CPUS_UNSEEN
+        num_cpus = float(max(1, min(GPU_ACTOR_CPUS_MAX, int(want))))
+        return ActorLayout(count, num_cpus, per_actor, GPU_TORCH_THREADS, "cuda")
     count = workers or max(1, sum(1 for c in node_cpus if c > 0))
     threads = max(1, int(min(largest, cpus / count)))
     share = (cpus - 1) / count if cpus > 1 else cpus / (2 * count)
@@ -154,8 +177,8 @@ def _connect(address: str | None) -> tuple[bool, str]:
 
 
 def _cluster_layout(workers: int | None, gpus_per_worker: float | None) -> ActorLayout:
-    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    return plan_actors(node_cpus, ray.cluster_resources().get("GPU", 0.0), workers, gpus_per_worker)
+    nodes = [(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+    return plan_actors(nodes, workers, gpus_per_worker)
 
 
 @dataclass
@@ -177,19 +200,21 @@ class _Outcome:
     failed: dict[int, str] = field(default_factory=dict)     # unit -> last error, after all retries
     retries: int = 0
     actor_restarts: int = 0
+    compile_seconds: float = 0.0  # the longest compile warm-up of an actor (`compile: true`), before its units
 
 
 class _Driver:
     def __init__(self, plan: JobPlan, layout: ActorLayout, max_retries: int, runtime_env: dict | None,
-                 worker_class: type, unit_timeout_s: float | None = None) -> None:
+                 worker_class: type, unit_timeout_s: float | None = None, simulate: Simulation | None = None) -> None:
         self.plan = plan
+        self.simulate = simulate
         self.layout = layout
         self.max_retries = max_retries
         self.unit_timeout_s = unit_timeout_s
         options: dict[str, Any] = {"num_cpus": layout.num_cpus, "num_gpus": layout.num_gpus, "max_restarts": 0,
                                    "max_task_retries": 0, "scheduling_strategy": "SPREAD",
-                                   # on a GPU, the queued unit computes while the running one is written
-                                   "max_concurrency": UNITS_PER_ACTOR if layout.device == "cuda" else 1}
+                                   # the units in flight: one written, one computing, one read ahead
+                                   "max_concurrency": UNITS_PER_ACTOR}
         if runtime_env:
             options["runtime_env"] = runtime_env
         self.actor_class = ray.remote(worker_class).options(**options)
@@ -200,7 +225,7 @@ class _Driver:
 
     def _start(self, index: int) -> _Slot:
         actor = self.actor_class.remote(self.plan.spec, self.plan.output, self.layout.device, self.layout.threads,
-                                        self.tally)
+                                        self.tally, self.simulate)
         return _Slot(index, actor, actor.ready.remote())
 
     def _drain_tally(self, bar: UnitProgress) -> None:
@@ -278,7 +303,8 @@ class _Driver:
     def _on_ready(self, slot: _Slot) -> None:
         """An actor finished loading, or died while loading (replaced; a domain error is raised as itself)."""
         try:
-            slot.name = ray.get(slot.ready_ref)
+            slot.name, compile_seconds = ray.get(slot.ready_ref)
+            self.out.compile_seconds = max(self.out.compile_seconds, compile_seconds)
             slot.ready_ref = None
             slot.last_activity = time.monotonic()
             self.failed_starts = 0
@@ -383,7 +409,7 @@ def run_on_ray(spec: JobSpec, address: str | None = None, workers: int | None = 
                gpus_per_worker: float | None = None, overwrite: bool = False, progress: bool = True, *,
                max_retries: int = 3, runtime_env: dict | None = None,
                worker_class: type[ExtractionWorker] = ExtractionWorker, unit_timeout_s: float | None = None,
-               allow_version_change: bool = False) -> dict:
+               allow_version_change: bool = False, simulate: Simulation | None = None) -> dict:
     """Extract `spec` on Ray and return the job summary (`extract.end_job`'s, plus a `ray` section).
 
     address: a Ray address (`HEAD:6379`, `ray://…`, `auto` = the cluster `ray start` recorded here); None =
@@ -391,19 +417,20 @@ def run_on_ray(spec: JobSpec, address: str | None = None, workers: int | None = 
     workers / gpus_per_worker: see `plan_actors`. runtime_env: given to the actors (e.g. env_vars for an S3
     endpoint). worker_class: the actor body; a test seam for fault injection, production uses the default.
     unit_timeout_s: kill an actor that has units in flight but reported nothing for this long (a hung unit);
-    None = wait forever. Set it well above one unit's time (it covers one running and one queued unit).
+    None = wait forever. Set it well above one unit's time (it covers the units in flight on an actor).
+    simulate: a `simdevice.Simulation` in place of the device stages (benchmarks of the host pipeline).
     Raises UnitFailedError naming the unit(s) that failed `max_retries` + 1 times; finished units are kept.
     """
     check_job(spec)  # before the lock: a spec that cannot run leaves nothing at its output
     with writer_lock.hold(spec.output):  # one writer per store, for the whole job
         return _run_on_ray(spec, address, workers, gpus_per_worker, overwrite, progress, max_retries, runtime_env,
-                           worker_class, unit_timeout_s, allow_version_change)
+                           worker_class, unit_timeout_s, allow_version_change, simulate)
 
 
 def _run_on_ray(spec: JobSpec, address: str | None, workers: int | None, gpus_per_worker: float | None,
                 overwrite: bool, progress: bool, max_retries: int, runtime_env: dict | None,
                 worker_class: type[ExtractionWorker], unit_timeout_s: float | None,
-                allow_version_change: bool) -> dict:
+                allow_version_change: bool, simulate: Simulation | None) -> dict:
     quiet = {k: os.environ[k] for k in QUIET_ENV if k in os.environ}
     if quiet:
         runtime_env = {**(runtime_env or {}), "env_vars": {**quiet, **(runtime_env or {}).get("env_vars", {})}}
@@ -412,13 +439,14 @@ def _run_on_ray(spec: JobSpec, address: str | None, workers: int | None, gpus_pe
     try:
         start = time.perf_counter()
         layout = _cluster_layout(workers, gpus_per_worker)
-        _check_weights_where_actors_run(spec, layout, runtime_env)
+        if simulate is None:  # a simulated device loads no model
+            _check_weights_where_actors_run(spec, layout, runtime_env)
         plan = prepare_job(spec, overwrite, allow_version_change)  # store template complete before any actor
         todo = pending_units(plan)
         log.info("%d of %d units to run on %d actor(s) (%s, %s CPU / %s GPU each, %d threads)", len(todo),
                  len(plan.units), min(layout.count, len(todo)), layout.device, layout.num_cpus, layout.num_gpus,
                  layout.threads)
-        driver = _Driver(plan, layout, max_retries, runtime_env, worker_class, unit_timeout_s)
+        driver = _Driver(plan, layout, max_retries, runtime_env, worker_class, unit_timeout_s, simulate)
         with UnitProgress(plan.n_samples, plan.n_samples - sum(u.rows for u in todo), enabled=progress,
                           total_units=len(plan.units), done_units=len(plan.units) - len(todo)) as bar:
             outcome = driver.run(todo, bar) if todo else _Outcome()
@@ -426,7 +454,8 @@ def _run_on_ray(spec: JobSpec, address: str | None, workers: int | None, gpus_pe
         summary["ray"] = {"cluster": cluster, "actors": min(layout.count, len(todo)), "device": layout.device,
                           "num_cpus": layout.num_cpus, "num_gpus": layout.num_gpus, "threads": layout.threads,
                           "units_run": len(outcome.reports), "units_skipped": len(plan.units) - len(todo),
-                          "retries": outcome.retries, "actor_restarts": outcome.actor_restarts}
+                          "retries": outcome.retries, "actor_restarts": outcome.actor_restarts,
+                          "compile_seconds": round(outcome.compile_seconds, 2)}
         return summary
     finally:
         if connected_here:

@@ -21,8 +21,9 @@ from sdfeat.interventions import check_padding
 from sdfeat.layout import Layout, job_layout
 from sdfeat.plan import Unit, plan_units, unit_size, units_for
 from sdfeat.sources import SampleRef, plan_samples
+from sdfeat.simdevice import Simulation
 from sdfeat.spec import JobSpec, spec_hash
-from sdfeat.stages import STAGES, shares
+from sdfeat.stages import HOST_STAGES, STAGES, shares, steady_rate
 from sdfeat.unit_runner import UnitRunner
 
 __all__ = ["JobPlan", "UnitRunner", "end_job", "finalize_job", "pending_units", "prepare_job", "run_local"]
@@ -154,9 +155,11 @@ def finalize_job(plan: JobPlan) -> dict:
     failures = [f for r in reports for f in r["failures"]]
     store.write_failures(plan.output, failures)  # writes nothing when unchanged (a finished job rerun)
     seconds = {k: round(sum(r.get("seconds", {}).get(k, 0.0) for r in reports), 3) for k in STAGES}
+    cpu = {k: round(sum(r.get("cpu", {}).get(k, 0.0) for r in reports), 3) for k in HOST_STAGES}
     return {"output": plan.output, "units": len(plan.units), "rows": plan.n_samples,
             "ok": sum(r["ok"] for r in reports), "failures": len(failures), "seconds": seconds,
-            "share": shares(seconds, sum(r.get("wall", 0.0) for r in reports))}
+            "share": shares(seconds, sum(r.get("wall", 0.0) for r in reports)), "cpu": cpu,
+            "steady_images_per_second": steady_rate(reports)}
 
 
 def end_job(plan: JobPlan, todo: list[Unit], failed: dict[int, str], wall: float, this_run: dict) -> dict:
@@ -179,26 +182,29 @@ def end_job(plan: JobPlan, todo: list[Unit], failed: dict[int, str], wall: float
 
 
 def run_local(spec: JobSpec, overwrite: bool = False, progress: bool = True, device: str | None = None,
-              threads: int | None = None, allow_version_change: bool = False) -> dict:
+              threads: int | None = None, allow_version_change: bool = False,
+              simulate: Simulation | None = None) -> dict:
     """Prepare, run every pending unit in this process, finalize. A failing unit is named; others are kept.
     `threads`: torch's thread count while the job runs (None: as it is); the previous count is restored.
-    The spec and the weights are checked before anything is written; the output's writer lock is held
-    throughout."""
+    `simulate`: a `simdevice.Simulation` in place of the device stages (benchmarks of the host pipeline; no
+    weights are needed then). The spec and the weights are checked before anything is written; the output's
+    writer lock is held throughout."""
     check_job(spec)
-    require_weights(spec.model, spec.revision)
+    if simulate is None:
+        require_weights(spec.model, spec.revision)
     with writer_lock.hold(spec.output), process.torch_threads(threads):
-        return _run_units(spec, overwrite, progress, device, threads, allow_version_change)
+        return _run_units(spec, overwrite, progress, device, threads, allow_version_change, simulate)
 
 
 def _run_units(spec: JobSpec, overwrite: bool, progress: bool, device: str | None, threads: int | None,
-               allow_version_change: bool) -> dict:
+               allow_version_change: bool, simulate: Simulation | None) -> dict:
     from sdfeat.progress import UnitProgress
 
     plan = prepare_job(spec, overwrite, allow_version_change)
     todo = pending_units(plan)
     failed: dict[int, str] = {}
     start = time.perf_counter()
-    runner = UnitRunner(spec, plan.output, device, threads) if todo else None
+    runner = UnitRunner(spec, plan.output, device, threads, simulate=simulate) if todo else None
     load_seconds = time.perf_counter() - start
     start = time.perf_counter()
     held = runner is not None and process.hold_freed_memory()  # batches reuse their memory (no page faults)
@@ -213,8 +219,11 @@ def _run_units(spec: JobSpec, overwrite: bool, progress: bool, device: str | Non
                 else:
                     bar.update(report)
     finally:
+        if runner is not None:
+            runner.close()
         if held:
             process.release_freed_memory()
     summary = end_job(plan, todo, failed, time.perf_counter() - start, bar.this_run())
-    summary["load_seconds"] = round(load_seconds, 2)
+    summary["load_seconds"] = round(load_seconds, 2)  # the model's load and, with `compile: true`, its compiling
+    summary["compile_seconds"] = round(runner.compile_seconds, 2) if runner is not None else 0.0
     return summary

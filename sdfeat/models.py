@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,25 +318,45 @@ class _VaeSource:
     prepared: bool = False
 
 
-def compile_unet_blocks(unet: torch.nn.Module, backend: str = "inductor") -> int:
-    """Compile the `forward` of every block inside the U-Net's down, mid and up blocks (resnets, attentions,
-    down/upsamplers) in place; returns how many. Forward hooks run in `Module.__call__`, outside the compiled
-    `forward`, so `hooks.capture` and its early exit stay eager and exact; compiling the whole U-Net instead would
-    trace the hooks and break the early exit. Each block recompiles once per new input shape (crop passes)."""
+def unet_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every block inside the U-Net's down, mid and up blocks (resnets, attentions, down/upsamplers)."""
     stages = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
-    count = 0
-    for stage in stages:
-        for kind in ("resnets", "attentions", "downsamplers", "upsamplers"):
-            for block in getattr(stage, kind, None) or ():
-                block.forward = torch.compile(block.forward, backend=backend)
-                count += 1
-    return count
+    return [block for stage in stages for kind in ("resnets", "attentions", "downsamplers", "upsamplers")
+            for block in getattr(stage, kind, None) or ()]
+
+
+def allow_recompiles(modules: Sequence[torch.nn.Module], shapes: int) -> None:
+    """Raise Dynamo's recompile limits so that every module compiles for `shapes` input shapes and never falls
+    back to eager, and make a limit that is hit anyway an error instead of a silent slowdown.
+
+    Dynamo keeps the compiled graphs of one `forward` code object together: all of a class's instances share
+    them, a new parameter shape or input shape adds one, and a smaller batch (a unit's last) one more with a
+    dynamic batch dimension. Past `recompile_limit` (8) that code runs eager from then on, silently; the U-Net has
+    22 ResnetBlock2D instances."""
+    per_code = Counter(type(m).forward.__code__ for m in modules)
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 2 * shapes * max(per_code.values(), default=1) + 2)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit,
+                                             2 * shapes * sum(per_code.values()) + 8)
+    config.fail_on_recompile_limit_hit = True
+
+
+def compile_unet_blocks(unet: torch.nn.Module, backend: str = "inductor", shapes: int = 1) -> int:
+    """Compile the `forward` of every block inside the U-Net (`unet_blocks`) in place, for `shapes` input shapes
+    (`allow_recompiles`); returns how many. Forward hooks run in `Module.__call__`, outside the compiled
+    `forward`, so `hooks.capture` and its early exit stay eager and exact; compiling the whole U-Net instead
+    would trace the hooks and break the early exit."""
+    blocks = unet_blocks(unet)
+    allow_recompiles(blocks, shapes)
+    for block in blocks:
+        block.forward = torch.compile(block.forward, backend=backend)
+    return len(blocks)
 
 
 def load_model(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                revision: str | None = None, fp16_rounded_weights: bool = False,
                compiled: bool = False, padding: str = "zeros", padding_scope: str = "unet",
-               lazy_vae: bool = False, prompts: Sequence[str] = ()) -> LoadedModel:
+               lazy_vae: bool = False, prompts: Sequence[str] = (), shapes: int = 1) -> LoadedModel:
     """Load `model` for extraction on `device` in `dtype`, component by component (U-Net, then the VAE encoder;
     the text encoder only while new prompts are embedded).
 
@@ -348,7 +369,7 @@ def load_model(model: str, device: str | torch.device = "cpu", dtype: torch.dtyp
     `fp16_rounded_weights=True` rounds every weight through float16 before casting to `dtype`, as sdhelper 1.0.0
     does on CPU (it loads with torch_dtype=float16, then `.to(cpu, float32)`); `protocol: paper` uses it.
     `compiled=True` compiles the VAE encoder and the U-Net's blocks with `torch.compile` on a GPU (ignored on a
-    CPU; see `compile_unet_blocks`)."""
+    CPU; see `compile_unet_blocks`), for `shapes` input sizes (the job's passes: the full image and each crop)."""
     from diffusers import DDIMScheduler
 
     device = torch.device(device)
@@ -368,6 +389,7 @@ def load_model(model: str, device: str | torch.device = "cpu", dtype: torch.dtyp
             set_padding(vae, padding)
         _prepare(vae, device, dtype, fp16_rounded_weights and not vae_source.prepared)
         if compiled and device.type == "cuda":
+            allow_recompiles([vae.encoder], shapes)
             vae.encoder = torch.compile(vae.encoder)
         return vae
 
@@ -394,7 +416,7 @@ def load_model(model: str, device: str | torch.device = "cpu", dtype: torch.dtyp
     _prepare(unet, device, dtype, fp16_rounded_weights and kind in ("tiny", "random"),
              channels_last=device.type == "cuda")
     if compiled and device.type == "cuda":
-        compile_unet_blocks(unet)
+        compile_unet_blocks(unet, shapes=shapes)
     loaded.unet = unet
     if not lazy_vae:
         loaded._vae = vae_loader()

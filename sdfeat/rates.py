@@ -37,6 +37,18 @@ def recorded() -> dict:
     return json.loads(RATES_FILE.read_text())
 
 
+def end_to_end_runs() -> list[dict]:
+    """Recorded whole-job GPU rates (`bench_gpu.py`): {"job", "cache", "img_s", "device", "recorded"} each."""
+    return list(recorded().get("end_to_end", {}).get("runs", []))
+
+
+def host_costs() -> dict[str, dict[str, float]]:
+    """Recorded host CPU-seconds per image of a worker by job and cache ({"up_blocks.1": {"cold": s, "warm": s}}),
+    measured with a simulated device; empty when not recorded."""
+    host = recorded().get("host", {})
+    return {job: costs for job, costs in host.items() if isinstance(costs, dict)}
+
+
 def peak_flops(device: str) -> float:
     peaks = {k: v for k, v in recorded()["peak_dense_fp16_tflops"].items() if k != "note"}
     if device not in peaks:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -142,11 +143,28 @@ def morton_order(grid: tuple[int, ...]) -> np.ndarray:
     return order
 
 
+def _index_tail(index: np.ndarray) -> bytes:
+    index_bytes = index.tobytes()
+    return index_bytes + np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()
+
+
 def encode_shard(job: ShardJob) -> Iterator[memoryview | bytes]:
     """The shard object's bytes, in order, as pieces (views of `job.values` for codec none): chunks, then index."""
     index = np.full((*job.chunks_per_shard, 2), MISSING, dtype="<u8")  # C order of the inner-chunk grid
-    offset = 0
     rows = job.values.shape[0]
+    if job.zstd is None and all(n == 1 for n in job.chunks_per_shard[1:]):
+        # chunks stacked along rows only: Morton order is row order and the chunks are consecutive in `values`,
+        # so the data is `values` itself, written at once (the summaries' ~400 small arrays per unit: per-chunk
+        # Python work cost more than their bytes)
+        count = -(-rows // job.chunk_shape[0])
+        nbytes = job.values.nbytes // count if count else 0
+        index[:count, ..., 0] = (np.arange(count, dtype="<u8") * nbytes).reshape(-1, *([1] * (index.ndim - 2)))
+        index[:count, ..., 1] = nbytes
+        if rows:
+            yield memoryview(np.ascontiguousarray(job.values).reshape(-1).view(np.uint8))
+        yield _index_tail(index)
+        return
+    offset = 0
     for coords in morton_order(job.chunks_per_shard):
         first = int(coords[0]) * job.chunk_shape[0]
         if first >= rows:  # past the array's end: absent from the shard
@@ -158,8 +176,7 @@ def encode_shard(job: ShardJob) -> Iterator[memoryview | bytes]:
         index[tuple(coords)] = (offset, len(piece))
         offset += len(piece)
         yield piece
-    index_bytes = index.tobytes()
-    yield index_bytes + np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()
+    yield _index_tail(index)
 
 
 def shard_bytes(job: ShardJob) -> bytes:
@@ -219,20 +236,25 @@ def _sync_filesystem(fs: fsspec.AbstractFileSystem) -> fsspec.AbstractFileSystem
     return fsspec.AbstractFileSystem.from_json(json.dumps(config))
 
 
-def write_shards(target: ShardTarget, jobs: Sequence[ShardJob], workers: int | None = None) -> None:
+def _write_timed(target: ShardTarget, job: ShardJob) -> float:
+    """Write one shard; returns the CPU seconds this thread spent on it."""
+    start = time.thread_time()
+    target.write(job)
+    return time.thread_time() - start
+
+
+def write_shards(target: ShardTarget, jobs: Sequence[ShardJob], workers: int | None = None) -> float:
     """Write every job's shard, `workers` at a time (default `default_workers()`), largest first; returns once all
-    are written and raises the first error after the others have finished."""
+    are written (the CPU seconds the writing threads spent) and raises the first error after the others have
+    finished."""
     workers = default_workers() if workers is None else workers
     ordered = sorted(jobs, key=lambda j: -j.nbytes)
     if workers <= 1 or len(ordered) <= 1:
-        for job in ordered:
-            target.write(job)
-        return
+        return sum(_write_timed(target, job) for job in ordered)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sdfeat-shard") as pool:
-        futures = [pool.submit(target.write, job) for job in ordered]
+        futures = [pool.submit(_write_timed, target, job) for job in ordered]
         try:
-            for future in futures:
-                future.result()
+            return sum(future.result() for future in futures)
         except BaseException:
             pool.shutdown(cancel_futures=True)  # the shards not started yet are not written
             raise

@@ -2,7 +2,7 @@
 
 `unit_runner.UnitRunner` times every unit with a `StageClock`. On a GPU most work is asynchronous: a wall clock around
 a kernel launch measures the launch, not the kernel. So device stages (`h2d`, `vae`, `noise`, `unet`, `d2h`) are
-bracketed by CUDA events on the current stream and read once, after the unit's final synchronisation; host
+bracketed by CUDA events (on the stream doing the work) and read once the writer has waited on the unit's fence; host
 stages (`decode`, `write`) and every stage on a CPU use `time.perf_counter`. `stall` is how long the compute
 loop waited for decoded images: near zero when decoding overlaps the device's work.
 
@@ -21,6 +21,9 @@ import torch
 
 DEVICE_STAGES: tuple[str, ...] = ("h2d", "vae", "noise", "unet", "d2h")
 STAGES: tuple[str, ...] = ("decode", "stall", *DEVICE_STAGES, "write")
+# CPU seconds a unit report's `cpu` holds: per host thread (`feed` reads, decodes and assembles batches, `launch`
+# runs the device stages, `write` the writer and its shard threads) and the worker process's in all over the unit.
+HOST_STAGES: tuple[str, ...] = ("read", "decode", "feed", "launch", "write", "process")
 
 
 class StageClock:
@@ -33,15 +36,16 @@ class StageClock:
         self._start = time.perf_counter()
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Time the enclosed work as stage `name` (CUDA events for device stages on a GPU)."""
+    def stage(self, name: str, stream: torch.cuda.Stream | None = None) -> Iterator[None]:
+        """Time the enclosed work as stage `name` (CUDA events on `stream`, default the current one, for device
+        stages on a GPU)."""
         if name not in self._host:
             raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
         if self._events and name in DEVICE_STAGES:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             yield
-            end.record()
+            end.record(stream)
             self._pending.append((name, start, end))
             return
         t = time.perf_counter()
@@ -68,3 +72,12 @@ class StageClock:
 def shares(seconds: Mapping[str, float], wall: float) -> dict[str, float]:
     """Busy time of each stage as a fraction of `wall`."""
     return {k: round(v / wall, 3) if wall > 0 else 0.0 for k, v in seconds.items()}
+
+
+def steady_rate(reports: list[dict]) -> float | None:
+    """Images per second between the first and the last unit to finish (their reports' `finished` times): the rate
+    once the pipeline is full, without starting and loading. None with fewer than two timed reports."""
+    timed = sorted((r for r in reports if "finished" in r), key=lambda r: r["finished"])
+    if len(timed) < 2 or timed[-1]["finished"] <= timed[0]["finished"]:
+        return None
+    return sum(r["rows"] for r in timed[1:]) / (timed[-1]["finished"] - timed[0]["finished"])

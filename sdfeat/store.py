@@ -184,13 +184,16 @@ def read_attrs(output: str) -> dict:
 
 
 def write_unit(group: zarr.Group, start: int, stop: int, data: dict[str, np.ndarray], ok: np.ndarray, *,
-               workers: int | None = None, direct: bool = True) -> None:
+               workers: int | None = None, direct: bool = True, opened: dict[str, zarr.Array] | None = None) -> float:
     """Write one unit's rows [start, stop) of every array (whole shards), then its `ok` flags. An array given fewer
     rows (one limited to its first rows) gets rows [start, start + len(values)); none when empty.
 
     Arrays whose layout `shard_writer` covers (every sharded per-sample array of `create_template`) are written as
     shard bytes, `workers` shards at a time (default min(4, cores)); the others, and all of them with
-    `direct=False`, by zarr-python. Both give the same bytes. `ok` is written (by zarr) after all the data."""
+    `direct=False`, by zarr-python. Both give the same bytes. `ok` is written (by zarr) after all the data.
+    `opened`: the caller's cache of opened arrays by path, filled here (a worker writes the same arrays unit after
+    unit; opening one parses its metadata, ≈1 ms, which for the summaries job's ~400 arrays cost more than the
+    writes). Returns the CPU seconds the shard writer's threads spent (0 when it wrote nothing)."""
     target = shard_writer.ShardTarget.of(group.store) if direct else None
     jobs: list[shard_writer.ShardJob] = []
     # Activations are never all-zero, so zarr's scan for empty chunks only costs time (1.5-2.5x slower writes
@@ -199,16 +202,20 @@ def write_unit(group: zarr.Group, start: int, stop: int, data: dict[str, np.ndar
         for path, values in data.items():
             if not len(values):
                 continue
-            array = group[path]
+            array = opened.get(path) if opened is not None else None
+            if array is None:
+                array = group[path]
+                if opened is not None:
+                    opened[path] = array
             planned = None if target is None else shard_writer.plan_shards(array, start, start + len(values), values)
             if planned is None:
                 log.debug("%s: layout not covered by the shard writer, written by zarr-python", path)
                 array[start:start + len(values)] = values
             else:
                 jobs += planned
-    if jobs:
-        shard_writer.write_shards(target, jobs, workers)
+    cpu = shard_writer.write_shards(target, jobs, workers) if jobs else 0.0
     group["ok"][start:stop] = ok
+    return cpu
 
 
 # -- manifest, markers, failures ----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from sdfeat.layout import summary_tokens
-from sdfeat.metrics.corners import group_similarity_sums, inner, pair_counts
+from sdfeat.metrics.corners import device_pair_counts, group_similarity_sums, inner
 from sdfeat.norms import token_norms
 
 if TYPE_CHECKING:
@@ -38,11 +38,17 @@ def token_positions(seed: int, sample_id: str, height: int, width: int, k: int) 
     return np.stack([flat // width, flat % width], axis=1)
 
 
+def sample_positions(seed: int, sample_ids: Sequence[str], block: "BlockInfo", tokens_per_image: int) -> np.ndarray:
+    """(B, K, 2) int64: the probe's token positions of each image of a batch in `block` (`token_positions`).
+    Computed on the host ahead of the device (`feed.Feeder`), never while the device waits."""
+    k = summary_tokens(block, tokens_per_image)
+    return np.stack([token_positions(seed, sid, block.height, block.width, k) for sid in sample_ids])
+
+
 def _group_summaries(acts: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
     sums = group_similarity_sums(acts)  # acts (B, C, m, m)
     out = {f"{prefix}{k}": v for k, v in sums.items()}
-    pairs = torch.as_tensor(pair_counts(acts.shape[-1]), device=acts.device)
-    out[f"{prefix}group_pairs"] = pairs.expand(len(acts), 3, 3)
+    out[f"{prefix}group_pairs"] = device_pair_counts(acts.shape[-1], acts.device).expand(len(acts), 3, 3)
     return out
 
 
@@ -52,20 +58,20 @@ def crop_summaries(crop_acts: torch.Tensor) -> dict[str, torch.Tensor]:
     return _group_summaries(crop_acts, "crop_")
 
 
-def summarize(acts: torch.Tensor, block: "BlockInfo", sample_ids: Sequence[str], tokens_per_image: int,
-              seed: int, crop_acts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def summarize(acts: torch.Tensor, positions: torch.Tensor,
+              crop_acts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """acts (B, C, H, W) on any device -> {name: (B, *shape)} on that device, dtypes of `layout.summary_layout`.
 
-    crop_acts: (B, C, H-2, W-2) activations of the one-token crop, or None."""
+    positions: (B, K, 2) int64 (row, col) on acts' device, the sampled tokens (`sample_positions`).
+    crop_acts: (B, C, H-2, W-2) activations of the one-token crop, or None. Nothing here waits for the device."""
     b, c, h, w = acts.shape
-    k = summary_tokens(block, tokens_per_image)
-    yx = np.stack([token_positions(seed, sid, h, w, k) for sid in sample_ids])  # (B, K, 2)
-    flat = torch.as_tensor(yx[..., 0] * w + yx[..., 1], device=acts.device)  # (B, K)
+    k = positions.shape[1]
+    flat = positions[..., 0] * w + positions[..., 1]  # (B, K) int64
     picked = torch.gather(acts.flatten(2), 2, flat[:, None, :].expand(b, c, k))  # (B, C, K)
     out = {
         "norms": token_norms(acts),
         "tokens": picked.transpose(1, 2).half(),
-        "token_yx": torch.as_tensor(yx, device=acts.device).short(),
+        "token_yx": positions.short(),
     }
     if min(h, w) >= 4:
         out.update(_group_summaries(inner(acts), ""))

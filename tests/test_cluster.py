@@ -18,7 +18,7 @@ from raycluster import ray_cluster, ray_cluster_processes  # noqa: F401  (fixtur
 from raycluster import DiesMidWrite, DiskFull, HangsOnce, RecordsNode, job_spec, wait_for
 from storecompare import assert_same_store
 from sdfeat import store
-from sdfeat.cluster import plan_actors, run_on_ray
+from sdfeat.cluster import gpu_decode_threads, plan_actors, run_on_ray
 from sdfeat.errors import ArgumentError, StorageError, UnitFailedError, storage_error
 from sdfeat.extract import prepare_job, run_local
 
@@ -28,33 +28,43 @@ N_UNITS = 4  # synthetic:16 in units of 4
 # Actor layout (no Ray needed)
 
 def test_cpu_only_actors_leave_a_core_for_tasks() -> None:
-    layout = plan_actors([2], cluster_gpus=0, workers=2)
+    layout = plan_actors([(2, 0)], workers=2)
     assert (layout.count, layout.threads, layout.num_gpus, layout.device) == (2, 1, 0.0, "cpu")
     assert layout.count * layout.num_cpus <= 2 - 1
 
 
 def test_cpu_only_default_is_one_actor_per_node_using_its_cores() -> None:
-    layout = plan_actors([8, 8], cluster_gpus=0)
+    layout = plan_actors([(8, 0), (8, 0)])
     assert (layout.count, layout.threads) == (2, 8)
     assert layout.count * layout.num_cpus <= 15
 
 
 def test_no_actor_asks_for_more_cpus_than_one_node_has() -> None:
-    layout = plan_actors([1, 1, 1], cluster_gpus=0, workers=1)
+    layout = plan_actors([(1, 0)] * 3, workers=1)
     assert layout.num_cpus <= 1 and layout.threads == 1
 
 
-def test_gpu_default_is_one_actor_per_gpu() -> None:
-    layout = plan_actors([96], cluster_gpus=8)
-    assert (layout.count, layout.num_gpus, layout.num_cpus, layout.device) == (8, 1.0, 1.0, "cuda")
-    assert plan_actors([96], 8, gpus_per_worker=2).count == 4
-    assert plan_actors([96], 8, workers=3, gpus_per_worker=0.5).num_gpus == 0.5
+def test_gpu_actors_ask_for_the_cpus_that_come_with_their_gpus() -> None:
+    """One actor per GPU, asking for its GPU's share of the node's CPUs (it feeds the device from them), on the
+    node with the fewest per GPU, so it fits everywhere; capped where more threads cannot help."""
+    layout = plan_actors([(96, 8)])
+    assert (layout.count, layout.num_gpus, layout.num_cpus, layout.device) == (8, 1.0, 12.0, "cuda")
+    assert plan_actors([(96, 8), (32, 4)]).num_cpus == 8.0  # the 4-GPU node gives 8 per GPU
+    assert plan_actors([(96, 8)], gpus_per_worker=2).count == 4
+    assert plan_actors([(96, 8)], gpus_per_worker=2).num_cpus == 16.0  # capped: GPU_ACTOR_CPUS_MAX
+    assert plan_actors([(96, 8)], workers=3, gpus_per_worker=0.5).num_gpus == 0.5
+    assert plan_actors([(4, 0)], gpus_per_worker=1).num_cpus == 8.0  # no GPU node up yet (autoscaling)
+    assert plan_actors([(6, 8)]).num_cpus == 1.0  # never less than one
+
+
+def test_gpu_decode_threads_leave_two_cpus_to_the_launching_and_writing_threads() -> None:
+    assert [gpu_decode_threads(c) for c in (1, 2, 3, 12.0, 24)] == [1, 1, 1, 10, 22]
 
 
 def test_gpus_per_worker_zero_forces_cpu_actors_and_bad_counts_are_named() -> None:
-    assert plan_actors([8], 2, gpus_per_worker=0).device == "cpu"
+    assert plan_actors([(8, 2)], gpus_per_worker=0).device == "cpu"
     with pytest.raises(ArgumentError, match="workers: must be at least 1"):
-        plan_actors([8], 0, workers=0)
+        plan_actors([(8, 0)], workers=0)
 
 
 # On the cluster

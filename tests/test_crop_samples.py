@@ -126,16 +126,16 @@ def test_paper_protocol_batch_straddling_the_limit_matches(tmp_path: Path) -> No
 
 
 def test_crop_passes_skip_batches_past_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sdfeat.extract import UnitRunner
+    from sdfeat.forward import Forward
 
     calls: list[tuple[int, int]] = []  # (margin, images in the batch) per forward pass
-    original = UnitRunner._forward
+    original = Forward._pass
 
     def counting(self, p, pixels, *args, **kwargs):
         calls.append((p.margin, len(pixels)))
         return original(self, p, pixels, *args, **kwargs)
 
-    monkeypatch.setattr(UnitRunner, "_forward", counting)
+    monkeypatch.setattr(Forward, "_pass", counting)
     spec = small_spec(str(tmp_path / "s"), source="synthetic:9", timesteps=[50], batch_size=2,
                       blocks=["up_blocks.1.upsamplers.0"], variants={"crops": "auto", "samples": 3})
     run_local(spec, progress=False, device="cpu")

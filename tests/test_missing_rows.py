@@ -102,8 +102,6 @@ def test_a_complete_store_opens_as_plain_xarray_does(tiny_store: str, tmp_path: 
     assert open_store(str(copy)).to_xarray().identical(xr.open_zarr(f"{copy}/features.zarr"))
 
 
-@pytest.mark.xfail(strict=True, reason="needs the worker (unit_runner.py) to fill the rows of failed images with "
-                                       "store.missing_value; remove this mark once it does")
 def test_failed_rows_hold_nan_in_the_written_data(tmp_path: Path) -> None:
     from imagegen import default_image, write_parquet_shards
 

@@ -88,12 +88,17 @@ def test_parquet_limit_stops_before_later_files(tmp_path):
 def test_parquet_reads_each_needed_row_group_once(tmp_path, monkeypatch):
     imagegen.write_parquet_shards(tmp_path, 1, 12, row_group_size=4)
     refs = plan_samples(str(tmp_path)).refs
-    calls: list[int] = []
-    original = pq.ParquetFile.read_row_group
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, **kw: calls.append(i) or original(self, i, **kw))
+    calls: list[list[int]] = []
+    original = pq.ParquetFile.iter_batches
+
+    def counted(self, *args, row_groups=None, **kwargs):
+        calls.append(row_groups)
+        return original(self, *args, row_groups=row_groups, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
     picked = [refs[i] for i in (0, 2, 3, 9, 11)]
     assert_colors(list(read_images(picked, RES, threads=2)), [0, 2, 3, 9, 11])
-    assert calls == [0, 2]
+    assert calls == [[0], [2]]
 
 
 def test_corrupt_parquet_shard_raises_naming_it(tmp_path):

@@ -17,6 +17,7 @@ if the map were n×n, i.e. corner 4, border 4m, other m² tokens instead of 4, 4
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +51,20 @@ def pair_counts(m: int) -> np.ndarray:
     return np.outer(k, k) - np.diag(k)
 
 
+@functools.lru_cache(maxsize=64)
+def _device_constants(m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group masks (3, m*m) float64 and the corner token indices (4,) of an m×m map, made on `device` once:
+    a copy from the host per batch would make the host wait for the device (extraction summaries)."""
+    masks = group_masks(m).flatten(1).double().to(device)
+    return masks, torch.tensor([0, m - 1, (m - 1) * m, m * m - 1], device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def device_pair_counts(m: int, device: torch.device) -> torch.Tensor:
+    """`pair_counts(m)` as an int64 tensor on `device`, made once per (m, device)."""
+    return torch.as_tensor(pair_counts(m), device=device)
+
+
 def group_similarity_sums(acts: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-image pair sums of cosine similarity on an m×m map; any device.
 
@@ -60,12 +75,11 @@ def group_similarity_sums(acts: torch.Tensor) -> dict[str, torch.Tensor]:
     x = acts.float()
     unit = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)  # (B, C, m, m), fp32 like the reference
     unit = unit.flatten(2).double()  # (B, C, m*m)
-    masks = group_masks(m).to(acts.device).flatten(1).double()  # (3, m*m)
+    masks, corner_idx = _device_constants(m, acts.device)  # (3, m*m) float64, (4,) int64
     sums = torch.einsum("bct,gt->bgc", unit, masks)  # (B, 3, C) U_g
     self_sim = (unit * unit).sum(1)  # (B, m*m) |u_a|^2
     diag = self_sim @ masks.T  # (B, 3)
     groups = torch.einsum("bgc,bhc->bgh", sums, sums) - torch.diag_embed(diag)
-    corner_idx = torch.tensor([0, m - 1, (m - 1) * m, m * m - 1], device=acts.device)
     corner_units = unit[:, :, corner_idx]  # (B, C, 4)
     corner_groups = torch.einsum("bck,bgc->bkg", corner_units, sums)
     corner_groups[:, :, 0] -= self_sim[:, corner_idx]  # exclude a = b for corner with its own group

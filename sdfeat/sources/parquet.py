@@ -28,18 +28,24 @@ from sdfeat.sources.listing import Listing, require_regular, unreadable
 from sdfeat.sources.refs import Loader, SampleRef, failed, given, one_line
 
 
-@contextmanager
-def _open_parquet(fs: AbstractFileSystem, path: str, url: str) -> Iterator[pq.ParquetFile]:
+def _open_file(fs: AbstractFileSystem, path: str, url: str) -> tuple[object, pq.ParquetFile]:
+    """(open handle, its ParquetFile); the caller closes the handle. Raises SourceError naming the file."""
     try:
         require_regular(fs, path)
         handle = fs.open(path, "rb")
     except OSError as err:
         raise SourceError(f"{url}: unreadable Parquet file ({one_line(err)})") from err
+    try:
+        return handle, pq.ParquetFile(handle)
+    except (pa.ArrowException, OSError) as err:
+        handle.close()
+        raise SourceError(f"{url}: unreadable Parquet file ({one_line(err)})") from err
+
+
+@contextmanager
+def _open_parquet(fs: AbstractFileSystem, path: str, url: str) -> Iterator[pq.ParquetFile]:
+    handle, parquet = _open_file(fs, path, url)
     with handle:
-        try:
-            parquet = pq.ParquetFile(handle)
-        except (pa.ArrowException, OSError) as err:
-            raise SourceError(f"{url}: unreadable Parquet file ({one_line(err)})") from err
         yield parquet
 
 
@@ -160,37 +166,73 @@ def plan(listing: Listing) -> tuple[Iterator[SampleRef], list[str] | None]:
 
 # ---- reading ---------------------------------------------------------------------------------------------------
 
-def loaders(run: list[tuple[int, SampleRef]]) -> Iterator[tuple[int, Loader]]:
-    """Loaders of a run of one file's refs. Reads each needed row group once (refs in row order; a row group is
-    re-read only when the refs jump back to it) and keeps only the current one in memory."""
-    url = run[0][1].file
-    fs, path = fsspec.core.url_to_fs(url)
-    with _open_parquet(fs, path, url) as parquet:
-        struct = image_kind(parquet.schema_arrow, url) == "struct"
-        yield from _row_group_loaders(parquet, url, struct, run)
+class ParquetReader:
+    """One open Parquet file, read forward in small record batches of its `image` column: a worker keeps its
+    readers across units (`reading.OpenFiles`), so each row group is read once while consecutive units walk
+    through it, and the first image of a row group is ready after one batch, not the whole group (a row group of
+    large JPEGs can take a second to decompress)."""
 
+    BATCH_BYTES = 8 * 2**20  # rows per read: about this many bytes (64 ImageNet JPEGs; 8 of 1 MB)
 
-def _row_group_loaders(
-    parquet: pq.ParquetFile, url: str, struct: bool, run: list[tuple[int, SampleRef]]
-) -> Iterator[tuple[int, Loader]]:
-    """A row group that cannot be decoded (corrupt pages: the same on every try) fails its rows, naming it."""
-    ends = list(itertools.accumulate(parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)))
-    loaded_group, image_bytes, group_error = -1, None, ""
-    for index, ref in run:
-        row = int(ref.member)
-        group = bisect.bisect_right(ends, row)
-        if group >= len(ends):
-            raise SourceError(f"{url}: row {row} is out of range ({ends[-1] if ends else 0} rows)")
-        if group != loaded_group:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        fs, path = fsspec.core.url_to_fs(url)
+        self._handle, self.parquet = _open_file(fs, path, url)
+        try:
+            self.struct = image_kind(self.parquet.schema_arrow, url) == "struct"
+        except SourceError:
+            self.close()
+            raise
+        self.ends = list(itertools.accumulate(self.parquet.metadata.row_group(i).num_rows
+                                              for i in range(self.parquet.num_row_groups)))
+        self._group = -1
+        self._batches: Iterator[pa.RecordBatch] | None = None
+        self._bytes: pa.Array | None = None  # the current batch's image bytes
+        self._first = self._next = 0         # group-relative rows [first, next) are in `_bytes`
+        self._error = ""
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def _start(self, group: int) -> None:
+        self._group, self._bytes, self._first, self._next, self._error = group, None, 0, 0, ""
+        meta = self.parquet.metadata.row_group(group)
+        rows = max(1, min(1024, self.BATCH_BYTES * meta.num_rows // max(1, meta.total_byte_size)))
+        self._batches = self.parquet.iter_batches(batch_size=rows, row_groups=[group], columns=["image"],
+                                                  use_threads=False)
+
+    def loader(self, row: int) -> Loader:
+        """The loader of one row's image bytes. A row group that cannot be decoded (corrupt pages: the same on
+        every try) fails its rows from there on, naming it."""
+        group = bisect.bisect_right(self.ends, row)
+        if group >= len(self.ends):
+            raise SourceError(f"{self.url}: row {row} is out of range ({self.ends[-1] if self.ends else 0} rows)")
+        at = row - (self.ends[group - 1] if group else 0)
+        if group != self._group or at < self._first:  # another group, or back within this one: read it again
+            self._start(group)
+        while not self._error and at >= self._next:
             try:
-                column = parquet.read_row_group(group, columns=["image"]).column("image")
-                image_bytes = pc.struct_field(column, "bytes") if struct else column  # ChunkedArray of binary
-                group_error = ""
+                column = next(self._batches).column("image")
             except (pa.ArrowException, OSError) as err:
-                image_bytes, group_error = None, f"unreadable row group {group} of {url}: {one_line(err)}"
-            loaded_group = group
-        if group_error:
-            yield index, partial(failed, group_error)
-            continue
-        data = image_bytes[row - (ends[group - 1] if group else 0)].as_py()
-        yield index, partial(given, data) if data is not None else partial(failed, "no image bytes in row")
+                self._error = f"unreadable row group {group} of {self.url}: {one_line(err)}"
+                break
+            self._bytes = pc.struct_field(column, "bytes") if self.struct else column
+            self._first, self._next = self._next, self._next + len(column)
+        if self._error:
+            return partial(failed, self._error)
+        data = self._bytes[at - self._first].as_py()
+        return partial(given, data) if data is not None else partial(failed, "no image bytes in row")
+
+
+def loaders(run: list[tuple[int, SampleRef]], reader: ParquetReader | None = None) -> Iterator[tuple[int, Loader]]:
+    """Loaders of a run of one file's refs. Reads each needed row group once (refs in row order; a row group is
+    re-read only when the refs jump back to it) and keeps only the current one in memory. `reader`: an open
+    reader of the run's file to use (and keep open), else one is opened for the run."""
+    own = reader is None
+    reader = reader or ParquetReader(run[0][1].file)
+    try:
+        for index, ref in run:
+            yield index, reader.loader(int(ref.member))
+    finally:
+        if own:
+            reader.close()

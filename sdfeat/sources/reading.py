@@ -3,7 +3,8 @@
 `read_images` groups consecutive refs of one file and one `SampleRef.kind` into a run, asks that layout's module
 for a loader per ref (a Parquet file's needed row groups are read once per run, a tar member by a ranged read of
 its offset and size, a folder image whole) and decodes them (`sdfeat.decode`), optionally in threads, yielding
-results in ref order. One bad image becomes a failed `DecodedImage`; a file that was readable when planned but
+results in ref order. A worker that reads unit after unit passes its own `OpenFiles` to `loaders`, so a Parquet
+file stays open and each row group is read once across units (`feed.Feeder`). One bad image becomes a failed `DecodedImage`; a file that was readable when planned but
 cannot be opened now raises `SourceError` naming it (its unit fails and is retried). `read_image_bytes` yields the
 encoded bytes instead (the explorer, the ImageNet subset).
 """
@@ -11,7 +12,7 @@ encoded bytes instead (the explorer, the ImageNet subset).
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -25,6 +26,28 @@ from sdfeat.sources.refs import DecodedImage, Loader, SampleRef, failed
 from sdfeat.synthetic import synthetic_image, synthetic_png
 
 Run = list[tuple[int, SampleRef]]  # (index in the refs read, ref): consecutive refs of one file and one kind
+
+
+class OpenFiles:
+    """The Parquet files one reader keeps open across calls (at most `keep`, least recently used closed first),
+    each with the row group it read last."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self._readers: OrderedDict[str, parquet.ParquetReader] = OrderedDict()
+
+    def parquet(self, url: str) -> parquet.ParquetReader:
+        reader = self._readers.pop(url, None) or parquet.ParquetReader(url)
+        self._readers[url] = reader
+        while len(self._readers) > self.keep:
+            self._readers.popitem(last=False)[1].close()
+        return reader
+
+    def close(self) -> None:
+        while self._readers:
+            self._readers.popitem()[1].close()
+
+
 _RUN_LOADERS: dict[str, Callable[[Run], Iterator[tuple[int, Loader]]]] = {
     "parquet": parquet.loaders,
     "webdataset": webdataset.loaders,
@@ -34,13 +57,18 @@ _RUN_LOADERS: dict[str, Callable[[Run], Iterator[tuple[int, Loader]]]] = {
 }
 
 
-def _loaders(refs: Sequence[SampleRef]) -> Iterator[tuple[int, Loader]]:
-    """(index, loader) in ref order; consecutive refs of one file share one open file."""
-    for (_, kind), group in itertools.groupby(enumerate(refs), key=lambda item: (item[1].file, item[1].kind)):
-        yield from _RUN_LOADERS[kind](list(group))
+def loaders(refs: Sequence[SampleRef], files: OpenFiles | None = None) -> Iterator[tuple[int, Loader]]:
+    """(index, loader) in ref order; consecutive refs of one file share one open file, and with `files` a Parquet
+    file stays open (with its current row group) for later calls."""
+    for (url, kind), group in itertools.groupby(enumerate(refs), key=lambda item: (item[1].file, item[1].kind)):
+        if kind == "parquet" and files is not None:
+            yield from parquet.loaders(list(group), files.parquet(url))
+        else:
+            yield from _RUN_LOADERS[kind](list(group))
 
 
-def _decode(index: int, load: Loader, resolution: int) -> DecodedImage:
+def decode_one(index: int, load: Loader, resolution: int) -> DecodedImage:
+    """Load and decode one image to the paper's centre crop; a bad image becomes a failed `DecodedImage`."""
     try:
         loaded = load()
         image = loaded if isinstance(loaded, Image.Image) else decode_rgb(loaded)
@@ -52,7 +80,7 @@ def _decode(index: int, load: Loader, resolution: int) -> DecodedImage:
 def read_image_bytes(refs: Sequence[SampleRef]) -> Iterator[tuple[int, bytes | None, str | None]]:
     """(index, original encoded bytes, None) per ref in order, or (index, None, reason) for an unreadable image.
     Synthetic images come as PNG. Raises SourceError when a whole file is unreadable."""
-    for index, load in _loaders(refs):
+    for index, load in loaders(refs):
         try:
             loaded = load()
         except ImageDecodeError as err:
@@ -67,14 +95,14 @@ def read_images(refs: Sequence[SampleRef], resolution: int, threads: int = 1) ->
     file is unreadable."""
     if threads < 1:
         raise SourceError(f"threads must be >= 1, got {threads}")
-    loaders = _loaders(refs)
+    found = loaders(refs)
     if threads == 1:
-        yield from (_decode(index, load, resolution) for index, load in loaders)
+        yield from (decode_one(index, load, resolution) for index, load in found)
         return
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sdfeat-decode") as pool:
         pending: deque = deque()
-        for index, load in loaders:
-            pending.append(pool.submit(_decode, index, load, resolution))
+        for index, load in found:
+            pending.append(pool.submit(decode_one, index, load, resolution))
             if len(pending) >= 2 * threads:
                 yield pending.popleft().result()
         while pending:
