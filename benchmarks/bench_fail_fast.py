@@ -6,11 +6,13 @@ Runs, interleaved, `--repeats` times each, as fresh processes (wall seconds, med
     bad_block   a misspelt block name (`up_blocks.1.upsampler.0`): refused from the shipped config
     no_source   a source path that does not exist
     bad_yaml    a duplicate key (`batch_size` twice)
-    full_start  a valid job whose output is a file under a forbidden place (reaches torch + diffusers imports and
-                the store write: what the cheap checks save, for scale)
+    bad_model   a model name sdfeat does not know (`model: nosuch`), also without --local (the Ray path)
+    no_output   an empty `output:`
+    full_start  a valid job whose output is under a forbidden place (reaches the torch import and the writer lock,
+                the first write: what the cheap checks save, for scale)
 
-and prints each beside the baseline: extra seconds over start-up and the ratio. Target: extra < 1 s for the
-first three (measured 0.2-0.4 s on 2 busy cores) and torch/diffusers never imported for them.
+and prints each beside the baseline: extra seconds over start-up and the ratio. Target: extra < 1 s for all but
+full_start (measured 0.2-0.4 s on 2 busy cores) and torch/diffusers never imported for them.
 
     python benchmarks/bench_fail_fast.py [--repeats 5]
 """
@@ -42,6 +44,8 @@ def _jobs(folder: Path) -> dict[str, list[str]]:
         "bad_block": f"source: synthetic:4\n{base}blocks: [up_blocks.1.upsampler.0]\n",
         "no_source": f"source: {folder / 'nowhere'}\n{base}blocks: [conv_in]\n",
         "bad_yaml": f"source: synthetic:4\n{base}blocks: [conv_in]\nbatch_size: 4\nbatch_size: 8\n",
+        "bad_model": f"source: synthetic:4\n{base.replace('model: tiny', 'model: nosuch')}blocks: [conv_in]\n",
+        "no_output": "source: synthetic:4\noutput:\nmodel: tiny\nresolution: 64\nblocks: [conv_in]\n",
         "full_start": "source: synthetic:4\noutput: /sys/kernel/sdfeat-bench\nmodel: tiny\nresolution: 64\n"
                       "blocks: [conv_in]\n",
     }
@@ -49,6 +53,7 @@ def _jobs(folder: Path) -> dict[str, list[str]]:
     for name, text in texts.items():
         (folder / f"{name}.yaml").write_text(text)
         jobs[name] = ["extract", str(folder / f"{name}.yaml"), "--local", "-q"]
+    jobs["bad_model_ray"] = ["extract", str(folder / "bad_model.yaml"), "-q"]
     return jobs
 
 
@@ -74,11 +79,11 @@ def main() -> None:
                 times[name].append(seconds)
                 info[name] = (code, heavy)
     base = statistics.median(times["baseline"])
-    print(f"{'case':<11} {'median s':>9} {'extra s':>8} {'ratio':>6}  exit  heavy imports")
+    print(f"{'case':<13} {'median s':>9} {'extra s':>8} {'ratio':>6}  exit  heavy imports")
     for name, values in times.items():
         median = statistics.median(values)
         code, heavy = info[name]
-        print(f"{name:<11} {median:9.3f} {median - base:8.3f} {median / base:6.2f}  {code:>4}  {heavy or '-'}")
+        print(f"{name:<13} {median:9.3f} {median - base:8.3f} {median / base:6.2f}  {code:>4}  {heavy or '-'}")
 
 
 if __name__ == "__main__":

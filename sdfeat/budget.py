@@ -62,6 +62,14 @@ class StageEstimate:
         """Decoding and writes overlap the device's work: the slowest of the three bounds the job."""
         return max(self.seconds("vae", "unet"), self.seconds("write"), self.seconds("decode")) / 3600
 
+    def as_dict(self) -> dict:
+        """`sdfeat plan --json`: hours per stage and for the job, from which rates."""
+        return {"n_samples": self.n_samples, "warm_cache": self.warm_cache, "bytes": self.bytes,
+                "hours": self.hours, "serial_hours": self.serial_hours, "rates": self.rates.source,
+                "stages": [{"name": s.name, "kind": s.kind, "images": s.images,
+                            "seconds_per_image": s.seconds_per_image, "flops_per_image": s.flops_per_image,
+                            "hours": s.seconds / 3600} for s in self.stages]}
+
 
 def estimate_stages(spec: JobSpec, n_samples: int, rates: Rates, warm_cache: bool = False,
                     layout: Layout | None = None) -> StageEstimate:
@@ -115,6 +123,10 @@ class ModelBudget:
     def cache_fill_hours(self) -> float:
         """Filling the latent cache: the cold run's VAE stages, once per distinct VAE."""
         return self.cold.seconds("vae") / 3600
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "cold_hours": self.cold.hours, "warm_cache_hours": self.warm.hours,
+                "cache_fill_hours": self.cache_fill_hours, "bytes": self.cold.bytes}
 
 
 def imagenet_budget(spec: JobSpec, rates: Rates, n_samples: int = IMAGENET_TRAIN,

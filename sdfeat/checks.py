@@ -1,5 +1,7 @@
 """Cheap checks of a job against the world, run before anything heavy (torch, diffusers, a model, a meta forward):
-the output can hold a store, the source exists, and the requested block names exist in the model's config.
+the model is one sdfeat knows, the output can hold a store, the source exists, and the requested block names exist
+in the model's config. Whether the model's weights are here is `configs.require_weights`, run by the runners
+before a job writes anything (on Ray: where the actors run).
 
 `cli extract` runs `check_job` before it imports the extraction modules, so a misspelt block or a missing source
 is reported in a fraction of a second; `extract.prepare_job` runs it too (for Python callers and Ray). Each
@@ -13,8 +15,8 @@ from pathlib import Path
 import fsspec
 
 from sdfeat.blocks import check_names, config_positions
-from sdfeat.configs import local_unet_config
-from sdfeat.errors import SourceNotFoundError, SpecError
+from sdfeat.configs import local_unet_config, locate
+from sdfeat.errors import ModelNotFoundError, SourceNotFoundError, SpecError
 from sdfeat.spec import JobSpec
 
 _GLOB_CHARS = "*?["
@@ -51,6 +53,15 @@ def check_source(spec: JobSpec) -> None:
         raise SourceNotFoundError(f"field 'source': {spec.source}: no such file or directory")
 
 
+def check_model(spec: JobSpec) -> None:
+    """The model names a registry model, `tiny`, `random:<name>`, a hub id or a local directory (no I/O but a
+    directory test)."""
+    try:
+        locate(spec.model)
+    except ModelNotFoundError as err:
+        raise SpecError(f"field 'model': {err}") from None
+
+
 def check_blocks(spec: JobSpec) -> None:
     """Every requested block (and summary block) is a position of the model, by name only."""
     config = local_unet_config(spec.model)  # None for a hub id: its names are checked by the layout later
@@ -62,8 +73,16 @@ def check_blocks(spec: JobSpec) -> None:
         check_names(spec.summaries.blocks, positions, "summaries.blocks")
 
 
+def check_spec(spec: JobSpec) -> None:
+    """The checks that need none of the job's paths (for `plan` and `submit`, whose source and output may not be
+    reachable from here): the model and the block names."""
+    check_model(spec)
+    check_blocks(spec)
+
+
 def check_job(spec: JobSpec) -> None:
     """All cheap checks, cheapest first. Raises SpecError, SourceNotFoundError or UnknownBlockError."""
+    check_model(spec)
     check_output(spec)
     check_blocks(spec)
     check_source(spec)

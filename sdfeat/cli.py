@@ -5,9 +5,9 @@ error prints one line and exits 2."""
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
+import warnings
 from collections.abc import Callable
 from contextvars import ContextVar
 from enum import StrEnum
@@ -16,13 +16,19 @@ from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
-from sdfeat.console import console, err_console, print_error, print_rich, print_table, say
+from sdfeat.cli_help import Command
+from sdfeat.console import console, err_console, print_error, print_json, print_rich, print_table, say, show_warning
 from sdfeat.errors import SdfeatError
 
 # Plain click help (rich_markup_mode=None): no `<bool>` beside flags, nothing boxed or cut when piped.
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Extract Stable Diffusion U-Net features into Zarr stores; measure and report them.")
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def command(name: Optional[str] = None, **options: Any) -> Callable[[F], F]:
+    """`app.command` with sdfeat's help style (`cli_help.Command`: NAME and metavars, no `{name}` or `<type>`)."""
+    return app.command(name, cls=Command, **options)
 
 
 _writing: ContextVar[Optional[str]] = ContextVar("sdfeat_output", default=None)  # the output a command writes
@@ -69,6 +75,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log prog
                             ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
             os.environ.setdefault(name, value)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.showwarning = show_warning  # sdfeat's warnings as one `warning:` line
 
 
 def _load(job: Path, output: Optional[str], **overrides: Any):
@@ -80,7 +87,7 @@ def _load(job: Path, output: Optional[str], **overrides: Any):
 
 JobArg = Annotated[Path, typer.Argument(help="YAML job spec.")]
 OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Override the spec's output.")]
-StoreArg = Annotated[str, typer.Argument(help="Store directory or URL (the job's output).")]
+StoreArg = Annotated[str, typer.Argument(metavar="STORE", help="Store directory or URL (the job's output).")]
 
 
 class Preset(StrEnum):
@@ -106,26 +113,29 @@ class Metric(StrEnum):
 
 
 LocalOpt = Annotated[bool, typer.Option("--local", help="Run in this process, without Ray.")]
-RayAddressOpt = Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Join this Ray cluster (HEAD:6379, or "
-                                                      "auto: the one `ray start` runs here); default: a private "
-                                                      "local instance.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text (for scripts).")]
+# The two Ray addresses, named apart as Ray names them: a cluster's GCS (what a driver joins) and its Jobs API
+RayAddressOpt = Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help=(
+    "The Ray cluster to join: its GCS address HEAD:6379, or auto (the one `ray start` runs here); default: a private "
+    "local instance. (HEAD:8265, the Jobs API, is for `sdfeat submit`.)"))]
 # extract options that `submit` passes on to the job's `sdfeat extract`
 UnitTimeoutOpt = Annotated[Optional[float], typer.Option(min=1, help="Seconds without a unit report after which an "
                                                          "actor counts as hung and is replaced.")]
-AllowVersionChangeOpt = Annotated[bool, typer.Option(
-    help="Resume a store started under other library versions (torch, diffusers, sdfeat, zarr); recorded in it.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a store made by another spec.")]
+AllowVersionChangeOpt = Annotated[bool, typer.Option("--allow-version-change", help=(
+    "Resume a store started under other library versions (torch, diffusers, sdfeat, zarr); recorded in it."))]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 WriteWorkersOpt = Annotated[Optional[int], typer.Option(min=1, help="Shards each worker writes at once (overrides "
                                                         "the spec's write_workers; default min(4, cores)).")]
 
 
-@app.command()
+@command()
 @domain_errors
 def extract(
     job: JobArg,
     output: OutputOpt = None,
     local: LocalOpt = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace a store made by another spec.")] = False,
+    overwrite: OverwriteOpt = False,
     address: RayAddressOpt = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Number of actors (default: one per GPU).")] = None,
     gpus_per_worker: Annotated[Optional[float], typer.Option(min=0, help="GPUs per actor.")] = None,
@@ -135,8 +145,10 @@ def extract(
     write_workers: WriteWorkersOpt = None,
     quiet: QuietOpt = False,
     allow_version_change: AllowVersionChangeOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Run a job: images -> hooked U-Net -> Zarr store. Resumes where a previous run stopped."""
+    """Run a job: images -> hooked U-Net -> Zarr store. Resumes where a previous run stopped. One run writes a
+    store at a time: a second one on the same output is refused, naming the first."""
     from sdfeat.checks import check_job
     from sdfeat.console import print_interrupted, print_summary
 
@@ -158,10 +170,13 @@ def extract(
     except KeyboardInterrupt:
         print_interrupted(spec.output)
         raise typer.Exit(130) from None
-    print_summary(summary)
+    if as_json:
+        print_json(summary)
+    else:
+        print_summary(summary)
 
 
-@app.command()
+@command()
 @domain_errors
 def plan(
     job: JobArg,
@@ -177,25 +192,34 @@ def plan(
                                                                          "recorded one).")] = None,
     imagenet: Annotated[bool, typer.Option("--imagenet", help="The job over ImageNet-train for sd15, sd21 and "
                                                               "sdturbo, with and without the latent cache.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Print units, rows, bytes per block and in total, and hours per stage, before anything runs."""
+    from sdfeat.checks import check_spec
+
+    spec = _load(job, output)
+    check_spec(spec)  # model and block names: before the planners' imports
     from sdfeat.budget import IMAGENET_TRAIN, estimate_stages, imagenet_budget, render_budget, render_stages
     from sdfeat.plan import estimate_job, render_estimate
     from sdfeat.rates import peak_flops, plan_rates
 
-    spec = _load(job, output)
     est = estimate_job(spec, images_per_second, IMAGENET_TRAIN if imagenet else samples)
-    print_rich(render_estimate(est))
     rates = plan_rates(spec.compile, device, from_store, write_gbps * 1e9 if write_gbps else None)
-    print_rich(render_stages(estimate_stages(spec, est.n_samples, rates, warm_cache, est.layout)))
-    if imagenet:
-        table, lines = render_budget(imagenet_budget(spec, rates, est.n_samples), peak_flops(device))
+    stages = estimate_stages(spec, est.n_samples, rates, warm_cache, est.layout)
+    budgets = imagenet_budget(spec, rates, est.n_samples) if imagenet else []
+    if as_json:
+        print_json({**est.as_dict(), "stages": stages.as_dict(), "imagenet": [b.as_dict() for b in budgets]})
+        return
+    print_rich(render_estimate(est))
+    print_rich(render_stages(stages))
+    if budgets:
+        table, lines = render_budget(budgets, peak_flops(device))
         print_rich(table)
         for line in lines:
             say(line)
 
 
-@app.command()
+@command()
 @domain_errors
 def blocks(
     model: Annotated[str, typer.Argument(help="sd15, sd21, sdturbo, tiny, a hub id or a local diffusers dir.")],
@@ -204,6 +228,7 @@ def blocks(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line instead of a table.")] = False,
 ) -> None:
     """List hookable positions with shapes, from the model's config on the meta device (no weights)."""
+    import json
     from dataclasses import asdict
 
     from sdfeat.blocks import resolve_blocks
@@ -218,21 +243,21 @@ def blocks(
                 title=f"{model} at {resolution}px ({preset}); --json for JSON lines")
 
 
-@app.command()
+@command()
 @domain_errors
-def info(path: StoreArg, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def info(path: StoreArg, as_json: JsonOpt = False) -> None:
     """Blocks, shapes, samples, completeness, bytes and compression ratio of a store."""
     from sdfeat.console import print_info
     from sdfeat.query import open_store
 
     summary = open_store(path).info()
     if as_json:
-        console.print_json(json.dumps(summary))
+        print_json(summary)
     else:
         print_info(summary)
 
 
-@app.command()
+@command()
 @domain_errors
 def query(
     path: StoreArg,
@@ -243,23 +268,27 @@ def query(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write a .npy file.")] = None,
     allow_missing: Annotated[bool, typer.Option("--allow-missing", help="NaN (with a warning) for a sample that "
                                                 "is unfinished or failed, instead of an error.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Read activations of samples at a block; print their shape and statistics or save them as .npy."""
     import numpy as np
 
-    from sdfeat.console import print_stats
+    from sdfeat.console import print_stats, value_stats
     from sdfeat.query import open_store, sample_key
 
     values = open_store(path).read(block, [sample_key(s) for s in sample], timestep=timestep, seed=seed,
                                    allow_missing=allow_missing)
     if out is not None:
         np.save(out, values)
+    if as_json:
+        print_json({**value_stats(values), **({"wrote": str(out)} if out is not None else {})})
+    elif out is not None:
         say(f"wrote {out} {values.shape} float32")
     else:
         print_stats(values)
 
 
-@app.command()
+@command()
 @domain_errors
 def show(
     path: StoreArg,
@@ -272,7 +301,7 @@ def show(
     seed: Annotated[Optional[int], typer.Option()] = None,
 ) -> None:
     """Draw a token-norm map or the cosine similarity of every token to one token (the paper's Figure 1)."""
-    from sdfeat.errors import ArgumentError
+    from sdfeat.errors import ArgumentError, RowNotReadyError
     from sdfeat.maps import draw_store_map, parse_token
     from sdfeat.query import sample_key
 
@@ -283,72 +312,97 @@ def show(
         if not str(err).startswith("at: "):
             raise
         raise typer.BadParameter(str(err).removeprefix("at: "), param_hint="--at") from None
+    except RowNotReadyError as err:  # the reader's hint (allow_missing) is no option of `show`
+        raise RowNotReadyError(err.what, "`sdfeat show` draws samples that have activations: choose another "
+                                         "one (`sdfeat explore` marks them)") from None
     say(f"wrote {out}")
 
 
-@app.command()
+@command()
 @domain_errors
-def verify(path: StoreArg) -> None:
-    """Check a store: every unit done, no NaN/Inf, counts and spec hash agree. Exit 1 on problems."""
+def verify(path: StoreArg, as_json: JsonOpt = False) -> None:
+    """Check a store: every unit done, no NaN/Inf in rows with activations, counts and spec hash agree. Exit 1 on
+    problems."""
     from sdfeat.console import print_problems
     from sdfeat.query import open_store
 
     problems = open_store(path).verify()
-    print_problems(problems)
+    if as_json:
+        print_json({"path": path, "ok": not problems, "problems": problems})
+    else:
+        print_problems(problems)
+        if not problems:
+            say(f"{path}: ok")
     if problems:
         raise typer.Exit(1)
-    say(f"{path}: ok")
 
 
-AddressOpt = Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Ray Jobs API (dashboard) address, "
-                                                  "HEAD:8265 or http://HEAD:8265.")]
+AddressOpt = Annotated[Optional[str], typer.Option(envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"], help=(
+    "The cluster's Ray Jobs API (dashboard): HEAD:8265 or http://HEAD:8265; a GCS address (HEAD:6379, auto) works too "
+    "(its Jobs API is looked up)."))]
 STATE_CODES = "Exit code: 0 SUCCEEDED, PENDING or RUNNING; 1 FAILED; 3 STOPPED; 2 the job could not be asked about."
+SubmissionArg = Annotated[str, typer.Argument(metavar="ID", help="The submission id `sdfeat submit` printed "
+                                                            "(sdfeat-<hash>-<n>).")]
 
 
-@app.command(help="Submit a job to a Ray cluster through the Ray Jobs API (spec validated here first). With "
-             f"--wait, follow its logs until it ends. {STATE_CODES}")
+@command(help="Submit a job to a Ray cluster through the Ray Jobs API (spec validated here first). With "
+         f"--wait, follow its logs until it ends. {STATE_CODES}")
 @domain_errors
 def submit(
     job: JobArg,
     address: AddressOpt = None,
     output: OutputOpt = None,
-    workers: Annotated[Optional[int], typer.Option(min=1)] = None,
-    gpus_per_worker: Annotated[Optional[float], typer.Option(min=0)] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a store made by another spec.")] = False,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Number of actors (default: one per GPU).")] = None,
+    gpus_per_worker: Annotated[Optional[float], typer.Option(min=0, help="GPUs per actor.")] = None,
+    overwrite: OverwriteOpt = False,
     unit_timeout: UnitTimeoutOpt = None,
     write_workers: WriteWorkersOpt = None,
     allow_version_change: AllowVersionChangeOpt = False,
     quiet: QuietOpt = False,
     wait: Annotated[bool, typer.Option("--wait", help="Stream the job's logs until it ends; exit with its "
                                                       "state's code.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the submission as JSON (with --wait: the logs go "
+                                                         "to stderr, the JSON with the final state last).")] = False,
 ) -> None:
+    from dataclasses import asdict
+
     from sdfeat.submit import exit_code, follow_logs, submit_job
 
     sub = submit_job(job, address, workers=workers, gpus_per_worker=gpus_per_worker, overwrite=overwrite,
                      unit_timeout=unit_timeout, allow_version_change=allow_version_change, quiet=quiet,
                      output=output, write_workers=write_workers)
-    say(sub.how_to_follow())
+    if not as_json:
+        say(sub.how_to_follow())
+    state = None
     if wait:
-        state = follow_logs(sub.submission_id, sub.address, lambda text: console.out(text, end="", highlight=False))
+        logs_to = err_console if as_json else console
+        state = follow_logs(sub.submission_id, sub.address, lambda text: logs_to.out(text, end="", highlight=False))
+    if as_json:
+        print_json({**asdict(sub), **({"state": state} if state else {})})
+    elif state:
         say(f"{sub.submission_id}: {state}")
+    if state:
         raise typer.Exit(exit_code(state))
 
 
-@app.command(help=f"State of a submitted job: PENDING, RUNNING, STOPPED, SUCCEEDED or FAILED. {STATE_CODES}")
+@command(help=f"State of a submitted job: PENDING, RUNNING, STOPPED, SUCCEEDED or FAILED. {STATE_CODES}")
 @domain_errors
-def status(submission_id: str, address: AddressOpt = None) -> None:
+def status(submission_id: SubmissionArg, address: AddressOpt = None, as_json: JsonOpt = False) -> None:
     from sdfeat.submit import exit_code
     from sdfeat.submit import status as job_status
 
     state = job_status(submission_id, address)
-    say(state)
+    if as_json:
+        print_json({"submission_id": submission_id, "state": state})
+    else:
+        say(state)
     raise typer.Exit(exit_code(state))
 
 
-@app.command(help=f"What a submitted job has printed so far; with --follow, until it ends. {STATE_CODES} "
-             "(with --follow)")
+@command(help="What a submitted job has printed so far; with --follow, until it ends, and then the exit code "
+         "says its state: 0 SUCCEEDED, 1 FAILED, 3 STOPPED; 2 the job could not be asked about.")
 @domain_errors
-def logs(submission_id: str, address: AddressOpt = None,
+def logs(submission_id: SubmissionArg, address: AddressOpt = None,
          follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream new lines until the job ends.")] = False,
          ) -> None:
     from sdfeat.submit import exit_code, follow_logs
@@ -369,7 +423,7 @@ ProbeRepeatsOpt = Annotated[int, typer.Option(min=1, help="With intervals: image
                                                           "on (the first is the metric's own).")]
 
 
-@app.command()
+@command()
 @domain_errors
 def metrics(
     path: StoreArg,
@@ -379,7 +433,8 @@ def metrics(
     address: RayAddressOpt = None,
     labels: Annotated[Optional[str], typer.Option(help="Anomaly labels (.csv image_index,x_col,y_row or the "
                                                        "paper's .npy); default: detected ones.")] = None,
-    paper_counts: Annotated[bool, typer.Option(help="Also the corner means with the reference's counts (Q3).")] = False,
+    paper_counts: Annotated[bool, typer.Option("--paper-counts", help="Also the corner means with the reference's "
+                                                                      "counts (Q3).")] = False,
     allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Measure a store with unfinished units "
                                                 "(their images are skipped and named).")] = False,
     timestep: Annotated[Optional[int], typer.Option(help="Timestep to measure (default: the store's first; with "
@@ -388,8 +443,13 @@ def metrics(
                                                        "and n_images to every row (0: none).")] = 0,
     bootstrap_seed: BootstrapSeedOpt = 0,
     probe_repeats: ProbeRepeatsOpt = 5,
+    results: Annotated[Optional[str], typer.Option(help=(
+        "Folder for the tables (default: STORE/results; e.g. for a store you cannot write). `sdfeat report DIR` "
+        "reads it."))] = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Compute the paper's metrics per block as Ray tasks; tidy Parquet tables land in STORE/results/."""
+    """Compute the paper's metrics per block as Ray tasks; tidy Parquet tables land in STORE/results/ (or --results
+    DIR). Where the tables go is checked first: a store you cannot write fails at once."""
     from sdfeat.blocks import canonical_name
     from sdfeat.metrics.runner import METRICS, MetricOptions, run_metrics
 
@@ -397,12 +457,16 @@ def metrics(
                           blocks=[canonical_name(b) for b in block or []] or None,
                           local=local, address=address, labels=labels, allow_partial=allow_partial, progress=True,
                           options=MetricOptions(paper_counts=paper_counts, timestep=timestep, bootstrap=bootstrap,
-                                                bootstrap_seed=bootstrap_seed, probe_repeats=probe_repeats))
+                                                bootstrap_seed=bootstrap_seed, probe_repeats=probe_repeats),
+                          results=results)
+    if as_json:
+        print_json(written)
+        return
     for name, table in written.items():
         say(f"{name}: {table}")
 
 
-@app.command()
+@command()
 @domain_errors
 def compare(
     store_a: Annotated[str, typer.Argument(help="Store A (the baseline).")],
@@ -434,7 +498,7 @@ def compare(
     print_compare(rows, store_a, store_b, as_json)
 
 
-@app.command()
+@command()
 @domain_errors
 def report(
     stores: Annotated[list[str], typer.Argument(help="One or more stores with results/ (run `sdfeat metrics`).")],
@@ -447,7 +511,7 @@ def report(
     say(f"wrote {write_report(stores, str(out), reference and reference.value, progress=True)}")
 
 
-@app.command()
+@command()
 @domain_errors
 def explore(
     stores: Annotated[list[str], typer.Argument(help="One or more stores (directories or URLs) to serve.")],
@@ -465,7 +529,7 @@ def explore(
     uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False)
 
 
-@app.command("imagenet-subset")
+@command("imagenet-subset")
 @domain_errors
 def imagenet_subset(
     source: Annotated[str, typer.Option(help="A local imagenet-1k copy: Parquet, ILSVRC folders or tars.")],
@@ -481,7 +545,7 @@ def imagenet_subset(
     say(f"wrote {path}")
 
 
-@app.command("save-tiny")
+@command("save-tiny")
 @domain_errors
 def save_tiny(out: Annotated[Path, typer.Argument(help="Folder for a diffusers pipeline directory.")]) -> None:
     """Save the offline tiny SD-shaped model as a normal diffusers directory (safetensors)."""

@@ -1,12 +1,13 @@
 """The Ray runtime for `sdfeat extract`: the driver and the extraction actors. The only extraction module that
 imports Ray; a work unit itself is `unit_runner.UnitRunner.run`, unchanged.
 
-Driver (`run_on_ray`): joins a Ray cluster (or starts a local one), writes the store template (`prepare_job`)
-before any actor exists, skips units that already have a done marker (resume), and keeps every actor busy with one
-unit in flight plus one queued. A unit whose actor died (killed, node lost) or which raised is queued again, up to
-`max_retries` times; a dead actor is replaced. A unit that still fails is named in a `UnitFailedError` once the
-other units are done (they are kept; running again redoes only the missing ones). Unit reports feed the progress
-bar; `extract.end_job` (shared with the local runner) names failed units or checks every marker and returns the
+Driver (`run_on_ray`): holds the output's writer lock (`writer_lock`), joins a Ray cluster (or starts a local
+one), checks the weights where the actors will run, writes the store template (`prepare_job`) before any actor
+exists, skips units that already have a done marker (resume), and keeps every actor busy with one unit in flight
+plus one queued. A unit whose actor died (killed, node lost) or which raised is queued again, up to `max_retries`
+times; a dead actor is replaced. A unit that still fails is named in a `UnitFailedError` once the other units are
+done (they are kept; running again redoes only the missing ones). Unit reports feed the progress bar;
+`extract.end_job` (shared with the local runner) names failed units or checks every marker and returns the
 summary.
 
 Actors (`ExtractionWorker`): load the model once; write activations straight into the store; only the small unit
@@ -28,7 +29,9 @@ import ray.util.scheduling_strategies
 import torch
 from ray.exceptions import RayActorError, RayTaskError
 
-from sdfeat import process
+from sdfeat import process, writer_lock
+from sdfeat.checks import check_job
+from sdfeat.configs import require_weights
 from sdfeat.errors import ArgumentError, SdfeatError, storage_error
 from sdfeat.extract import JobPlan, end_job, pending_units, prepare_job
 from sdfeat.plan import Unit
@@ -381,6 +384,22 @@ def _domain_error(err: RayTaskError, output: str) -> SdfeatError | None:
     return None
 
 
+def _check_weights_where_actors_run(spec: JobSpec, layout: ActorLayout, runtime_env: dict | None) -> None:
+    """`configs.require_weights` in a Ray task shaped like an actor (so on a node where actors run, with their
+    environment), before the store template is written: missing weights refuse the job with nothing written."""
+    options: dict[str, Any] = {"num_cpus": layout.num_cpus, "num_gpus": layout.num_gpus, "max_retries": 0}
+    if runtime_env:
+        options["runtime_env"] = runtime_env
+    ref = ray.remote(require_weights).options(**options).remote(spec.model, spec.revision)
+    while not ray.wait([ref], timeout=STARVED_WARN_S)[0]:
+        log.warning("the weights check waits for resources (num_cpus=%s, num_gpus=%s; cluster: %s)",
+                    layout.num_cpus, layout.num_gpus, ray.cluster_resources())
+    try:
+        ray.get(ref)
+    except RayTaskError as err:
+        raise _domain_error(err, spec.output) or err
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -402,6 +421,16 @@ def run_on_ray(spec: JobSpec, address: str | None = None, workers: int | None = 
     simulate: a `simdevice.Simulation` in place of the device stages (benchmarks of the host pipeline).
     Raises UnitFailedError naming the unit(s) that failed `max_retries` + 1 times; finished units are kept.
     """
+    check_job(spec)  # before the lock: a spec that cannot run leaves nothing at its output
+    with writer_lock.hold(spec.output):  # one writer per store, for the whole job
+        return _run_on_ray(spec, address, workers, gpus_per_worker, overwrite, progress, max_retries, runtime_env,
+                           worker_class, unit_timeout_s, allow_version_change, simulate)
+
+
+def _run_on_ray(spec: JobSpec, address: str | None, workers: int | None, gpus_per_worker: float | None,
+                overwrite: bool, progress: bool, max_retries: int, runtime_env: dict | None,
+                worker_class: type[ExtractionWorker], unit_timeout_s: float | None,
+                allow_version_change: bool, simulate: Simulation | None) -> dict:
     quiet = {k: os.environ[k] for k in QUIET_ENV if k in os.environ}
     if quiet:
         runtime_env = {**(runtime_env or {}), "env_vars": {**quiet, **(runtime_env or {}).get("env_vars", {})}}
@@ -409,9 +438,11 @@ def run_on_ray(spec: JobSpec, address: str | None = None, workers: int | None = 
     log.info("Ray: %s", cluster)
     try:
         start = time.perf_counter()
+        layout = _cluster_layout(workers, gpus_per_worker)
+        if simulate is None:  # a simulated device loads no model
+            _check_weights_where_actors_run(spec, layout, runtime_env)
         plan = prepare_job(spec, overwrite, allow_version_change)  # store template complete before any actor
         todo = pending_units(plan)
-        layout = _cluster_layout(workers, gpus_per_worker)
         log.info("%d of %d units to run on %d actor(s) (%s, %s CPU / %s GPU each, %d threads)", len(todo),
                  len(plan.units), min(layout.count, len(todo)), layout.device, layout.num_cpus, layout.num_gpus,
                  layout.threads)

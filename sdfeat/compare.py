@@ -19,6 +19,7 @@ compared; `MetricOptions.timestep`/`seed` pick one (it must be in both stores).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -149,25 +150,18 @@ def compare_stores(path_a: str, path_b: str, metrics: Sequence[str] = METRICS,
     return sorted(rows, key=lambda r: (r["order"], METRICS.index(r["metric"])))
 
 
-def render_text(rows: Sequence[dict]) -> str:
-    """A plain fixed-width table (for pipes and files); `*` marks an interval that excludes zero."""
-    header = ["block", "metric", "series", "A", "B", "B-A", "ci_low", "ci_high", "", "n_a", "n_b", "pairing"]
-    body = [[r["block"], r["metric"], r["series"], f"{r['a']:.4g}", f"{r['b']:.4g}", f"{r['difference']:+.4g}",
-             f"{r['ci_low']:+.4g}", f"{r['ci_high']:+.4g}", "*" if r["excludes_zero"] else "", str(r["n_a"]),
-             str(r["n_b"]), r["pairing"]] for r in rows]
-    widths = [max(len(line[k]) for line in [header, *body]) for k in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *body])
+HEADER = ["block", "metric", "series", "A", "B", "B-A", "ci_low", "ci_high", "*", "n_a", "n_b"]  # `table_rows`
 
 
-def render_table(rows: Sequence[dict], store_a: str, store_b: str):  # -> rich.table.Table
-    """The rows as a rich table titled with both stores and the pairing; a bold `*` marks an interval that
-    excludes zero."""
-    from rich.table import Table
+def _number(value: float, signed: bool = False) -> str:
+    """4 significant digits, differences with their sign; NaN (a metric without a value) as `nan`."""
+    if math.isnan(value):
+        return "nan"
+    return f"{value:+.4g}" if signed else f"{value:.4g}"
 
-    pairing = rows[0]["pairing"] if rows else "-"
-    table = Table(*COLUMNS[:-1], title=f"B - A, B = {store_b}, A = {store_a} ({pairing})")
-    for r in rows:
-        table.add_row(r["block"], r["metric"], r["series"], f"{r['a']:.4g}", f"{r['b']:.4g}",
-                      f"{r['difference']:+.4g}", f"{r['ci_low']:+.4g}", f"{r['ci_high']:+.4g}",
-                      "[bold]*[/bold]" if r["excludes_zero"] else "", str(r["n_a"]), str(r["n_b"]))
-    return table
+
+def table_rows(rows: Sequence[dict]) -> list[list[str]]:
+    """The rows as the table's cells (columns `HEADER`); `*` marks an interval that excludes zero."""
+    return [[r["block"], r["metric"], r["series"], _number(r["a"]), _number(r["b"]), _number(r["difference"], True),
+             _number(r["ci_low"], True), _number(r["ci_high"], True), "*" if r["excludes_zero"] else "",
+             str(r["n_a"]), str(r["n_b"])] for r in rows]

@@ -6,13 +6,15 @@ name>` (the full architecture from the shipped configs in `sdfeat/data`, with ra
 
 Read by everything that needs a model's shape before (or without) loading it: `layout.job_layout` (and through it
 the planner and the store template), `checks` (block names before anything heavy), `costs` (FLOPs), `sdfeat
-blocks`, the metrics; `models` loads weights for these names. Imports json and pathlib only (huggingface_hub only
-to read a hub model's config from the local cache).
+blocks`, the metrics; `models` loads weights for these names, after `require_weights` (also run before a job
+writes anything) said they are here. Imports json, os and pathlib only (huggingface_hub only to read a hub
+model's config or file index from the local cache).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,34 @@ def locate(model: str) -> tuple[str, str]:
         return "hub", model
     raise ModelNotFoundError(f"model {model!r}: not a registry name ({', '.join(sorted(REGISTRY))}, tiny, "
                              f"random:<name>), a hub id owner/name, or an existing local diffusers directory")
+
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+
+
+def downloads_allowed() -> bool:
+    """Whether the user opted in to hub downloads (HF_HUB_OFFLINE=0); otherwise weights must be here already."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("0", "false", "no")
+
+
+def require_weights(model: str, revision: str | None = None) -> None:
+    """Refuse in one line (`ModelNotFoundError`) a model whose U-Net or VAE weights are not here: a local directory
+    without them, a hub model not in the Hugging Face cache (unless downloads are allowed). Reads the cache's
+    file index only: no hub request, no torch. `tiny` and `random:` models need no weights."""
+    kind, source = locate(model)
+    if kind in ("tiny", "random") or (kind == "hub" and downloads_allowed()):
+        return
+    for component in ("unet", "vae"):
+        if kind == "local":
+            if not any((Path(source) / component / name).is_file() for name in WEIGHT_FILES):
+                raise ModelNotFoundError(f"model {model!r}: {Path(source) / component} has no safetensors weights "
+                                         f"({WEIGHT_FILES[0]}); is it a diffusers pipeline directory?")
+            continue
+        from huggingface_hub import try_to_load_from_cache
+
+        if not any(isinstance(try_to_load_from_cache(source, f"{component}/{name}", revision=revision), str)
+                   for name in WEIGHT_FILES):
+            raise not_available(model, source, f"no {component} weights in the Hugging Face cache")
 
 
 def unet_config(model: str) -> dict[str, Any]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import TextIO
 
 import numpy as np
 from rich.console import Console
@@ -26,6 +28,38 @@ def say(text: str) -> None:
 def print_error(err: Exception) -> None:
     """A domain error as the one line `error: <message>` on stderr."""
     err_console.print(f"[red]error:[/red] {err}", highlight=False)
+
+
+def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: TextIO | None = None, line: str | None = None) -> None:
+    """`warnings.showwarning` for the commands: sdfeat's own warnings (`MissingRowsWarning`) as one line
+    `warning: <message>` on stderr; any other as Python shows it."""
+    from sdfeat.errors import MissingRowsWarning
+
+    if issubclass(category, MissingRowsWarning):
+        err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _plain(value: object) -> object:
+    """`value` as JSON can hold it: NaN and infinities as null, numpy scalars and arrays as numbers and lists."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def print_json(data: object) -> None:
+    """`--json`: `data` as one JSON document on stdout (NaN as null), the same on a terminal and in a pipe."""
+    console.out(json.dumps(_plain(data), indent=1, default=str), highlight=False)
 
 
 def print_problems(problems: Sequence[str]) -> None:
@@ -50,14 +84,22 @@ def print_table(columns: list[str], rows: list[list[str]], title: str | None = N
     table = Table(*columns, title=title)
     for row in rows:
         table.add_row(*row)
-    console.print(table)
+    console.print(folded(table))
+
+
+def folded(table: Table) -> Table:
+    """`table` with every cell folded onto more lines where the terminal is too narrow, never cut with `…`
+    (two block names cut alike would read as the same row)."""
+    for column in table.columns:
+        column.overflow = "fold"
+    return table
 
 
 def print_rich(table: Table) -> None:
     """A table built with rich (the planners'): as it is on a terminal; when piped, its title, cells and caption as
     plain lines like `print_table`'s (markup dropped, nothing cut)."""
     if console.is_terminal:
-        console.print(table)
+        console.print(folded(table))
         return
     from rich.text import Text
 
@@ -111,17 +153,31 @@ def print_info(summary: dict) -> None:
     say(f"{summary['path']}: model {summary['model']}, protocol {summary['protocol']}, spec {summary['spec_hash']}")
     say(f"samples {summary['samples']} ({summary['ok']} ok), timesteps {summary['timesteps']}, "
         f"seeds {summary['seeds']}, units {summary['units_done']}/{summary['units']} done")
+    if summary.get("writer"):
+        say(f"being written by {summary['writer']}")
     print_table(["array", "shape", "dtype"],
                 [[b["name"], "×".join(map(str, b["shape"])), b["dtype"]] for b in summary["blocks"]])
+    ratio = summary["compression_ratio"]
     say(f"{summary['bytes_stored'] / 2**20:.1f} MiB stored, {summary['bytes_raw'] / 2**20:.1f} MiB raw, "
-        f"compression {summary['compression_ratio']:.2f}×")
+        + (f"compression {ratio:.2f}×" if ratio is not None else "compression n/a (no unit finished yet)"))
+
+
+def value_stats(values: np.ndarray) -> dict:
+    """Shape, NaN-skipping mean, std, min and max of read activations, and how many rows read as NaN (rows
+    without activations); the statistics are None when every row does."""
+    finite = values[~np.isnan(values)]
+    nan_rows = int(np.isnan(values.reshape(len(values), -1)).all(axis=1).sum()) if values.size else 0
+    stats = {k: float(f(finite)) if finite.size else None for k, f in
+             (("mean", np.mean), ("std", np.std), ("min", np.min), ("max", np.max))}
+    return {"shape": list(values.shape), **stats, "nan_rows": nan_rows}
 
 
 def print_stats(values: np.ndarray) -> None:
-    """Shape and NaN-skipping mean, std, min, max of read activations."""
-    say(f"shape {values.shape}, mean {np.nanmean(values):.4g}, std {np.nanstd(values):.4g}, "
-        f"min {np.nanmin(values):.4g}, max {np.nanmax(values):.4g}"
-        + (" (NaN rows skipped)" if np.isnan(values).any() else ""))
+    """`value_stats` as one line."""
+    stats = value_stats(values)
+    shown = [f"{k} {stats[k]:.4g}" if stats[k] is not None else f"{k} n/a" for k in ("mean", "std", "min", "max")]
+    skipped = f" ({stats['nan_rows']} NaN rows skipped)" if stats["nan_rows"] else ""
+    say(f"shape {tuple(stats['shape'])}, {', '.join(shown)}{skipped}")
 
 
 def print_serving(n_stores: int, host: str, port: int) -> None:
@@ -134,13 +190,12 @@ def print_serving(n_stores: int, host: str, port: int) -> None:
 
 
 def print_compare(rows: Sequence[dict], store_a: str, store_b: str, as_json: bool = False) -> None:
-    """`compare_stores` rows: JSON (NaN as null), a rich table on a terminal, else `compare.render_text`."""
-    from sdfeat.compare import render_table, render_text
+    """`compare_stores` rows: JSON (NaN as null), else a table (`print_table`: tab-separated when piped)."""
+    from sdfeat.compare import HEADER, table_rows
 
     if as_json:
-        clean = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows]
-        console.out(json.dumps(clean, indent=1), highlight=False)
-    elif not console.is_terminal:
-        console.out(render_text(rows), highlight=False)
-    else:
-        console.print(render_table(rows, store_a, store_b))
+        print_json(list(rows))
+        return
+    pairing = rows[0]["pairing"] if rows else "-"
+    print_table(HEADER, table_rows(rows), title=f"B - A, B = {store_b}, A = {store_a} ({pairing}); * = the interval "
+                                                "excludes 0")

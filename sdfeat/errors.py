@@ -51,7 +51,12 @@ class ClusterConnectionError(SdfeatError, ConnectionError):
 
 
 class RowNotReadyError(StoreError):
-    """A store row has no activations to show yet (its unit is unfinished) or never will (its image failed)."""
+    """A store row has no activations to show yet (its unit is unfinished) or never will (its image failed).
+    `what` is the message without its `hint` (what the caller can do), so a command can give its own hint."""
+
+    def __init__(self, what: str, hint: str = "") -> None:
+        super().__init__(f"{what}; {hint}" if hint else what)
+        self.what = what
 
 
 class StorageError(SdfeatError, OSError):
@@ -74,3 +79,7 @@ def storage_error(err: OSError, path: str | None = None) -> StorageError | None:
     mapped = StorageError(f"{where}: {err.strerror or err} ({errno.errorcode.get(err.errno, err.errno)})")
     mapped.errno, mapped.filename = err.errno, where
     return mapped
+
+
+class MissingRowsWarning(UserWarning):
+    """Rows asked for hold no activations (unfinished or failed) and were returned as NaN (`allow_missing`)."""

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 
-from sdfeat import process, store
+from sdfeat import process, store, writer_lock
+from sdfeat.checks import check_job
+from sdfeat.configs import require_weights
 from sdfeat.errors import SourceError, SpecError, StoreError, UnitFailedError
 from sdfeat.interventions import check_padding
 from sdfeat.layout import Layout, job_layout
@@ -71,8 +73,6 @@ def prepare_job(spec: JobSpec, overwrite: bool = False, allow_version_change: bo
     Cheap checks (output, block names, source) come first; everything that can refuse the job (the source's
     layout and schema, nothing readable, other library versions on resume) does so before anything is written.
     A finished job is returned as it is, without writing anything."""
-    from sdfeat.checks import check_job
-
     check_job(spec)
     output = spec.output
     digest = spec_hash(spec)
@@ -186,8 +186,13 @@ def run_local(spec: JobSpec, overwrite: bool = False, progress: bool = True, dev
               simulate: Simulation | None = None) -> dict:
     """Prepare, run every pending unit in this process, finalize. A failing unit is named; others are kept.
     `threads`: torch's thread count while the job runs (None: as it is); the previous count is restored.
-    `simulate`: a `simdevice.Simulation` in place of the device stages (benchmarks of the host pipeline)."""
-    with process.torch_threads(threads):
+    `simulate`: a `simdevice.Simulation` in place of the device stages (benchmarks of the host pipeline; no
+    weights are needed then). The spec and the weights are checked before anything is written; the output's
+    writer lock is held throughout."""
+    check_job(spec)
+    if simulate is None:
+        require_weights(spec.model, spec.revision)
+    with writer_lock.hold(spec.output), process.torch_threads(threads):
         return _run_units(spec, overwrite, progress, device, threads, allow_version_change, simulate)
 
 

@@ -34,24 +34,11 @@ from sdfeat.configs import (DATA_DIR, RANDOM_PREFIX, REGISTRY, TINY_TEXT_CONFIG,
                             TINY_VAE_CONFIG, shipped_config, unet_config)
 from sdfeat.configs import locate as _locate
 from sdfeat.configs import not_available as _not_found
+from sdfeat.configs import require_weights
 from sdfeat.errors import ModelNotFoundError
 from sdfeat.interventions import apply_padding, set_padding
 
 log = logging.getLogger(__name__)
-
-
-def _require_cached(model: str, source: str, revision: str | None) -> None:
-    """Fail in one line, before any hub request, when a hub model is not in the local cache and the user has not
-    opted in to downloads (HF_HUB_OFFLINE=0): no network round trips and retries."""
-    import os
-
-    from huggingface_hub import try_to_load_from_cache
-
-    if Path(source).is_dir() or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("0", "false", "no"):
-        return
-    found = try_to_load_from_cache(source, "unet/config.json", revision=revision)
-    if not isinstance(found, str):
-        raise _not_found(model, source, "not in the Hugging Face cache")
 
 
 TextLoader = Callable[[], tuple[Any, torch.nn.Module]]  # -> (tokenizer, text encoder on device)
@@ -261,7 +248,7 @@ def _components_pretrained(model: str, source: str, revision: str | None, dtype:
         module = prepare(cls.from_pretrained(source, subfolder=subfolder, torch_dtype=load_dtype, **common))
         return module, False
 
-    _require_cached(model, source, revision)
+    require_weights(model, revision)  # one line, before any hub request, when they are not here
     try:
         unet_file, vae_file = _weights_file(source, "unet", revision), _weights_file(source, "vae", revision)
         unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", revision=revision)

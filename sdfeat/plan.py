@@ -71,6 +71,15 @@ class Estimate:
     def hours(self) -> float | None:
         return None if not self.images_per_second else self.n_samples / self.images_per_second / 3600
 
+    def as_dict(self) -> dict:
+        """`sdfeat plan --json`: the job's sizes, per array and in total (bytes)."""
+        return {"model": self.spec.model, "protocol": self.spec.protocol, "n_samples": self.n_samples,
+                "units": self.n_units, "unit_size": self.unit_size, "bytes_per_image": self.layout.bytes_per_sample(),
+                "total_bytes": self.total_bytes, "hours": self.hours,
+                "arrays": [{"path": a.path, "bytes_per_image": a.bytes_per_sample(),
+                            "total_bytes": a.bytes_per_sample() * a.n_rows(self.n_samples)}
+                           for a in self.layout.arrays]}
+
 
 def estimate_job(spec: JobSpec, images_per_second: float | None = None, samples: int | None = None) -> Estimate:
     """Sizes and time of a job before it runs; `samples` stands in for a source not reachable from here."""

@@ -8,7 +8,7 @@ Only numpy, zarr and xarray: a store can be queried on a machine without torch.
 
 from __future__ import annotations
 
-import logging
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,11 +17,9 @@ import numpy as np
 import zarr
 
 from sdfeat import store
-from sdfeat.errors import StoreError, UnknownBlockError
+from sdfeat.errors import MissingRowsWarning, RowNotReadyError, StoreError, UnknownBlockError
 from sdfeat.plan import units_for
 from sdfeat.spec import JobSpec, parse_spec, spec_hash
-
-log = logging.getLogger(__name__)
 
 Samples = None | slice | int | str | Sequence[int] | Sequence[str]
 
@@ -158,19 +156,21 @@ class FeatureStore:
         """Activations (sample, [timestep], [seed], channel, y, x); a given timestep/seed drops its axis.
         float32 unless `raw` (the stored dtype).
 
-        A sample whose unit is unfinished or whose image failed has no activations: `StoreError` naming it and its
-        state, or with `allow_missing` NaN in its place and a warning."""
+        A sample whose unit is unfinished or whose image failed has no activations: `RowNotReadyError` naming it
+        and its state, or with `allow_missing` NaN in its place and a `MissingRowsWarning` (also for stores
+        written before NaN was the fill value: rows are masked by `ok`, whatever they hold)."""
         arr = self.array(block, crop)
         rows = self._rows(samples)
         missing = self.row_states(rows)
-        if missing and not allow_missing:
-            row, state = next(iter(missing.items()))
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise StoreError(f"sample '{self.sample_ids[row]}' (row {row}) of {self.path} is {state}{more}; "
-                             "pass allow_missing=True (CLI: --allow-missing) to get NaN for it")
         if missing:
-            log.warning("%d of the requested samples have no activations (e.g. '%s': %s); returned as NaN",
-                        len(missing), self.sample_ids[next(iter(missing))], next(iter(missing.values())))
+            row, state = next(iter(missing.items()))
+            what = f"sample '{self.sample_ids[row]}' (row {row}) of {self.path} is {state}" + \
+                (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            if not allow_missing:
+                raise RowNotReadyError(what, "pass allow_missing=True (`sdfeat query --allow-missing`) to read it "
+                                             "as NaN")
+            warnings.warn(MissingRowsWarning(f"{len(missing)} of the requested samples have no activations and "
+                                             f"read as NaN: {what}"), stacklevel=2)
         if crop is not None:
             rows = self._crop_rows(rows)
         t = self._axis_index(self.timesteps, timestep, "timestep")
@@ -189,27 +189,23 @@ class FeatureStore:
         return data
 
     def iter_samples(self, block: str, batch: int | None = None, timestep: int | None = None,
-                     seed: int | None = None, crop: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
-        """Read a block in row batches (default: one shard) so memory does not grow with the sample count."""
+                     seed: int | None = None, crop: int | None = None,
+                     allow_missing: bool = False) -> Iterator[tuple[slice, np.ndarray]]:
+        """Read a block in row batches (default: one shard) so memory does not grow with the sample count; rows
+        without activations as `read` treats them (an error, or NaN with `allow_missing`)."""
         step = batch or int(self.attrs["unit_size"])
         total = len(self) if crop is None else self.crop_samples
         for start in range(0, total, step):
             rows = slice(start, min(start + step, total))
-            yield rows, self.read(block, rows, timestep, seed, crop)
+            yield rows, self.read(block, rows, timestep, seed, crop, allow_missing=allow_missing)
 
     def to_xarray(self, crop: int | None = None):  # -> xarray.Dataset
         """Every block as a variable with named dims; `sample` indexed by sample id, `sample_id`, `label`, `ok` as
-        coordinates. The same as plain `xr.open_zarr("<store>/features.zarr")` (the store records its coordinates);
-        stores written before that are completed here."""
-        import xarray as xr
+        coordinates; rows without activations read as NaN (`xarray_view`). Plain
+        `xr.open_zarr("<store>/features.zarr")` gives the same for stores of this version."""
+        from sdfeat.xarray_view import open_dataset
 
-        group = "" if crop is None else f"crops/{crop}"
-        ds = xr.open_zarr(store.join(self.path, store.FEATURES), group=group or None, consolidated=None)
-        if crop is None:
-            ds = ds.set_coords([c for c in ("sample_id", "label", "ok") if c in ds.data_vars])
-            if "sample" not in ds.indexes:
-                ds = ds.assign_coords(sample=ds["sample_id"].values)
-        return ds
+        return open_dataset(self.path, crop, None if crop is None else self.crop_samples)
 
     def verify(self) -> list[str]:
         """Problems found (empty = sound): missing units, spec hash, counts, NaN/Inf in rows marked ok."""
@@ -246,20 +242,32 @@ class FeatureStore:
         return paths
 
     def info(self) -> dict:
-        """Blocks with shapes, samples, completeness, bytes on disk and the compression ratio."""
+        """Blocks with shapes, samples, completeness, the run writing it (its writer lock), bytes on disk and the
+        compression ratio (of the finished units' rows: unwritten rows take no space)."""
+        from sdfeat.writer_lock import read_holder
+
         fs, root = store.filesystem(self.path)  # fsspec filesystem of the store
         stored = fs.du(store.join(root, store.FEATURES))
         arrays = [self.group[p] for p in self._all_array_paths()]
         raw = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in arrays)
-        n_units = units_for(len(self), int(self.attrs["unit_size"]))
+        size = int(self.attrs["unit_size"])
+        n_units = units_for(len(self), size)
+        done = store.done_units(self.path) & set(range(n_units))
+        finished = np.zeros(len(self), dtype=bool)  # rows of finished units: the only ones written
+        for unit in done:
+            finished[unit * size:(unit + 1) * size] = True
+        written = sum(int(finished[:a.shape[0]].sum()) * int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in arrays)
         return {
             "path": self.path, "model": self.attrs["model"], "protocol": self.attrs["protocol"],
             "spec_hash": self.attrs["spec_hash"], "samples": len(self), "ok": int(self.ok.sum()),
             "timesteps": self.timesteps, "seeds": self.seeds, "crops": self.crops,
-            "units_done": len(store.done_units(self.path) & set(range(n_units))), "units": n_units,
+            "units_done": len(done), "units": n_units,
             "blocks": [{"name": p, "shape": list(a.shape), "dtype": str(a.dtype)}
                        for p, a in zip(self._all_array_paths(), arrays)],
-            "bytes_raw": raw, "bytes_stored": int(stored), "compression_ratio": round(raw / max(1, stored), 3),
+            "writer": writer.describe() if (writer := read_holder(self.path)) is not None else None,
+            "bytes_raw": raw, "bytes_stored": int(stored),
+            # raw bytes of the finished rows over the bytes stored; None before any unit finished
+            "compression_ratio": round(written / max(1, stored), 3) if done else None,
         }
 
 

@@ -6,19 +6,28 @@
   no dashboard; token authentication is on as for any new local instance.
   Never the cluster `ray start` last recorded on the machine, which is Ray's own default.
 - `auto`: the cluster `ray start` recorded on this machine (an error naming `ray start --head` when none).
-- `HOST:PORT` / `ray://HOST:PORT`: that cluster. Before Ray is asked, a short TCP connect to the port: a wrong
-  address fails in seconds with one line instead of Ray's minutes of retries.
+- `HOST:PORT` / `ray://HOST:PORT`: that cluster's GCS. Before Ray is asked, a short TCP connect to the port: a
+  wrong address fails in seconds with one line instead of Ray's minutes of retries; an address that answers HTTP
+  is a Jobs API (dashboard), named as such in one line (it is `submit`'s address).
 - Token authentication: `ray start --head` turns it on once a token exists (`~/.ray/auth_token`, or
   `RAY_AUTH_TOKEN_PATH` / `RAY_AUTH_TOKEN`), but a client given an explicit address does not; when a token is
-  there and `RAY_AUTH_MODE` is unset, `RAY_AUTH_MODE=token` is set for this process (and its children).
-- Jobs API addresses: `HOST:PORT` gets `http://` (the dashboard port, 8265 by default).
+  there and `RAY_AUTH_MODE` is unset, `RAY_AUTH_MODE=token` is set for this process (and its children). Whether the
+  cluster wants a token is asked in milliseconds before `ray.init` (which would print Ray's warnings for ~24 s).
+- Jobs API addresses (`jobs_api_url`): `http(s)://HOST:PORT`; `HOST:PORT` that answers HTTP gets `http://`; a GCS
+  address (`HOST:6379`, `auto`, `ray://…`) is turned into its cluster's Jobs API URL, as Ray's `ray job` does. As
+  there, RAY_API_SERVER_ADDRESS comes before RAY_ADDRESS.
 """
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import socket
+import sys
+import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -94,6 +103,59 @@ def probe(address: str, default_port: int, what: str, timeout_s: float = PROBE_T
         "there (`ray status` on the head) and that the port is reachable from here")
 
 
+def answers_http(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether HOST:PORT answers HTTP: a dashboard / Jobs API does (if only to refuse without a token), a GCS
+    speaks gRPC only."""
+    host, port = split_host_port(address, 8265)
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/api/version", timeout=timeout_s):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError, http.client.HTTPException):
+        return False
+
+
+@contextmanager
+def _ray_stderr_to_log() -> Iterator[None]:
+    """Ray's C++ client writes its warnings to the process's stderr (file descriptor 2) itself; while it is asked
+    here, they go to a temporary file, shown afterwards only with sdfeat's -v."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if log.isEnabledFor(logging.INFO):
+                captured.seek(0)
+                sys.stderr.write(captured.read().decode(errors="replace"))
+
+
+def _check_token(address: str) -> None:
+    """A GCS client to `address` (milliseconds): a cluster that wants a token this process lacks refuses it at once,
+    said in one line; `ray.init` would print Ray's warnings for ~24 s first."""
+    from ray._raylet import GcsClient  # the client `ray.init` makes first
+    from ray.exceptions import AuthenticationError
+
+    with _ray_stderr_to_log():
+        try:
+            GcsClient(address=address)
+        except AuthenticationError:
+            raise ClusterConnectionError(f"--address {address}: {auth_advice()}") from None
+
+
+def _not_jobs_api(address: str) -> None:
+    """A GCS address is wanted here: a Jobs API (dashboard) address is named as `submit`'s in one line."""
+    if address.startswith(("http://", "https://")) or answers_http(address):
+        raise ClusterConnectionError(
+            f"--address {address} (or RAY_ADDRESS) is a Ray Jobs API (dashboard) address; this command joins the "
+            "cluster's GCS, HEAD:6379 (or auto), while `sdfeat submit --address` takes the Jobs API address to run "
+            "the job on the head")
+
+
 def recorded_address() -> str | None:
     """The GCS address `ray start` recorded on this machine (Ray's current-cluster file), or None."""
     from ray._private.utils import read_ray_address
@@ -147,8 +209,13 @@ def init_ray(address: str | None, **local_options: object) -> str:
             raise ClusterConnectionError("--address auto: no Ray cluster is recorded on this machine; start one "
                                          "with `ray start --head`, or drop --address for a private local instance")
         address = found
+    if address.startswith(("http://", "https://")):
+        _not_jobs_api(address)
     probe(address, 10001 if address.startswith("ray://") else 6379, "a Ray head (`ray start --head`)")
     enable_token_auth_if_available()
+    if not address.startswith("ray://"):
+        _not_jobs_api(address)
+        _check_token(address)
     from ray.exceptions import AuthenticationError
 
     try:
@@ -163,11 +230,42 @@ def init_ray(address: str | None, **local_options: object) -> str:
 
 
 def jobs_api_url(address: str | None) -> str:
-    """The Jobs API URL for `address` (HOST:PORT gets http://; None = RAY_ADDRESS, else the local default), after
-    a TCP probe of its port and with token auth switched on when a token exists."""
-    address = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
-    if "://" not in address:
-        address = f"http://{address}"
-    probe(address, 8265, "the Ray dashboard / Jobs API (default port 8265)")
+    """The Jobs API URL for `address` (see the module docstring; None = RAY_API_SERVER_ADDRESS, RAY_ADDRESS, else
+    the local default), after a TCP probe of its port and with token auth switched on when a token exists."""
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or \
+        "http://127.0.0.1:8265"
+    if address.startswith(("http://", "https://")):
+        probe(address, 8265, "the Ray dashboard / Jobs API (default port 8265)")
+        enable_token_auth_if_available()
+        return address
+    if address == "auto":
+        address = recorded_address() or ""
+        if not address:
+            raise ClusterConnectionError("--address auto: no Ray cluster is recorded on this machine; start one "
+                                         "with `ray start --head`, or give the Jobs API address HEAD:8265")
+    probe(address, 10001 if address.startswith("ray://") else 6379, "a Ray head's GCS or Jobs API")
     enable_token_auth_if_available()
-    return address
+    if not address.startswith("ray://") and answers_http(address):
+        return f"http://{address}"
+    return _jobs_api_of_cluster(address)
+
+
+def _jobs_api_of_cluster(address: str) -> str:
+    """The Jobs API URL a cluster records in its GCS (how `ray job` resolves a cluster address)."""
+    from ray.dashboard.utils import ray_address_to_api_server_url, ray_client_address_to_api_server_url
+    from ray.exceptions import AuthenticationError
+
+    client = address.startswith("ray://")
+    if not client:
+        _check_token(address)
+    with _ray_stderr_to_log():
+        try:
+            url = (ray_client_address_to_api_server_url if client else ray_address_to_api_server_url)(address)
+        except AuthenticationError:
+            raise ClusterConnectionError(f"--address {address}: {auth_advice()}") from None
+        except (ConnectionError, ValueError, RuntimeError) as err:
+            raise ClusterConnectionError(f"--address {address}: the cluster names no Jobs API (dashboard) "
+                                         f"({str(err).splitlines()[0]}); give its address, HEAD:8265") from None
+    log.info("the Jobs API of %s is %s", address, url)
+    probe(url, 8265, "the Ray dashboard / Jobs API (default port 8265)")
+    return url

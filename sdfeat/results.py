@@ -7,10 +7,12 @@ timestep, seed, pooled); a column outside it is kept as written. The label-free 
 `<store>/results/anomalies_detected.parquet` (`DETECTIONS_SCHEMA`).
 
 The metrics runner writes with `write_results` (columns in schema order, cast to the schema's types once,
-atomically through `store.write_parquet`); the report, `sdfeat compare` and the explorer read with
-`read_results` / `load_results`, which check every file against the schema (a missing or mistyped column is a
-one-line StoreError naming the file and column). `Series` names the rows that give one number per block.
-Torch-free: pyarrow and the store's fsspec helpers only.
+atomically through `store.write_parquet`), to `<store>/results/` or a folder of the user's (`sdfeat metrics
+--results DIR`); the report, `sdfeat compare` and the explorer read with `read_results` / `load_results` (a store or
+such a folder: `results_folder`), which check every file against the schema (a missing or mistyped column is a
+one-line StoreError naming the file and column). A table measured over part of a store (`--allow-partial`) says so
+in its Parquet metadata (`partial_note`). `Series` names the rows that give one number per block. Torch-free:
+pyarrow and the store's fsspec helpers only.
 """
 
 from __future__ import annotations
@@ -98,9 +100,23 @@ def _schema(name: str) -> tuple[pa.Schema, list[str]]:
     return (DETECTIONS_SCHEMA, DETECTIONS_SCHEMA.names) if name == DETECTIONS else (TIDY_SCHEMA, LEAD_COLUMNS)
 
 
+PARTIAL_KEY = b"sdfeat:partial"  # Parquet metadata: what a table measured over part of a store left out
+
+
+def results_folder(path: str | Path) -> str:
+    """The folder of `path`'s tables: `<store>/results` for a store (also before any table is written), or `path`
+    itself when it holds tables and no results/ folder (`sdfeat metrics --results DIR`)."""
+    text = str(path)
+    fs, root = store.filesystem(text)
+    if not fs.exists(store.join(root, RESULTS)) and \
+            any(fs.exists(store.join(root, f"{name}.parquet")) for name in (*METRICS, DETECTIONS)):
+        return text
+    return store.join(text, RESULTS)
+
+
 def results_path(store_path: str | Path, name: str) -> str:
-    """`<store>/results/<name>.parquet` (a path or URL, as the store was given)."""
-    return store.join(str(store_path), RESULTS, f"{name}.parquet")
+    """`<store>/results/<name>.parquet` (a path or URL, as the store was given; see `results_folder`)."""
+    return store.join(results_folder(store_path), f"{name}.parquet")
 
 
 def results_table(rows: Sequence[dict], name: str = "") -> pa.Table:
@@ -121,13 +137,25 @@ def results_table(rows: Sequence[dict], name: str = "") -> pa.Table:
     return pa.table(columns, schema=pa.schema([*fields, *((k, columns[k].type) for k in extra)]))
 
 
-def write_results(store_path: str | Path, name: str, rows: Sequence[dict]) -> str:
-    """Write `<store>/results/<name>.parquet` (atomically: readers see the old table or the new one); returns its
-    path. Rerunning with the same rows writes the same table."""
-    filesystem, root = store.filesystem(str(store_path))
-    filesystem.makedirs(store.join(root, RESULTS), exist_ok=True)
-    store.write_parquet(filesystem, store.join(root, RESULTS, f"{name}.parquet"), results_table(rows, name))
-    return results_path(store_path, name)
+def write_results(store_path: str | Path, name: str, rows: Sequence[dict], folder: str | None = None,
+                  partial: str | None = None) -> str:
+    """Write `<store>/results/<name>.parquet` (or `<folder>/<name>.parquet`), atomically: readers see the old table
+    or the new one; returns its path. `partial`: what the table leaves out of the store (`partial_note`). Rerunning
+    with the same rows writes the same table."""
+    path = store.join(folder or store.join(str(store_path), RESULTS), f"{name}.parquet")
+    filesystem, target = store.filesystem(path)
+    filesystem.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+    table = results_table(rows, name)
+    if partial:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), PARTIAL_KEY: partial.encode()})
+    store.write_parquet(filesystem, target, table)
+    return path
+
+
+def partial_note(table: pa.Table) -> str | None:
+    """What a table measured over part of a store leaves out (`sdfeat metrics --allow-partial`), or None."""
+    note = (table.schema.metadata or {}).get(PARTIAL_KEY)
+    return note.decode() if note else None
 
 
 def _widens(found: pa.DataType, wanted: pa.DataType) -> bool:
@@ -172,26 +200,32 @@ def conform(table: pa.Table, name: str, where: str) -> pa.Table:
 
 
 def read_results(store_path: str | Path, name: str) -> pa.Table | None:
-    """`<store>/results/<name>.parquet` checked against its schema (`conform`); None when the file is absent."""
-    filesystem, root = store.filesystem(str(store_path))
-    path = store.join(root, RESULTS, f"{name}.parquet")
+    """`<store>/results/<name>.parquet` (see `results_folder`) checked against its schema (`conform`), its partial
+    note kept; None when the file is absent."""
+    where = results_path(store_path, name)
+    filesystem, path = store.filesystem(where)
     if not filesystem.exists(path):
         return None
-    where = results_path(store_path, name)
     try:
         with filesystem.open(path, "rb") as f:
             table = pq.read_table(f)
     except (pa.ArrowInvalid, OSError) as err:
         raise StoreError(f"{where}: not a readable Parquet file ({' '.join(str(err).split())[:120]})") from None
-    return conform(table, name, where)
+    note = partial_note(table)
+    table = conform(table, name, where)
+    return table.replace_schema_metadata({PARTIAL_KEY: note.encode()}) if note else table
 
 
 def load_results(store_path: str | Path) -> pa.Table:
-    """All metric tables of a store (a path or URL), concatenated (`TIDY_SCHEMA` columns); absent or empty tables
-    are skipped, none at all is a StoreError."""
+    """All metric tables of a store (a path or URL; or a folder of tables, `results_folder`), concatenated
+    (`TIDY_SCHEMA` columns), with the partial notes of its tables; absent or empty tables are skipped, none at all is
+    a StoreError."""
+    store.refuse_file(str(store_path))
     tables = [read_results(str(store_path), name) for name in METRICS]
-    parts = [t.select(TIDY_SCHEMA.names) for t in tables if t is not None and t.num_rows]
+    parts = [t for t in tables if t is not None and t.num_rows]
     if not parts:
-        raise StoreError(f"{store.join(str(store_path), RESULTS)}: no metric tables ({', '.join(METRICS)}.parquet); "
+        raise StoreError(f"{results_folder(store_path)}: no metric tables ({', '.join(METRICS)}.parquet); "
                          "run `sdfeat metrics` first")
-    return pa.concat_tables(parts)
+    notes = list(dict.fromkeys(n for n in map(partial_note, parts) if n))
+    table = pa.concat_tables([t.select(TIDY_SCHEMA.names).replace_schema_metadata(None) for t in parts])
+    return table.replace_schema_metadata({PARTIAL_KEY: "; ".join(notes).encode()}) if notes else table

@@ -181,33 +181,66 @@ def spec_hash(spec: JobSpec) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _nearest_key(loc: tuple) -> str:
-    """'; did you mean 'x'?' for an unknown key at `loc`, from the keys of the model that holds it (difflib)."""
-    import difflib
+def _model_at(loc: tuple) -> Any:
+    """The pydantic model that holds the key at `loc` (JobSpec for a top-level key), or None."""
     import typing
 
     model: Any = JobSpec
     for part in loc[:-1]:
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
-            return ""
+            return None
         nested = [a for a in (field.annotation, *typing.get_args(field.annotation)) if hasattr(a, "model_fields")]
         if not nested:
-            return ""
+            return None
         model = nested[0]
-    keys = list(getattr(model, "model_fields", {}))
+    return model
+
+
+def _nearest_key(loc: tuple) -> str:
+    """'; did you mean 'x'?' for an unknown key at `loc`, from the keys of the model that holds it (difflib); for
+    a top-level key that belongs to a section (`crops` of `variants:`), where to indent it."""
+    import difflib
+
+    model = _model_at(loc)
+    if model is None:
+        return ""
+    keys = list(model.model_fields)
     close = difflib.get_close_matches(str(loc[-1]), keys, n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(keys)}"
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    if len(loc) == 1:
+        for section in JobSpec.model_fields:
+            owner = _model_at((section, loc[-1]))
+            if owner is not None and owner is not JobSpec and loc[-1] in owner.model_fields:
+                return f"; it is a key of '{section}:' (indent it under '{section}:')"
+    return f"; valid keys: {', '.join(keys)}"
 
 
-def _format_validation_error(err: ValidationError, origin: str) -> str:
-    first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key" + _nearest_key(first["loc"])
-    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{origin}: field '{field}': {msg}{more}"
+def _field(loc: tuple) -> str:
+    """The dotted key of an error's location, without pydantic's tags of union members (`list[str]`)."""
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and ("[" in p or "(" in p))) or "(top level)"
+
+
+def _message(error: dict) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown key" + _nearest_key(error["loc"])
+    if error.get("input", "") is None:
+        return "has no value (an empty key in the YAML; if the lines below it belong to it, indent them)"
+    return error["msg"]
+
+
+def _format_validation_error(err: ValidationError, origin: str, shown: int = 3) -> str:
+    """Every problem in one line, unknown keys first (a dedented key makes its section empty too: the unknown key
+    says why); the messages of one key's union members joined."""
+    by_field: dict[str, list[str]] = {}
+    for error in sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden"):
+        messages = by_field.setdefault(_field(error["loc"]), [])
+        if _message(error) not in messages:
+            messages.append(_message(error))
+    parts = [f"field '{field}': {' or '.join(messages)}" for field, messages in by_field.items()]
+    more = f" (and {len(parts) - shown} more)" if len(parts) > shown else ""
+    return f"{origin}: " + "; ".join(parts[:shown]) + more
 
 
 def parse_spec(data: Any, origin: str = "job spec", **overrides: Any) -> JobSpec:

@@ -11,7 +11,8 @@ processes ever write the same shard, arrays are never resized, and a unit withou
     <output>/failures.parquet    images that could not be used, with the reason
 
 Which arrays a job has (paths, shapes, dims, dtypes) is `layout`'s; this module only reads and writes them.
-Works on local paths and fsspec URLs (s3://…). Imports numpy and zarr only: no torch, no diffusers.
+Works on local paths and fsspec URLs (s3://…). Imports numpy, zarr, pyarrow and yaml (to name a job file given
+as a store) only: no torch, no diffusers.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 
@@ -61,8 +63,23 @@ def filesystem(output: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 def missing_value(dtype: np.dtype | str) -> float | int | bool:
     """What a row that holds no data (a failed image, an unfinished unit) holds in an array of `dtype`: the
-    array's fill value, and what a worker writes into the rows of failed images."""
-    return 0
+    array's fill value, and what a worker writes into the rows of failed images. NaN for floating arrays, so that
+    any reader (plain xarray or zarr too) sees a missing row as missing; 0 / False for integer and bool arrays,
+    whose rows readers mask by the `ok` coordinate.
+
+    Stores written before NaN was the fill value hold 0 in such rows: `nan_fill(array)` says which kind an
+    array is, and sdfeat's readers mask by `ok` either way."""
+    kind = np.dtype(dtype).kind
+    if kind in "fc":
+        return float("nan")
+    return False if kind == "b" else 0
+
+
+def nan_fill(array: zarr.Array) -> bool:
+    """Whether `array`'s rows without data read as NaN (a floating array created with NaN as its fill value);
+    False for stores written before that (fill 0) and for integer arrays: mask those by `ok`."""
+    fill = array.metadata.fill_value
+    return np.dtype(array.dtype).kind in "fc" and bool(np.isnan(fill))
 
 
 def _group_path(group: zarr.Group, path: str) -> tuple[zarr.Group, str]:
@@ -114,10 +131,39 @@ def create_template(output: str, arrays: Sequence[ArrayLayout], n_samples: int, 
     zarr.consolidate_metadata(join(output, FEATURES))
 
 
+def refuse_file(path: str) -> None:
+    """A store is a folder: a file given as one is named in one line (a job spec given instead of its store, with
+    the store its `output:` names)."""
+    fs, root = filesystem(path)
+    if not fs.isfile(root):
+        return
+    hint = ""
+    if root.endswith((".yaml", ".yml")):
+        try:
+            output = yaml.safe_load(fs.cat_file(root)).get("output")
+        except (yaml.YAMLError, AttributeError, OSError):
+            output = None
+        hint = f": a job spec? its store is {output}" if output else ": a job spec? pass the folder its output: names"
+    raise StoreError(f"{path} is a file, not a store{hint}")
+
+
+def check_writable(folder: str) -> None:
+    """Write a probe file into `folder` (or, where it does not exist yet, its nearest existing parent, where it would
+    be made) and remove it: storage that refuses (read-only, full, forbidden) raises its OSError now, before any work
+    whose result would go there. Leaves nothing behind."""
+    fs, root = filesystem(folder)
+    while not fs.exists(root) and "/" in root.strip("/"):
+        root = root.rstrip("/").rsplit("/", 1)[0] or "/"
+    probe = join(root, f".sdfeat-write-probe-{uuid.uuid4().hex[:12]}")
+    fs.pipe_file(probe, b"")
+    fs.rm(probe)
+
+
 def open_features(output: str, mode: str = "r") -> zarr.Group:
     try:
         return zarr.open_group(join(output, FEATURES), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        refuse_file(output)
         raise StoreError(f"no feature store at {output} (expected {join(output, FEATURES)})") from None
     except ValueError as err:  # metadata that does not parse (a torn write): named, never silently replaced
         reason = " ".join(str(err).split())[:120]
@@ -204,17 +250,22 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         raise
 
 
-def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
-    """Write `table` as Parquet at `path` so that a reader sees the old file or the whole new one, never a part:
-    the bytes are made in memory first, then written by `write_atomic` on a local disk (temporary name, rename)
-    or by one upload on an object store (a single put is whole or absent). The one Parquet writer of sdfeat."""
-    buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer)
-    data = buffer.getvalue().to_pybytes()
+def write_whole(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Replace the file at `path` with `data` so that a reader sees the old file or the whole new one, never a
+    part: `write_atomic` on a local disk (temporary name, rename), one upload on an object store (a single put
+    is whole or absent)."""
     if isinstance(fs, LocalFileSystem):
         write_atomic(fs, path, data)
     else:
         fs.pipe_file(path, data)
+
+
+def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
+    """Write `table` as Parquet at `path` with `write_whole` (the bytes made in memory first). The one Parquet
+    writer of sdfeat."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    write_whole(fs, path, buffer.getvalue().to_pybytes())
 
 
 def write_marker(output: str, unit: int, report: dict) -> None:

@@ -1,8 +1,15 @@
 """Submit an extraction job to a running Ray cluster through the Ray Jobs API (`sdfeat submit`).
 
-The spec is validated here first (so a typo fails on the laptop, not on the cluster), then shipped together with
-this checkout of the `sdfeat` package; the job runs `sdfeat extract` (from the shipped package) on the head node,
-which joins the cluster and drives the actors (`cluster.run_on_ray`).
+The spec is validated here first (so a typo, an unknown model or block fails on the laptop, not on the cluster), then
+shipped together with this checkout of the `sdfeat` package; the job runs `sdfeat extract` (from the shipped
+package) on the head node, which joins the cluster and drives the actors (`cluster.run_on_ray`).
+
+Which Python runs it: the head's own, the one its raylet starts Ray workers with (`--python_worker_command`, read
+from /proc: the job's shell is a child of the job supervisor, a worker of that raylet), else `python3` / `python` on
+the head's PATH; the first that has sdfeat's dependencies (`JOB_SCRIPT`). So a head started with
+`.venv/bin/ray start --head` runs the job with that venv's Python, activated or not, and a `ray up` cluster with the
+Python its image installed sdfeat into. When none has them, the job fails with one line that says so and how to fix
+it.
 
 Shipping: the package goes as a `py_modules` entry (first on PYTHONPATH of the driver and every actor), the
 validated spec as an env var that the entrypoint writes to a temp file. Not a `working_dir`: Ray 2.60 re-extracts
@@ -33,6 +40,37 @@ log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SPEC_ENV_VAR = "SDFEAT_JOB_SPEC"
+SCRIPT_ENV_VAR = "SDFEAT_JOB_SCRIPT"
+# What `sdfeat extract` imports beyond Ray (pyproject's dependencies): a Python on the head lacking one cannot run it.
+NEEDS = ("typer", "torch", "diffusers", "transformers", "zarr", "pyarrow", "pydantic", "yaml", "fsspec", "PIL")
+# The job's shell script (passed in SCRIPT_ENV_VAR, run as `sh -c "$SDFEAT_JOB_SCRIPT" sdfeat-job EXTRACT_OPTIONS`):
+# write the shipped spec to a file, pick the Python (module docstring), run `sdfeat extract` with it.
+JOB_SCRIPT = r"""
+spec=$(mktemp --suffix=.yaml) || exit 2
+printenv SDFEAT_JOB_SPEC > "$spec"
+raylet=$(sed -n 's/^PPid:[[:space:]]*//p' "/proc/$PPID/status" 2>/dev/null)
+ray_python=$(tr '\0' '\n' < "/proc/$raylet/cmdline" 2>/dev/null | sed -n 's/^--python_worker_command=\([^ ]*\).*/\1/p')
+check='import importlib.util as u, sys
+missing = [n for n in sys.argv[1:] if u.find_spec(n) is None]
+print("no module", *missing)
+sys.exit(bool(missing))'
+python=""; tried=""
+for candidate in $ray_python python3 python; do
+  if ! command -v "$candidate" >/dev/null 2>&1; then tried="$tried $candidate: not found;"; continue; fi
+  if missing=$("$candidate" -c "$check" NEEDS 2>&1); then python=$candidate; break; fi
+  tried="$tried $candidate: $missing;"
+done
+if [ -z "$python" ]; then
+  echo "error: no Python on this Ray head can run sdfeat (tried$tried):" \
+    "install sdfeat's dependencies into the Python that runs Ray there (pip install -e 'sdfeat[s3]'," \
+    "as cluster.yaml's setup_commands do), or start the head with that Python's ray (.venv/bin/ray start --head)" >&2
+  status=2
+else
+  "$python" -m sdfeat.cli extract "$spec" "$@"; status=$?
+fi
+rm -f "$spec"
+exit $status
+""".replace("NEEDS", " ".join(NEEDS))
 ACTIVE_STATES = ("PENDING", "RUNNING")
 # A freshly started head may have no job agent for its first seconds; Ray then refuses a submission with this text
 # (HTTP 500, before anything is submitted), and the submission is tried again for up to AGENT_WAIT_S.
@@ -89,6 +127,19 @@ def _check_output_is_ours(spec: JobSpec) -> None:
                          "output, or pass --overwrite to replace it")
 
 
+def _check_output_is_free(spec: JobSpec) -> None:
+    """Refuse, before submitting, an output that another run is writing (its writer lock, where the output is
+    reachable from here; the job itself refuses on the head otherwise)."""
+    from sdfeat.writer_lock import check_free
+
+    try:
+        check_free(spec.output)
+    except (OSError, ImportError, ValueError) as err:
+        if isinstance(err, SdfeatError):
+            raise
+        log.info("%s: writer lock not checked here (%s)", spec.output, err)
+
+
 def _check_paths_reach_cluster(spec: JobSpec) -> None:
     """A relative local path would resolve inside the job's temporary working directory on the head node."""
     for field in ("source", "output"):
@@ -116,12 +167,13 @@ def next_submission_id(digest: str, existing_ids: list[str]) -> str:
 def build_entrypoint(workers: int | None, gpus_per_worker: float | None, overwrite: bool, *,
                      unit_timeout: float | None = None, allow_version_change: bool = False,
                      quiet: bool = False) -> str:
-    """The job's shell command: `sdfeat extract` of the shipped spec with every `extract` option that shapes a Ray
-    run (the spec's own fields, `--output` included, travel inside the spec; `--local`, `--device`, `--threads` do
-    not apply on a cluster, and the job joins its cluster through the RAY_ADDRESS the Jobs API sets)."""
-    # `python -m` rather than the `sdfeat` script, whose imports could resolve to an sdfeat installed on the
-    # cluster; on PYTHONPATH the shipped package comes first.
-    parts = ["python", "-m", "sdfeat.cli", "extract", '"$spec"']
+    """The job's shell command: `JOB_SCRIPT` (`sdfeat extract` of the shipped spec with the head's Python) with every
+    `extract` option that shapes a Ray run (the spec's own fields, `--output` included, travel inside the spec;
+    `--local`, `--device`, `--threads` do not apply on a cluster, and the job joins its cluster through the
+    RAY_ADDRESS the Jobs API sets). `exec`: the script's parent is then the job supervisor (its $PPID)."""
+    # `python -m sdfeat.cli` rather than the `sdfeat` script, whose imports could resolve to an sdfeat installed on
+    # the cluster; on PYTHONPATH the shipped package comes first.
+    parts = ["exec", "sh", "-c", f'"${SCRIPT_ENV_VAR}"', "sdfeat-job"]
     if workers is not None:
         parts += ["--workers", str(workers)]
     if gpus_per_worker is not None:
@@ -134,17 +186,21 @@ def build_entrypoint(workers: int | None, gpus_per_worker: float | None, overwri
         parts.append("--allow-version-change")
     if quiet:
         parts.append("--quiet")
-    return (f'spec=$(mktemp --suffix=.yaml) && printenv {SPEC_ENV_VAR} > "$spec" && ' + " ".join(parts)
-            + '; status=$?; rm -f "$spec"; exit $status')
+    return " ".join(parts)
 
 
 def submit_job(spec_path: str | Path, address: str | None = None, workers: int | None = None,
                gpus_per_worker: float | None = None, overwrite: bool = False, *, unit_timeout: float | None = None,
                allow_version_change: bool = False, quiet: bool = False, **overrides: object) -> Submission:
-    """Validate the spec locally, ship it with this package to the cluster at `address` (the dashboard URL,
-    e.g. http://HEAD:8265; None = RAY_ADDRESS) and start `sdfeat extract` there with the given extract options
-    (`build_entrypoint`); `overrides` change spec fields (e.g. output). Returns the submission."""
+    """Validate the spec locally, ship it with this package to the cluster at `address` (its Jobs API, e.g.
+    http://HEAD:8265, or its GCS address: `rayconnect.jobs_api_url`) and start `sdfeat extract` there with the given
+    extract options (`build_entrypoint`); `overrides` change spec fields (e.g. output). Refused before submitting: a
+    spec that cannot run, an output holding another spec's store or written by another run. Returns the
+    submission."""
+    from sdfeat.checks import check_spec
+
     spec = load_spec(spec_path, **overrides)
+    check_spec(spec)
     _check_paths_reach_cluster(spec)
     if not overwrite:
         _check_output_is_ours(spec)
@@ -156,6 +212,7 @@ def submit_job(spec_path: str | Path, address: str | None = None, workers: int |
         if same_work and (job.metadata or {}).get("sdfeat_output") == spec.output and str(job.status) in ACTIVE_STATES:
             raise StoreError(f"{job.submission_id} is still {job.status} for this spec and output; follow it with "
                               f"`ray job logs --follow {job.submission_id}` or stop it before resubmitting")
+    _check_output_is_free(spec)  # after: a run of this very spec is better named by its submission
     submission_id = next_submission_id(digest, [j.submission_id for j in jobs if j.submission_id])
     entrypoint = build_entrypoint(workers, gpus_per_worker, overwrite, unit_timeout=unit_timeout,
                                   allow_version_change=allow_version_change, quiet=quiet)
@@ -163,7 +220,8 @@ def submit_job(spec_path: str | Path, address: str | None = None, workers: int |
     try:
         _submit_when_agent_ready(client, lambda: client.submit_job(
             entrypoint=entrypoint, submission_id=submission_id,
-            runtime_env={"py_modules": [str(stage / "sdfeat")], "env_vars": {SPEC_ENV_VAR: spec_to_yaml(spec)}},
+            runtime_env={"py_modules": [str(stage / "sdfeat")],
+                         "env_vars": {SPEC_ENV_VAR: spec_to_yaml(spec), SCRIPT_ENV_VAR: JOB_SCRIPT}},
             metadata={"sdfeat_spec_hash": digest, "sdfeat_output": spec.output, "sdfeat_spec": Path(spec_path).name},
         ))
     finally:

@@ -63,13 +63,18 @@ class RayHead:
         self.process = None
 
 
-def start_head(root: Path, token: bool = True, timeout_s: float = 90.0) -> RayHead:
-    """Start a head (1 CPU, dashboard / Jobs API) bound to 127.0.0.1 and wait until its Jobs API answers."""
+def start_head(root: Path, token: bool = True, timeout_s: float = 90.0, venv_on_path: bool = True) -> RayHead:
+    """Start a head (1 CPU, dashboard / Jobs API) bound to 127.0.0.1 and wait until its Jobs API answers.
+    `venv_on_path=False`: started as `.venv/bin/ray start --head` from a shell without the venv activated (PATH
+    without this interpreter's folder)."""
     home, tmpdir = root / "home", root / "tmp"
     home.mkdir(parents=True, exist_ok=True)
     tmpdir.mkdir(parents=True, exist_ok=True)
     head = RayHead(home, tmpdir, free_port(), free_port())
     env = head.client_env()
+    if not venv_on_path:
+        venv = str(Path(sys.executable).parent)
+        env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if p != venv)
     if token:
         head.token_file.parent.mkdir(parents=True, exist_ok=True)
         head.token_file.write_text("0123456789abcdef0123456789abcdef")

@@ -136,3 +136,32 @@ def test_docs_link_inside_the_repository(doc: Path) -> None:
         if "://" in target:
             continue
         assert (doc.parent / target).exists(), f"{doc.name} links to a missing file: {target}"
+
+
+def test_the_readme_figures_come_from_the_script_that_runs_its_commands(tmp_path: Path) -> None:
+    """docs/make_figures.py, run small (8 images, 128 px, 3 blocks, 2 paddings, 2 replicates): the README's
+    commands run in order and give the two figures the README shows; the README names the script."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    readme = (ROOT / "README.md").read_text()
+    figures = set(re.findall(r"\]\((docs/[\w-]+\.png)\)", readme))
+    assert figures == {"docs/demo-figure2.png", "docs/padding-study.png", "docs/explorer.png"}
+    assert "docs/make_figures.py" in readme
+    done = subprocess.run([sys.executable, str(ROOT / "docs" / "make_figures.py"), "--out", str(tmp_path / "out"),
+                           "--work", str(tmp_path / "work"), "--images", "8", "--resolution", "128", "--blocks",
+                           "conv_in,down_blocks.1.attentions.1,up_blocks.1.upsamplers.0", "--bootstrap", "2",
+                           "--paddings", "zeros,replicate"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    commands = [line.split()[2:4] for line in done.stdout.splitlines() if line.startswith("$ sdfeat")]
+    assert commands == [["extract", str(tmp_path / "work" / "demo.yaml")], ["metrics", str(tmp_path / "work" / "demo")],
+                        ["report", str(tmp_path / "work" / "demo")],
+                        *[c for p in ("zeros", "replicate") for c in
+                          (["extract", str(tmp_path / "work" / f"padding-{p}.yaml")],
+                           ["metrics", str(tmp_path / "work" / f"padding-{p}")])],
+                        ["report", str(tmp_path / "work" / "padding-zeros")]]
+    for name in ("demo-figure2.png", "padding-study.png"):
+        with Image.open(tmp_path / "out" / name) as image:
+            assert image.format == "PNG" and min(image.size) > 400, name

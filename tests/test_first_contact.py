@@ -55,7 +55,7 @@ def test_wrong_address_fails_in_seconds_with_one_line(command: list[str], tmp_pa
 @pytest.fixture(scope="module")
 def head():
     root = Path(tempfile.mkdtemp(prefix="sdh", dir="/tmp"))     # short: Ray's socket paths live under TMPDIR
-    h = start_head(root, token=True)
+    h = start_head(root, token=True, venv_on_path=False)  # as the README starts it: `.venv/bin/ray start --head`
     yield h
     h.stop()
     shutil.rmtree(root, ignore_errors=True)
@@ -72,10 +72,14 @@ def test_token_is_picked_up_and_a_missing_one_is_named(head, tmp_path: Path) -> 
     stranger = tmp_path / "home"                               # a user without the head's token
     stranger.mkdir()
     env = head.client_env(HOME=str(stranger))
-    result, _ = _sdfeat(["status", "sdfeat-x-1", "--address", head.dashboard_address], env=env, timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert "RAY_AUTH_MODE" in result.stderr and str(stranger / ".ray" / "auth_token") in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    for command in (["status", "sdfeat-x-1", "--address", head.dashboard_address],
+                    ["status", "sdfeat-x-1", "--address", head.gcs_address],
+                    ["extract", str(job), "--address", head.gcs_address, "-o", str(tmp_path / "s2"), "-q"]):
+        result, _ = _sdfeat(command, env=env, timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert "RAY_AUTH_MODE" in result.stderr and str(stranger / ".ray" / "auth_token") in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # no Ray "InvalidAuthToken" lines
+    assert not (tmp_path / "s2").exists()
 
 
 @pytest.mark.ray
@@ -92,6 +96,8 @@ def test_auto_joins_the_recorded_cluster_and_no_address_starts_a_private_one(hea
 
 @pytest.mark.ray
 def test_submit_wait_status_and_logs_exit_with_the_job_state(head, tmp_path: Path) -> None:
+    """The head runs without the venv on its PATH (`.venv/bin/ray start --head`): the job still runs with the
+    head's Ray Python, which has sdfeat. A GCS address finds the Jobs API as `ray job` does."""
     env = head.client_env()
     address = head.dashboard_address                           # HOST:PORT, no http://
     good = _job(tmp_path / "good.yaml", output=str(tmp_path / "good"))
@@ -101,6 +107,8 @@ def test_submit_wait_status_and_logs_exit_with_the_job_state(head, tmp_path: Pat
     job_id = next(w for w in result.stdout.split() if w.startswith("sdfeat-"))
     status, _ = _sdfeat(["status", job_id, "--address", address], env=env)
     assert status.returncode == 0 and status.stdout.strip() == "SUCCEEDED"
+    by_gcs, _ = _sdfeat(["status", job_id, "--json"], env={**env, "RAY_ADDRESS": head.gcs_address})
+    assert by_gcs.returncode == 0 and json.loads(by_gcs.stdout) == {"submission_id": job_id, "state": "SUCCEEDED"}
     followed, _ = _sdfeat(["logs", job_id, "--follow", "--address", address], env=env)
     assert followed.returncode == 0 and "4/4 images extracted" in followed.stdout
 

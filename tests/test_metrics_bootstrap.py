@@ -153,7 +153,7 @@ def test_store_intervals(stores: dict[str, str]) -> None:
 
 
 def test_compare_paired_and_independent(stores: dict[str, str]) -> None:
-    from sdfeat.compare import compare_stores, render_text
+    from sdfeat.compare import HEADER, compare_stores, table_rows
 
     opts = MetricOptions(probe=ProbeSettings(epochs=1), bootstrap=200, probe_repeats=1, timestep=50)
     rows = compare_stores(stores["zeros"], stores["reflect"], metrics=["corners", "anomalies"], local=True,
@@ -167,9 +167,10 @@ def test_compare_paired_and_independent(stores: dict[str, str]) -> None:
     conv_in = next(r for r in rows if r["block"] == "conv_in" and r["series"] == "ratio corner")
     key = ("conv_in", "ratio", "corner")
     assert conv_in["difference"] == pytest.approx(ratio["reflect"][key] - ratio["zeros"][key], rel=1e-9)
-    text = render_text(rows)
-    assert text.splitlines()[0].split()[:6] == ["block", "metric", "series", "A", "B", "B-A"]
-    assert len(text.splitlines()) == len(rows) + 1
+    cells = table_rows(rows)
+    assert HEADER[:6] == ["block", "metric", "series", "A", "B", "B-A"] and len(cells) == len(rows)
+    assert all(len(line) == len(HEADER) and not any(c.startswith("+nan") for c in line) for line in cells)
+    assert cells[rows.index(conv_in)][5] == f"{conv_in['difference']:+.4g}"
     other = compare_stores(stores["zeros"], stores["other"], metrics=["corners"], blocks=["conv_in"], local=True,
                            options=opts)
     assert {r["pairing"] for r in other} == {"independent"} and {(r["n_a"], r["n_b"]) for r in other} == {(12, 8)}
@@ -184,7 +185,9 @@ def test_compare_cli_plain_and_json(stores: dict[str, str]) -> None:
             "--bootstrap", "50", "--timestep", "50"]
     plain = CliRunner().invoke(app, args)
     assert plain.exit_code == 0, plain.output
-    assert "B-A" in plain.output and "┃" not in plain.output  # piped: a plain table
+    assert "┃" not in plain.output  # piped: a plain table, tab-separated
+    header = next(line for line in plain.output.splitlines() if not line.startswith("#"))
+    assert header.split("\t")[:6] == ["block", "metric", "series", "A", "B", "B-A"]
     found = CliRunner().invoke(app, [*args, "--json"])
     rows = json.loads(found.stdout)
     assert {r["series"] for r in rows} == {"ratio corner", "ratio border", "ratio other"}

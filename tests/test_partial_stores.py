@@ -15,7 +15,7 @@ import zarr
 
 from conftest import small_spec
 from sdfeat import store
-from sdfeat.errors import StoreError
+from sdfeat.errors import MissingRowsWarning, StoreError
 from sdfeat.query import open_store
 
 SDFEAT = [sys.executable, "-m", "sdfeat.cli"]
@@ -39,15 +39,15 @@ def partial(tiny_store: str, tmp_path: Path) -> str:
     return str(copy)
 
 
-def test_read_names_an_unfinished_or_failed_sample(partial: str, caplog) -> None:
+def test_read_names_an_unfinished_or_failed_sample(partial: str) -> None:
     features = open_store(partial)
     with pytest.raises(StoreError, match=r"sample 'synthetic#00005' \(row 5\).*unfinished \(unit 1"):
         features.read("conv_in", [5])
     with pytest.raises(StoreError, match=r"row 2\).*failed.*failures.parquet"):
         features.read("conv_in", [0, 2], timestep=50)
-    values = features.read("conv_in", [0, 2, 5], timestep=50, allow_missing=True)
+    with pytest.warns(MissingRowsWarning, match="2 of the requested samples have no activations"):
+        values = features.read("conv_in", [0, 2, 5], timestep=50, allow_missing=True)
     assert np.isnan(values[1:]).all() and np.isfinite(values[0]).all()
-    assert "2 of the requested samples have no activations" in caplog.text
     np.testing.assert_array_equal(values[0], open_store(partial).read("conv_in", [0], timestep=50)[0])
 
 
@@ -56,9 +56,12 @@ def test_cli_query_and_show_refuse_a_missing_sample(partial: str, tmp_path: Path
     assert result.returncode == 2 and "unfinished" in result.stderr and "--allow-missing" in result.stderr
     result = _sdfeat("query", partial, "--block", "conv_in", "--sample", "5", "--sample", "0", "--allow-missing")
     assert result.returncode == 0, result.stderr
-    assert "NaN rows skipped" in result.stdout and "mean nan" not in result.stdout
+    assert "1 NaN rows skipped" in result.stdout and "mean nan" not in result.stdout
+    assert result.stderr.startswith("warning: 1 of the requested samples have no activations") and \
+        len(result.stderr.strip().splitlines()) == 1, result.stderr      # a Python warning, shown as one line
     result = _sdfeat("show", partial, "--block", "conv_in", "--sample", "2", "-o", str(tmp_path / "m.png"))
     assert result.returncode == 2 and "failed" in result.stderr and not (tmp_path / "m.png").exists()
+    assert "allow" not in result.stderr and "choose another" in result.stderr   # no option `show` lacks
 
 
 def test_metrics_refuse_a_partial_store_unless_asked(partial: str) -> None:
@@ -69,6 +72,11 @@ def test_metrics_refuse_a_partial_store_unless_asked(partial: str) -> None:
     assert result.returncode == 0, result.stderr
     assert "skipped 1 of 3 units (1; 4 images)" in result.stderr
     assert "1 failed image(s) left out" in result.stderr
+    report = _sdfeat("report", partial, "-o", f"{partial}/report")
+    assert report.returncode == 0, report.stderr
+    summary = (Path(partial) / "report" / "summary.md").read_text()
+    assert "Partial: these metrics were measured with `--allow-partial`" in summary
+    assert "1 of 3 units were unfinished (units 1): 4 of 12 images left out" in summary
 
 
 def test_corners_skip_is_said_with_the_spec_key(tiny_store: str, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from sdfeat.report import (
     TIDY_SCHEMA,
     figure_2,
     figure_cross_model,
+    figure_interventions,
     load_reference,
     load_results,
     select,
@@ -260,6 +261,12 @@ def test_cross_model_figure_has_one_line_per_store_and_metric(tmp_path) -> None:
     assert [ax.get_yscale() for ax in fig.axes] == ["linear", "log", "log", "log"]
     assert _legend_texts(fig.axes[0]) == ["a", "b", "published sd21"]
     assert _legend_texts(fig.axes[3]) == ["a", "b: not computed", "published sd21"]
+    none_found = _store(tmp_path / "c", tables=("position",))        # detection ran and found nothing
+    pq.write_table(pa.Table.from_pylist([{"model": "tiny", "block": "up_blocks.1.upsamplers.0", "order": 26,
+                                          "metric": "anomalies", "statistic": "detection_n_detected", "value": 0.0,
+                                          "variant": "detection"}]), none_found / "results" / "anomalies.parquet")
+    fig = figure_interventions({"zeros": tables["a"], "c": load_results(none_found)})
+    assert _legend_texts(fig.axes[3]) == ["zeros", "c: detected none"]
 
 
 def test_write_report_without_stores_is_an_error(tmp_path) -> None:

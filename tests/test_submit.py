@@ -30,11 +30,11 @@ def test_submission_ids_count_up_per_spec_hash() -> None:
 
 def test_entrypoint_passes_the_actor_options() -> None:
     entry = build_entrypoint(workers=3, gpus_per_worker=0.5, overwrite=True)
-    assert 'extract "$spec" --workers 3 --gpus-per-worker 0.5 --overwrite;' in entry
+    assert entry == 'exec sh -c "$SDFEAT_JOB_SCRIPT" sdfeat-job --workers 3 --gpus-per-worker 0.5 --overwrite'
 
 
 # `extract` options a submitted job does not take: Ray-free runs only, or the cluster the Jobs API already joins
-NOT_FOR_SUBMIT = {"job", "local", "device", "threads", "address"}
+NOT_FOR_SUBMIT = {"job", "local", "device", "threads", "address", "as_json"}  # (submit has its own --json)
 
 
 class _FakeJobsClient:
@@ -107,8 +107,9 @@ def test_every_extract_option_reaches_the_jobs_extract(tmp_path: Path, monkeypat
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     entry = str(client.sent["entrypoint"])
-    assert 'extract "$spec" --workers 3 --gpus-per-worker 0.5 --unit-timeout 45.0 --overwrite ' \
-           '--allow-version-change --quiet;' in entry
+    assert entry.endswith('sdfeat-job --workers 3 --gpus-per-worker 0.5 --unit-timeout 45.0 --overwrite '
+                          '--allow-version-change --quiet')
+    assert '"$python" -m sdfeat.cli extract "$spec" "$@"' in submit.JOB_SCRIPT  # the options reach extract
     shipped = yaml.safe_load(client.sent["runtime_env"]["env_vars"][submit.SPEC_ENV_VAR])  # type: ignore[index]
     assert {k: shipped[k] for k in in_spec} == in_spec
 
@@ -117,7 +118,7 @@ def test_every_extract_option_reaches_the_jobs_extract(tmp_path: Path, monkeypat
     forwarded = extract_options - NOT_FOR_SUBMIT - set(in_spec)
     assert forwarded == set(given), "an extract option that submit does not pass on (or list in NOT_FOR_SUBMIT)"
     assert forwarded | set(in_spec) <= {p.name for p in commands["submit"].params}
-    job_args = shlex.split(entry.split('extract "$spec"', 1)[1].split(";", 1)[0])
+    job_args = shlex.split(entry.split("sdfeat-job", 1)[1])
     parsed = commands["extract"].make_context("extract", [str(job), *job_args]).params
     assert {k: parsed[k] for k in given} == given
     assert all(parsed[k] in (None, False) for k in NOT_FOR_SUBMIT - {"job"})
@@ -158,3 +159,67 @@ def test_submitted_job_runs_on_the_cluster_and_resubmission_is_recognisable(ray_
     assert status(second.submission_id, address) == "SUCCEEDED"
     with pytest.raises(SdfeatError, match="submission sdfeat-nope-1"):
         status("sdfeat-nope-1", address)
+
+
+def _fake_head(tmp_path: Path, python3: str) -> dict:
+    """A PATH with only the tools the job script uses and a `python3` script standing in for the head's Python."""
+    import shutil
+
+    folder = tmp_path / "bin"
+    folder.mkdir(parents=True)
+    for tool in ("sh", "sed", "tr", "mktemp", "printenv", "rm", "cat"):
+        (folder / tool).symlink_to(shutil.which(tool))
+    (folder / "python3").write_text(f"#!/bin/sh\n{python3}\n")
+    (folder / "python3").chmod(0o755)
+    from sdfeat.submit import JOB_SCRIPT, SCRIPT_ENV_VAR, SPEC_ENV_VAR
+
+    return {"PATH": str(folder), SCRIPT_ENV_VAR: JOB_SCRIPT, SPEC_ENV_VAR: "model: tiny\n"}
+
+
+def test_the_job_runs_extract_with_a_python_that_has_sdfeat_or_says_none_does(tmp_path: Path) -> None:
+    """The job's entrypoint, run as Ray's supervisor runs it (`sh -c`), outside a raylet: the first candidate that
+    has the dependencies runs `sdfeat extract` with the shipped spec and the options; with none, one line."""
+    import subprocess
+
+    entry = build_entrypoint(workers=3, gpus_per_worker=None, overwrite=False)
+    ok = _fake_head(tmp_path / "ok", 'if [ "$1" = -c ]; then exit 0; fi; echo "ran $*"; cat "$4"')
+    done = subprocess.run(["/bin/sh", "-c", entry], env=ok, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    first, spec = done.stdout.split("\n", 1)
+    assert re.fullmatch(r"ran -m sdfeat\.cli extract \S+\.yaml --workers 3", first) and spec == "model: tiny\n\n"
+
+    lacking = _fake_head(tmp_path / "lacking", 'echo "no module typer torch"; exit 1')
+    done = subprocess.run(["/bin/sh", "-c", entry], env=lacking, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "python3: no module typer torch; python: not found;" in lines[0] and "ray start --head" in lines[0]
+
+
+def test_an_output_another_run_writes_is_refused_before_submitting(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import socket
+    import subprocess
+    import time
+
+    from sdfeat import submit
+    from sdfeat.writer_lock import LOCK, OutputLockedError
+
+    client = _FakeJobsClient()
+    monkeypatch.setattr(submit, "_client", lambda address: client)
+    out = tmp_path / "store"
+    out.mkdir()
+    job = _write_job(tmp_path / "job.yaml", output=str(out))
+    holder = subprocess.Popen(["sleep", "300"])               # a live run on this host
+    try:
+        (out / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "since": "then",
+                                            "heartbeat": time.time(), "token": "x"}))
+        with pytest.raises(OutputLockedError, match=f"pid {holder.pid}, since then"):
+            submit_job(job, address="http://head.invalid:8265")
+        assert client.sent == {}
+    finally:
+        holder.kill()
+        holder.wait()
+    submit_job(job, address="http://head.invalid:8265")      # its process gone: the lock is stale
+    assert client.sent["submission_id"].startswith("sdfeat-")

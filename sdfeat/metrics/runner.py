@@ -3,9 +3,10 @@
 The tasks are `metrics.tasks` (point estimates) or, with `MetricOptions.bootstrap`, `metrics.bootstrap.
 bootstrap_task` (the same estimates with image-level intervals). With `local=True` they run in this process;
 otherwise each is a Ray task (`num_cpus=1`; `address` passed to `ray.init` when Ray is not yet initialised), with
-`MetricOptions.task_threads` torch threads either way. The driver writes `<store>/results/<metric>.parquet`
-with `results.write_results` (the schema of `sdfeat.results`, written atomically), so re-running replaces the
-table with the same rows: idempotent. `execute` and `check_complete` are public for `sdfeat compare`.
+`MetricOptions.task_threads` torch threads either way. The driver writes `<store>/results/<metric>.parquet` (or
+`<results>/<metric>.parquet`) with `results.write_results` (the schema of `sdfeat.results`, written atomically), so
+re-running replaces the table with the same rows: idempotent. Where the tables go is checked first (a store that
+cannot be written fails before any work). `execute` and `check_complete` are public for `sdfeat compare`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from sdfeat import store as store_layout
-from sdfeat.errors import ArgumentError, StoreError
+from sdfeat.errors import ArgumentError, StorageError, StoreError, storage_error
 from sdfeat.metrics import anomalies
 from sdfeat.metrics.bootstrap import bootstrap_task, detection_intervals
 from sdfeat.metrics.labels import read_labels, write_labels
@@ -93,8 +94,9 @@ def _say_corner_skips(features: FeatureStore, names: list[str], opts: MetricOpti
                     MIN_CORNER_MAP, MIN_CORNER_MAP)
 
 
-def check_complete(features: FeatureStore, allow_partial: bool) -> None:
-    """Refuse an unfinished store unless `allow_partial`; say which units and failed images are left out."""
+def check_complete(features: FeatureStore, allow_partial: bool) -> str | None:
+    """Refuse an unfinished store unless `allow_partial`; say which units and failed images are left out. Returns
+    what a partial measurement leaves out (the tables' `results.partial_note`), None for a finished store."""
     size = int(features.attrs["unit_size"])
     n_units = units_for(len(features), size)
     unfinished = sorted(set(range(n_units)) - store_layout.done_units(features.path))
@@ -103,20 +105,26 @@ def check_complete(features: FeatureStore, allow_partial: bool) -> None:
         raise StoreError(f"{features.path} is incomplete: {len(unfinished)} of {n_units} units have no done marker "
                          f"(units {shown}); finish the job (run it again), or pass --allow-partial to measure the "
                          "finished units only")
+    skipped_rows = sum(min(len(features), (u + 1) * size) - u * size for u in unfinished)
     if unfinished:
         log.warning("metrics on a partial store: skipped %d of %d units (%s; %d images)", len(unfinished), n_units,
-                    shown, sum(min(len(features), (u + 1) * size) - u * size for u in unfinished))
-    failed = int((~features.ok).sum()) - sum(min(len(features), (u + 1) * size) - u * size for u in unfinished)
+                    shown, skipped_rows)
+    failed = int((~features.ok).sum()) - skipped_rows
     if failed > 0:
         log.warning("metrics: %d failed image(s) left out (see %s)", failed,
                     store_layout.join(features.path, store_layout.FAILURES))
+    if not unfinished:
+        return None
+    return (f"{len(unfinished)} of {n_units} units were unfinished (units {shown}): {skipped_rows} of "
+            f"{len(features)} images left out")
 
 
 def run_metrics(store_path: str, metrics: Sequence[str] = METRICS, blocks: Sequence[str] | None = None,
                 local: bool = False, address: str | None = None, labels: str | None = None,
                 options: MetricOptions | None = None, allow_partial: bool = False,
-                progress: bool = False) -> dict[str, str]:
-    """Compute `metrics` for `blocks` (default: every stored block), write the tables; returns {metric: path}.
+                progress: bool = False, results: str | None = None) -> dict[str, str]:
+    """Compute `metrics` for `blocks` (default: every stored block), write the tables to `<store>/results` (or the
+    folder `results`, checked writable before any work); returns {metric: path}.
 
     A store with unfinished units is refused (StoreError) unless `allow_partial`; then the metrics use the
     finished, extracted rows and a warning names what was skipped. Failed images are always left out (logged).
@@ -128,7 +136,9 @@ def run_metrics(store_path: str, metrics: Sequence[str] = METRICS, blocks: Seque
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ArgumentError(f"metrics: unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
-    check_complete(features, allow_partial)
+    partial = check_complete(features, allow_partial)
+    folder = results or store_layout.join(features.path, RESULTS)
+    _check_writable(folder, results is None)
     names = list(blocks) if blocks else all_blocks(features)
     missing = [n for n in names if n not in all_blocks(features)]
     if missing:
@@ -166,10 +176,23 @@ def run_metrics(store_path: str, metrics: Sequence[str] = METRICS, blocks: Seque
         if detected is not None:
             tables["anomalies"] += _detection_rows(features, opts, detected, given)
             write_results(features.path, DETECTIONS, [{"sample": int(d[0]), "sample_id": features.sample_ids[int(d[0])],
-                                               "x": int(d[1]), "y": int(d[2]), "peak_ratio": float(d[3])}
-                                              for d in detected])
-            write_labels(store_layout.join(features.path, RESULTS, f"{DETECTIONS}.csv"), detected)
-    return {m: write_results(features.path, m, tables[m]) for m in metrics}
+                                                       "x": int(d[1]), "y": int(d[2]), "peak_ratio": float(d[3])}
+                                                      for d in detected], folder, partial)
+            write_labels(store_layout.join(folder, f"{DETECTIONS}.csv"), detected)
+    return {m: write_results(features.path, m, tables[m], folder, partial) for m in metrics}
+
+
+def _check_writable(folder: str, in_store: bool) -> None:
+    """The tables' folder takes writes, or one line naming it (and, for the store's own, the way around it)."""
+    try:
+        store_layout.check_writable(folder)
+    except OSError as err:
+        refused = storage_error(err, folder)
+        if refused is None:
+            raise
+        raise StorageError(f"{refused}: the metric tables cannot be written there"
+                           + ("; pass results=DIR (`sdfeat metrics --results DIR`) to write them elsewhere"
+                              if in_store else "")) from None
 
 
 def _detection_rows(features: FeatureStore, opts: MetricOptions, detected: np.ndarray,

@@ -25,7 +25,7 @@ from sdfeat.report.figures import (PUBLISHED_LABEL, STORE_LABEL, figure_2, figur
 from sdfeat.report.stores import intervention_label, token_maps
 from sdfeat.report.summary import model_section, unique_names
 from sdfeat.report.tables import REFERENCE_DIR, load_reference, select, select_interval, weights_note
-from sdfeat.results import ANOMALY_MEAN, ANOMALY_STD, PROBE, RATIO, TIDY_SCHEMA, load_results
+from sdfeat.results import ANOMALY_MEAN, ANOMALY_STD, PROBE, RATIO, TIDY_SCHEMA, load_results, partial_note
 
 __all__ = [
     "ANOMALY_MEAN", "ANOMALY_STD", "PROBE", "PUBLISHED_LABEL", "RATIO", "REFERENCE_DIR", "STORE_LABEL", "TIDY_SCHEMA",
@@ -45,12 +45,12 @@ def write_report(stores: list[str], out_dir: str, reference: str | None = None,
 
     if not stores:
         raise ArgumentError("stores: give at least one store")
+    paths = [str(s) for s in stores]
+    tables = [load_results(p) for p in paths]  # every store's tables read before anything is written
+    ref_table = load_reference(reference) if reference else None
     out = str(out_dir)
     out_fs, out_root = filesystem(out)
     out_fs.makedirs(out_root, exist_ok=True)
-    paths = [str(s) for s in stores]
-    tables = [load_results(p) for p in paths]
-    ref_table = load_reference(reference) if reference else None
     names = unique_names(paths, tables)
     lines = ["# sdfeat report", ""]
     if reference:
@@ -80,7 +80,8 @@ def write_report(stores: list[str], out_dir: str, reference: str | None = None,
 def _store_figures(name: str, store: str, table: pa.Table, ref_table: pa.Table | None, out: str) -> list[str]:
     """Figure 2 and the token maps of one store; its summary.md section."""
     stem = f"figure2_{name}"
-    save_figure(figure_2(table, ref_table, title=f"{name} — Figure 2 layout"), out, stem)
+    partial = " — PARTIAL (see summary.md)" if partial_note(table) else ""
+    save_figure(figure_2(table, ref_table, title=f"{name} — Figure 2 layout{partial}"), out, stem)
     lines = model_section(name, store, table, ref_table, stem)
     maps = token_maps(store)
     if maps is not None:

@@ -207,8 +207,8 @@ def figure_cross_model(tables: Mapping[str, pa.Table], reference: tuple[str, pa.
         handles = []
         for name, table, linestyle, colour in lines:
             y = _on_axis(select(table, series), blocks, log_scale, exclude)
-            if np.isnan(y).all():
-                name = f"{name}: not computed"
+            if np.isnan(y).all():  # as in Figure 2: a detection that found nothing is no missing metric
+                name += ": detected none" if series == ANOMALY_MEAN and detected_none(table) else ": not computed"
             else:
                 _plot(ax, x, y, orders, linestyle=linestyle, color=colour)
                 _band(ax, x, select_interval(table, series), blocks, log_scale, exclude, orders, color=colour)

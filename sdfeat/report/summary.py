@@ -1,6 +1,6 @@
-"""The Markdown side of the report: one `summary.md` section per store (model, random-weights warning, its Figure
-2, the peak of each series beside the published one, and a per-block table of the plotted values), and the file
-names the stores go by (`figure2_<name>.png`)."""
+"""The Markdown side of the report: one `summary.md` section per store (model, random-weights and partial-store
+warnings, its Figure 2, the peak of each series beside the published one, and a per-block table of the plotted
+values), and the file names the stores go by (`figure2_<name>.png`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from sdfeat.report.tables import block_axis, detected_none, select, weights_note
-from sdfeat.results import ANOMALY_MEAN, ANOMALY_STD, PROBE, PROBE_SCALES, RATIO, excluded_blocks
+from sdfeat.results import ANOMALY_MEAN, ANOMALY_STD, PROBE, PROBE_SCALES, RATIO, excluded_blocks, partial_note
 
 PEAKS = (
     ("largest anomaly relative norm", ANOMALY_MEAN),
@@ -39,6 +39,9 @@ def model_section(name: str, store: str | Path, table: pa.Table, reference: pa.T
     lines = [f"## {name}", "", f"Store: `{store}` — model `{model}`", ""]
     for note in sorted({n for n in map(weights_note, models) if n}):
         lines += [f"> ⚠ {note}", ""]
+    if partial_note(table):
+        lines += [f"> ⚠ Partial: these metrics were measured with `--allow-partial` and leave part of the store out: "
+                  f"{partial_note(table)}.", ""]
     lines += [f"![Figure 2 — {name}]({figure}.png)", "", "Peaks:", ""]
     for text, series in PEAKS:
         exclude = excluded_blocks(series.metric)
