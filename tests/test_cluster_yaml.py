@@ -67,3 +67,27 @@ def test_holds_no_credentials() -> None:
     lowered = text.lower()
     for word in ("aws_access_key_id", "aws_secret_access_key", "ssh_private_key:", "password"):
         assert word not in lowered
+
+
+# vCPUs and GPUs of the GPU instance types this file may name (AWS's published figures)
+GPU_INSTANCES = {"p5.48xlarge": (192, 8), "p4d.24xlarge": (96, 8), "g6e.12xlarge": (48, 4), "g5.12xlarge": (48, 4),
+                 "g5.2xlarge": (8, 1), "g5.xlarge": (4, 1), "g6.xlarge": (4, 1)}
+
+
+def test_the_gpu_node_has_the_cpus_to_feed_its_gpus(config: dict) -> None:
+    """The host's measured cost per image (decode, staging, writes; `gpu_rates.json` "host", from
+    benchmarks/bench_pipeline.py) at the cold target of 250 img/s per GPU, on physical cores (2 vCPUs each),
+    fits the vCPUs that come with each GPU of the worker node type, with the launching thread's core besides."""
+    from sdfeat.cluster import GPU_ACTOR_CPUS_MAX
+    from sdfeat.rates import host_costs
+
+    cold = max(costs["cold"] for costs in host_costs().values())  # CPU-s per image, the costlier job
+    need_vcpus = 2 * (cold * 250 + 1)
+    for name, node in config["available_node_types"].items():
+        instance = node["node_config"]["InstanceType"]
+        if name == config["head_node_type"]:
+            continue
+        vcpus, gpus = GPU_INSTANCES[instance]
+        per_gpu = vcpus / gpus
+        assert per_gpu >= need_vcpus, (instance, per_gpu, need_vcpus)
+        assert min(per_gpu, GPU_ACTOR_CPUS_MAX) >= need_vcpus  # and each actor asks for enough of them
