@@ -69,7 +69,7 @@ def _timed(client, url: str, params: dict) -> float:
 
 def baseline_topk(path: str, row: int, y: int, x: int, k: int, rows: list[int]) -> float:
     """The plain loop: one read per image, cosine of every token, argsort."""
-    from sdfeat.query import open_store
+    from sdfeat.store.query import open_store
 
     features = open_store(path)
     start = time.perf_counter()
@@ -143,8 +143,8 @@ def main() -> None:
     from sdfeat import store
     from sdfeat.errors import StoreError
     from sdfeat.explore.app import create_app
-    from sdfeat.plan import units_for
-    from sdfeat.query import open_store
+    from sdfeat.planning.units import units_for
+    from sdfeat.store.query import open_store
 
     try:
         features = open_store(path)

@@ -2,7 +2,7 @@
 
 Both tools load one local diffusers directory (SD-1.5 architecture, deterministic random weights, saved once under
 --cache by this script) through their real loading code, get the same `synthetic:N` images (sdfeat reads them as
-a source; sdhelper gets them as PIL images made with sdfeat.synthetic + sdfeat.decode.center_crop_resize) and the
+a source; sdhelper gets them as PIL images made with sdfeat.sources.synthetic + sdfeat.sources.decode.center_crop_resize) and the
 same blocks, timestep(s) and seed. Every run is its own subprocess (fresh memory, `torch.set_num_threads`); the
 child reports its peak RSS (ru_maxrss) and its extraction time without model loading (reported separately).
 
@@ -69,7 +69,7 @@ def _loaded() -> dict[str, float]:
 
 
 def _blocks(kind: str) -> list[str]:
-    from sdfeat.blocks import preset_names
+    from sdfeat.models.blocks import preset_names
 
     names = preset_names("paper")
     if kind == "early":
@@ -81,8 +81,8 @@ def _images(n: int, resolution: int) -> list:
     """The PIL images sdfeat's `synthetic:N` source yields, cropped and resized as sdfeat does."""
     from PIL import Image
 
-    from sdfeat.decode import center_crop_resize
-    from sdfeat.synthetic import synthetic_image
+    from sdfeat.sources.decode import center_crop_resize
+    from sdfeat.sources.synthetic import synthetic_image
 
     return [Image.fromarray(center_crop_resize(synthetic_image(i), resolution)) for i in range(n)]
 
@@ -93,7 +93,7 @@ def child_sdhelper(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     from sdhelper import SD
 
-    from sdfeat.blocks import paper_name
+    from sdfeat.models.blocks import paper_name
 
     t = time.perf_counter()
     sd = SD("SD1.5", device="cpu", config={"name": job["model_dir"]}, local_files_only=True,
@@ -120,9 +120,9 @@ def child_sdfeat(job: dict) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: F401
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
-    import sdfeat.extract as extract
-    from sdfeat.query import open_store
     from sdfeat.spec import parse_spec
+    from sdfeat.store.query import open_store
+    import sdfeat.extract as extract
 
     timing: dict[str, float] = {"units_s": 0.0}
 
@@ -170,7 +170,8 @@ def child_build(job: dict) -> dict:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sdfeat.models import build_tiny_pipeline, save_tiny_pipeline, shipped_config
+    from sdfeat.models.loading import build_tiny_pipeline, save_tiny_pipeline
+    from sdfeat.models.registry import shipped_config
 
     path = Path(job["model_dir"])
     if job["model"] == "tiny":
@@ -327,7 +328,7 @@ def print_table(rows: list[dict], flat: list[dict], targets: dict) -> None:
         print(f"| {f['config']} | – | – | – | – | – | {peaks} | {f['ratio']:.3f}× (large/small; extraction "
               f"phase {f['extraction_ratio']:.3f}×) "
               f"| flat (≤1.05×) {'ok' if f['ratio'] <= 1.05 else 'MISS'} | – | – | – | – |")
-    print("\nsdfeat stage seconds (fastest repeat; busy time per stage, see sdfeat/stages.py):")
+    print("\nsdfeat stage seconds (fastest repeat; busy time per stage, see sdfeat/extract/stages.py):")
     for r in rows:
         print(f"  {r['config']}: {r['f_stages']}")
 

@@ -85,9 +85,9 @@ def _timed(fn, repeats: int) -> float:
 
 def components(model_name: str, resolution: int, batch: int, repeats: int) -> dict:
     """img/s of the VAE encoder and of the U-Net to up_blocks.1 (early exit), pixels already on the device."""
-    from sdfeat.hooks import capture
-    from sdfeat.models import load_model
-    from sdfeat.protocol import encode, noisy_latents
+    from sdfeat.extract.protocol import encode, noisy_latents
+    from sdfeat.models.hooks import capture
+    from sdfeat.models.loading import load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(model_name, device, torch.float16 if device == "cuda" else torch.float32)
@@ -111,7 +111,7 @@ def components(model_name: str, resolution: int, batch: int, repeats: int) -> di
 
 def run_job(name: str, fields: dict, source: Path, work: Path, cache: Path, warmth: str) -> dict:
     """One job through the Ray actor path; its rate over the wall time plus the final sync of its writes."""
-    from sdfeat.cluster import run_on_ray
+    from sdfeat.extract.driver import run_on_ray
     from sdfeat.spec import parse_spec
 
     out = work / f"out-{name}-{warmth}"
@@ -170,7 +170,7 @@ def main() -> None:
     source = write_source(work / "source", args.images)
     result["components"] = components(args.model, args.resolution, args.batch, repeats=5)
     save()
-    from sdfeat.rayconnect import init_ray
+    from sdfeat.cluster.connect import init_ray
     from sdfeat.spec import load_spec
 
     import ray

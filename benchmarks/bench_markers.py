@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from fsspec.implementations.local import LocalFileSystem
 
-from sdfeat import store
+from sdfeat.store import files as store  # the private marker helpers too
 
 
 def old_done_units(output: str) -> dict[int, dict]:

@@ -141,7 +141,7 @@ def run_authors(path: str) -> None:
     import numpy as np
     import torch
 
-    from sdfeat.query import open_store
+    from sdfeat.store.query import open_store
 
     features = open_store(path)
     t, s = features.timesteps[0], features.seeds[0]
@@ -211,7 +211,7 @@ def main() -> None:
         start = time.perf_counter()
         build_store(args.store, args.images, args.resolution)
         print(f"built {args.store} in {time.perf_counter() - start:.0f} s", flush=True)
-    from sdfeat.query import open_store
+    from sdfeat.store.query import open_store
 
     info = open_store(args.store).info()
     print(f"store: {info['samples']} images, {len(info['blocks'])} arrays, {info['bytes_raw'] / 2**20:.0f} MiB raw, "

@@ -2,7 +2,7 @@
 
 Two sections, each against a baseline run in the same process:
 
-1. `overlap` — a simulated device (`sdfeat.simdevice`) in place of the GPU stages, everything else the product's
+1. `overlap` — a simulated device (`sdfeat.extract.simdevice`) in place of the GPU stages, everything else the product's
    own code: HF Parquet of ImageNet-like photo JPEGs (500×375, ≈100 KB, generated) on a real disk folder, JPEG
    decode and resize, staging, noise and token positions, the latent cache, shard writes and markers, `--local`
    and through a local Ray instance. SD-1.5 shapes (`random:sd15`: no weights are loaded), 512 px, two jobs: the
@@ -43,10 +43,10 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).parent))
 from photos import write_parquet  # noqa: E402
 
-from sdfeat.decode import center_crop_resize, decode_rgb  # noqa: E402
 from sdfeat.extract import run_local  # noqa: E402
-from sdfeat.layout import job_layout  # noqa: E402
-from sdfeat.simdevice import Simulation  # noqa: E402
+from sdfeat.extract.simdevice import Simulation  # noqa: E402
+from sdfeat.planning.layout import job_layout  # noqa: E402
+from sdfeat.sources.decode import center_crop_resize, decode_rgb  # noqa: E402
 from sdfeat.spec import load_spec, parse_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +95,7 @@ def _run(spec, simulate: Simulation, on_ray: bool) -> tuple[dict, float]:
     if not on_ray:
         summary = run_local(spec, progress=False, simulate=simulate)
     else:
-        from sdfeat.cluster import run_on_ray
+        from sdfeat.extract.driver import run_on_ray
 
         summary = run_on_ray(spec, progress=False, simulate=simulate, workers=1)  # the connected instance
     return summary, _cpu_seconds() - start
@@ -222,7 +222,7 @@ def main() -> None:
         if not args.no_ray:
             import ray
 
-            from sdfeat.rayconnect import init_ray
+            from sdfeat.cluster.connect import init_ray
 
             init_ray(None)  # a private local instance, kept for every Ray run
             try:

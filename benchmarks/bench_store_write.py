@@ -3,7 +3,7 @@
 
     plain f.write of the same bytes (the ceiling; also from 2 threads, the arrays shared out by size)
     zarr-python as `store.write_unit(direct=False)` uses it (the old path)
-    `store.write_unit` through `sdfeat.shard_writer` with 1, 2 and 4 writer threads (the new path)
+    `store.write_unit` through `sdfeat.store.shard_writer` with 1, 2 and 4 writer threads (the new path)
 
 For each: CPU-seconds per GB (user + system of all threads: stable on a shared machine) and MB/s (wall), with the
 targets beside them: the new path <= 1.3x the plain-file CPU-s/GB, and >= 1.7x the MB/s from 1 to 2 writers. Then
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from sdfeat import store
-from sdfeat.layout import activation_layout
+from sdfeat.planning.layout import activation_layout
 
 SHAPES = [(1280, 16, 16)] * 6 + [(1280, 32, 32)]  # up_blocks.1 resnets/attentions, then its upsampler
 

@@ -20,8 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sdfeat.cluster import ExtractionWorker
-from sdfeat.plan import Unit
+from sdfeat.extract.driver import ExtractionWorker
+from sdfeat.planning.units import Unit
 
 RSS_DIR_VAR = "SDFEAT_BENCH_RSS_DIR"
 
@@ -53,7 +53,7 @@ def run_one(mode: str, model: str, images: int, resolution: int) -> dict:
         else:
             import ray
 
-            from sdfeat.cluster import run_on_ray
+            from sdfeat.extract.driver import run_on_ray
 
             rss_dir = Path(tmp) / "rss"
             rss_dir.mkdir()

@@ -33,7 +33,7 @@ PADDINGS = ("zeros", "reflect", "replicate", "circular")
 
 def sdfeat(*args: object) -> None:
     """One command, as typed in a shell; a failure stops the script with the command's own message."""
-    from sdfeat.cli import app
+    from sdfeat.cli.app import app
 
     words = [str(a) for a in args]
     print("$ sdfeat " + " ".join(words), flush=True)

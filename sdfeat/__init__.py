@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from sdfeat.query import FeatureStore
+    from sdfeat.store.query import FeatureStore
 
 
 def open_store(path: str) -> "FeatureStore":
     """Open a feature store for reading (local path or fsspec URL)."""
-    from sdfeat.query import open_store as _open
+    from sdfeat.store.query import open_store as _open
 
     return _open(path)
 

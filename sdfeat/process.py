@@ -8,7 +8,7 @@ A CPU forward allocates and frees the same large activations batch after batch. 
 above its mmap threshold (at most 32 MB) with fresh mmaps and trims the heap's free top, so every batch can fault
 its activations in again. Measured on SD-1.5 (random weights) at 256 px, batch 4, 45 blocks, 12 images, 2
 threads: ≈0.5 M page faults per U-Net forward and ≈0.9 M per VAE encode, 45.2 CPU-s; with the memory held, none
-after the first batch's VAE, 37.3 CPU-s (-17 %). Before the lean loader (`sdfeat.weights`) the heap happened to
+after the first batch's VAE, 37.3 CPU-s (-17 %). Before the lean loader (`sdfeat.models.weights`) the heap happened to
 keep that memory (37.1 CPU-s, ≈0 faults per U-Net forward after the first). Through `run_local` (8 images): 2.82
 against 3.52 CPU-s per image, for 0.3 GB more peak RSS (5.39 against 5.09 GB: freed blocks are not handed back).
 

@@ -1,7 +1,7 @@
 """Live progress (images/s, elapsed, ETA) shared by the local runner, the Ray driver, `metrics` and `report`.
 
 `UnitProgress` moves per batch, not only when a unit ends: the runner reports each finished batch through
-`advance(unit, rows)` (locally a callback on `unit_runner.UnitRunner.on_batch`; on Ray the actors add to a small
+`advance(unit, rows)` (locally a callback on `worker.UnitRunner.on_batch`; on Ray the actors add to a small
 tally actor that the driver reads while it waits), and the unit's report (`update`) replaces those partial rows
 with the unit's final count. It also keeps what this run did (units, images, stage seconds), so a resumed run's
 summary counts this run only. `TaskProgress` is a plain counter bar for `metrics` and `report`.

@@ -68,7 +68,7 @@ class Summaries(_Strict):
 
 
 class Intervention(_Strict):
-    """Change the model at load time (`sdfeat.interventions`): every padded Conv2d in `scope` pads with `padding`
+    """Change the model at load time (`sdfeat.models.interventions`): every padded Conv2d in `scope` pads with `padding`
     instead of zeros (weights untouched). `zeros` is the model as released and counts as no intervention."""
 
     padding: Literal["zeros", "reflect", "replicate", "circular"] = "zeros"
@@ -98,7 +98,7 @@ class JobSpec(_Strict):
     variants: Variants = Field(default_factory=Variants)
     summaries: Summaries | None = None
     intervention: Intervention | None = None
-    latent_cache: str | None = None  # folder or fsspec URL of the VAE latent cache (`sdfeat.latent_cache`)
+    latent_cache: str | None = None  # folder or fsspec URL of the VAE latent cache (`sdfeat.extract.latent_cache`)
     write_workers: int | None = Field(default=None, ge=1)  # shards written at once per worker; None: min(4, cores)
     output: str
 

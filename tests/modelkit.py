@@ -7,7 +7,8 @@ from functools import cache
 
 import torch
 
-from sdfeat.models import LoadedModel, load_model, shipped_config
+from sdfeat.models.loading import LoadedModel, load_model
+from sdfeat.models.registry import shipped_config
 
 
 @cache
@@ -21,7 +22,7 @@ def tiny_model(scheduler_of: str | None = None) -> LoadedModel:
     model = dataclasses.replace(model, _prompt_cache={})
     if scheduler_of is None:
         return model
-    from sdfeat.models import _scheduler_from_config
+    from sdfeat.models.loading import _scheduler_from_config
 
     return dataclasses.replace(model, scheduler=_scheduler_from_config(shipped_config(scheduler_of, "scheduler")))
 

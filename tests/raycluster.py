@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from sdfeat.cluster import ExtractionWorker
-from sdfeat.plan import Unit
+from sdfeat.extract.driver import ExtractionWorker
+from sdfeat.planning.units import Unit
 from sdfeat.spec import JobSpec, parse_spec
 
 _CLUSTER = None

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sdfeat.blocks import _shape_table, block_shapes, canonical_name, paper_name, preset_names, resolve_blocks
 from sdfeat.errors import SpecError, UnknownBlockError
-from sdfeat.models import TINY_UNET_CONFIG, unet_config
+from sdfeat.models.blocks import _shape_table, block_shapes, canonical_name, paper_name, preset_names, resolve_blocks
+from sdfeat.models.registry import TINY_UNET_CONFIG, unet_config
 
 PAPER_45 = """conv_in
 down_blocks[0].resnets[0] down_blocks[0].attentions[0] down_blocks[0].resnets[1] down_blocks[0].attentions[1]

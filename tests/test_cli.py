@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from sdfeat.cli import app
-from sdfeat.query import open_store
+from sdfeat.cli.app import app
+from sdfeat.store.query import open_store
 
 runner = CliRunner()
 
@@ -103,8 +103,8 @@ def test_choices_are_checked_by_the_parser_and_named(args: list[str], option: st
 
 
 def test_extract_write_workers_overrides_the_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import sdfeat.extract
     from sdfeat.errors import SpecError
+    import sdfeat.extract
 
     job = tmp_path / "job.yaml"
     job.write_text(f"source: synthetic:4\noutput: {tmp_path / 'out'}\nmodel: tiny\nwrite_workers: 3\n")

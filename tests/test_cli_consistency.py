@@ -18,8 +18,8 @@ import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
-from sdfeat import console as console_module
-from sdfeat.cli import app
+from sdfeat.cli import console as console_module
+from sdfeat.cli.app import app
 
 COMMANDS = typer.main.get_command(app).commands  # type: ignore[attr-defined]
 # Commands that print a table or figures: each takes --json.
@@ -117,7 +117,7 @@ def test_a_jobs_api_address_given_to_extract_is_named_as_submit_s(tmp_path: Path
 
 def test_submit_and_status_take_the_jobs_api_address_ray_job_takes(monkeypatch: pytest.MonkeyPatch,
                                                                   jobs_api_lookalike: str) -> None:
-    from sdfeat.rayconnect import jobs_api_url
+    from sdfeat.cluster.connect import jobs_api_url
 
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")                      # a GCS address: RAY_API_SERVER_ADDRESS wins
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", jobs_api_lookalike)

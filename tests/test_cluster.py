@@ -18,9 +18,9 @@ from raycluster import ray_cluster, ray_cluster_processes  # noqa: F401  (fixtur
 from raycluster import DiesMidWrite, DiskFull, HangsOnce, RecordsNode, job_spec, wait_for
 from storecompare import assert_same_store
 from sdfeat import store
-from sdfeat.cluster import gpu_decode_threads, plan_actors, run_on_ray
 from sdfeat.errors import ArgumentError, StorageError, UnitFailedError, storage_error
 from sdfeat.extract import prepare_job, run_local
+from sdfeat.extract.driver import gpu_decode_threads, plan_actors, run_on_ray
 
 N_UNITS = 4  # synthetic:16 in units of 4
 
@@ -193,7 +193,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import ray.cloudpickle, raycluster
 ray.cloudpickle.register_pickle_by_value(raycluster)
-from sdfeat.cluster import run_on_ray
+from sdfeat.extract.driver import run_on_ray
 run_on_ray(raycluster.job_spec({out!r}), workers=1, progress=False, worker_class=raycluster.RecordsNode,
            runtime_env={{"env_vars": {{"SDFEAT_TEST_DIR": {tmp!r}, "SDFEAT_TEST_DELAY_S": "2"}}}})
 """

@@ -78,8 +78,8 @@ def test_the_gpu_node_has_the_cpus_to_feed_its_gpus(config: dict) -> None:
     """The host's measured cost per image (decode, staging, writes; `gpu_rates.json` "host", from
     benchmarks/bench_pipeline.py) at the cold target of 250 img/s per GPU, on physical cores (2 vCPUs each),
     fits the vCPUs that come with each GPU of the worker node type, with the launching thread's core besides."""
-    from sdfeat.cluster import GPU_ACTOR_CPUS_MAX
-    from sdfeat.rates import host_costs
+    from sdfeat.extract.driver import GPU_ACTOR_CPUS_MAX
+    from sdfeat.planning.rates import host_costs
 
     cold = max(costs["cold"] for costs in host_costs().values())  # CPU-s per image, the costlier job
     need_vcpus = 2 * (cold * 250 + 1)

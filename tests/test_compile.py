@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from sdfeat.forward import Forward
-from sdfeat.layout import job_layout
-from sdfeat.models import compile_unet_blocks, load_model, unet_blocks
+from sdfeat.extract.forward import Forward
+from sdfeat.models.loading import compile_unet_blocks, load_model, unet_blocks
+from sdfeat.planning.layout import job_layout
 from sdfeat.spec import parse_spec
 
 

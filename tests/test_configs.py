@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-import sdfeat.configs as configs
-import sdfeat.models as models
-from sdfeat.blocks import _config_shapes, _meta_shapes
 from sdfeat.errors import ModelNotFoundError
+from sdfeat.models import registry as configs
+from sdfeat.models.blocks import _config_shapes, _meta_shapes
 
 ROOT = Path(__file__).parents[1]
 
@@ -22,10 +21,10 @@ def test_layout_plan_and_checks_of_the_demo_import_no_torch() -> None:
     code = """
 import sys
 from typer.testing import CliRunner
-from sdfeat.checks import check_job
-from sdfeat.cli import app
-from sdfeat.layout import job_layout
-from sdfeat.plan import estimate_job
+from sdfeat.cli.app import app
+from sdfeat.planning.checks import check_job
+from sdfeat.planning.layout import job_layout
+from sdfeat.planning.units import estimate_job
 from sdfeat.spec import load_spec
 
 spec = load_spec("jobs/demo.yaml", output=sys.argv[1])
@@ -64,12 +63,6 @@ def test_config_shapes_leave_other_layouts_to_the_meta_forward() -> None:
     assert _config_shapes({**tiny, "block_out_channels": [32, 64, 64]}, 256) is None
     assert _config_shapes({**tiny, "downsample_padding": 0}, 256) is None
     assert _config_shapes({**tiny, "addition_embed_type": "text_time"}, 256) is None
-
-
-def test_models_reexports_the_config_names() -> None:
-    for name in ("REGISTRY", "RANDOM_PREFIX", "TINY_UNET_CONFIG", "TINY_VAE_CONFIG", "shipped_config",
-                 "unet_config"):
-        assert getattr(models, name) is getattr(configs, name), name
 
 
 def test_local_unet_config_reads_files_only(tmp_path: Path) -> None:

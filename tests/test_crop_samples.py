@@ -17,7 +17,7 @@ from conftest import small_spec
 from sdfeat.errors import StoreError
 from sdfeat.extract import run_local
 from sdfeat.metrics import corners
-from sdfeat.query import open_store
+from sdfeat.store.query import open_store
 
 N = 6  # inside the second unit (rows 4..7) and inside its batch: units of 4, batches of 4
 
@@ -126,7 +126,7 @@ def test_paper_protocol_batch_straddling_the_limit_matches(tmp_path: Path) -> No
 
 
 def test_crop_passes_skip_batches_past_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sdfeat.forward import Forward
+    from sdfeat.extract.forward import Forward
 
     calls: list[tuple[int, int]] = []  # (margin, images in the batch) per forward pass
     original = Forward._pass

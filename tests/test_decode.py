@@ -1,4 +1,4 @@
-"""Decoding real-ImageNet oddities and the paper's centre crop (sdfeat.decode, via sources.read_images too)."""
+"""Decoding real-ImageNet oddities and the paper's centre crop (sdfeat.sources.decode, via sources.read_images too)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 import imagegen
-from sdfeat.decode import ImageDecodeError, center_crop_resize, decode_rgb, image_size
 from sdfeat.sources import plan_samples, read_images
+from sdfeat.sources.decode import ImageDecodeError, center_crop_resize, decode_rgb, image_size
 
 
 def test_exif_orientation_is_applied():

@@ -19,7 +19,7 @@ import imagegen
 from conftest import small_spec
 from sdfeat import store
 from sdfeat.explore.app import create_app
-from sdfeat.query import open_store
+from sdfeat.store.query import open_store
 from test_remote_store import BUCKET, s3_env  # noqa: F401  (the moto S3 fixture)
 
 BLOCK = "up_blocks.1.upsamplers.0"  # (64, 8, 8) in the tiny store at 128 px
@@ -279,7 +279,7 @@ def test_no_file_outside_the_static_folder_or_the_stores_is_served(client: TestC
 def test_cli_refuses_a_path_without_a_store(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from sdfeat.cli import app
+    from sdfeat.cli.app import app
 
     result = CliRunner().invoke(app, ["explore", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "no feature store" in result.output

@@ -15,17 +15,17 @@ from storecompare import assert_same_store
 from sdfeat import store
 from sdfeat.errors import SpecError, StoreError, UnitFailedError
 from sdfeat.extract import UnitRunner, pending_units, prepare_job, run_local
-from sdfeat.query import open_store
-from sdfeat.stages import STAGES
+from sdfeat.extract.stages import STAGES
+from sdfeat.store.query import open_store
 
 
 def test_store_holds_what_a_plain_hooked_forward_gives(tiny_store: str) -> None:
     """Independent expectation: load the model, encode one image, add noise, run the U-Net with a plain
-    forward hook (not sdfeat.hooks) and compare with the store's row."""
-    from sdfeat.models import load_model
-    from sdfeat.protocol import encode, noisy_latents
-    from sdfeat.decode import center_crop_resize
-    from sdfeat.synthetic import synthetic_image
+    forward hook (not sdfeat.models.hooks) and compare with the store's row."""
+    from sdfeat.extract.protocol import encode, noisy_latents
+    from sdfeat.models.loading import load_model
+    from sdfeat.sources.decode import center_crop_resize
+    from sdfeat.sources.synthetic import synthetic_image
 
     features = open_store(tiny_store)
     row = 5
@@ -190,7 +190,7 @@ def test_a_runner_leaves_torch_threads_alone_and_run_local_sets_them_while_it_ru
         tiny_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Constructing a `UnitRunner` in a library caller changes nothing process-wide; `run_local` applies its
     `threads` while the job runs (seen from inside the job's end) and restores the count afterwards."""
-    from sdfeat import extract
+    from sdfeat.extract import local as extract
 
     before = torch.get_num_threads()
     other = 1 if before != 1 else 2
@@ -212,7 +212,7 @@ def test_write_workers_reach_the_shard_writer_and_change_no_stored_byte(tiny_sto
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The spec's `write_workers` is the shard writer's thread count; every array file is byte for byte the
     default run's (only the root's attrs record the spec as given)."""
-    from sdfeat import shard_writer
+    from sdfeat.store import shard_writer
 
     seen: list[int | None] = []
     write = shard_writer.write_shards

@@ -61,7 +61,7 @@ def test_metrics_check_where_tables_go_before_measuring(tiny_store: str, tmp_pat
     the one place the runner asks) fails at once, no task run, naming --results; with --results DIR the tables
     go there and `report DIR` draws them."""
     from sdfeat import store
-    from sdfeat.cli import app
+    from sdfeat.cli.app import app
     from sdfeat.metrics import runner
 
     copy = str(tmp_path / "s")

@@ -132,7 +132,7 @@ def test_submit_wait_status_and_logs_exit_with_the_job_state(head, tmp_path: Pat
 _LISTENERS = r"""
 import json, os, ray
 import psutil                                   # shipped in ray/thirdparty_files, on sys.path after `import ray`
-from sdfeat.rayconnect import init_ray
+from sdfeat.cluster.connect import init_ray
 init_ray(None)
 ray.get(ray.remote(lambda: 1).remote())                 # a worker process too
 me = psutil.Process()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sdfeat.flops import unet_flops, vae_encoder_flops
-from sdfeat.models import TINY_UNET_CONFIG, shipped_config
+from sdfeat.models.flops import unet_flops, vae_encoder_flops
+from sdfeat.models.registry import TINY_UNET_CONFIG, shipped_config
 
 
 def test_sd15_counts_match_the_known_figures() -> None:

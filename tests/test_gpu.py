@@ -10,7 +10,7 @@ import pytest
 
 from conftest import small_spec
 from sdfeat.extract import run_local
-from sdfeat.query import open_store
+from sdfeat.store.query import open_store
 
 pytestmark = pytest.mark.gpu
 

@@ -329,7 +329,8 @@ def test_bad_specs_stop_with_one_line_before_torch_is_imported(tmp_path, case, f
 
 
 def test_bad_parquet_schema_stops_before_the_model_and_leaves_no_store(tmp_path, monkeypatch):
-    from sdfeat import extract, unit_runner
+    from sdfeat import extract
+    from sdfeat.extract import worker as unit_runner
 
     _parquet(tmp_path / "src" / "x.parquet", {"image": [{"data": imagegen.default_image(0)}], "label": [0]})
     monkeypatch.setattr(unit_runner, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
@@ -388,7 +389,7 @@ def _other_versions(output: str) -> None:
 
 
 def test_resume_under_other_library_versions_is_refused_unless_allowed(tiny_store, tmp_path):
-    from sdfeat.cli import app
+    from sdfeat.cli.app import app
     from typer.testing import CliRunner
 
     from sdfeat.extract import prepare_job, run_local
@@ -440,8 +441,8 @@ def test_finished_job_rerun_writes_nothing(tiny_store, tmp_path):
 def test_storage_errors_are_one_line_naming_path_and_errno(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from sdfeat import extract
-    from sdfeat.cli import app
+    from sdfeat.cli.app import app
+    from sdfeat.extract import job as extract_job
 
     job = tmp_path / "job.yaml"
     job.write_text(f"source: synthetic:4\noutput: {tmp_path / 'out'}\nmodel: tiny\nresolution: 64\n"
@@ -450,7 +451,7 @@ def test_storage_errors_are_one_line_naming_path_and_errno(tmp_path, monkeypatch
         def refuse(*_args, code=code):
             raise OSError(code, os.strerror(code))  # as a write() reports it: no file name
 
-        monkeypatch.setattr(extract.store, "write_manifest", refuse)
+        monkeypatch.setattr(extract_job.store, "write_manifest", refuse)
         result = CliRunner().invoke(app, ["extract", str(job), "--local", "-q"])
         assert result.exit_code == 2, result.output
         assert result.output.strip() == f"error: {tmp_path / 'out'}: {os.strerror(code)} ({name})"
@@ -490,8 +491,8 @@ def test_overwrite_names_what_it_removes_and_keeps_other_files(tiny_store, tmp_p
 def test_cheap_block_names_agree_with_the_meta_forward():
     """The names `checks` refuses by (from the config, no torch) are exactly the meta forward's, for every model
     it checks that way: tiny, sd15, sd21, sdturbo, random:sd15."""
-    from sdfeat.blocks import _meta_shapes, config_positions
-    from sdfeat.configs import local_unet_config, unet_config
+    from sdfeat.models.blocks import _meta_shapes, config_positions
+    from sdfeat.models.registry import local_unet_config, unet_config
 
     for model in ("tiny", "sd15", "sd21", "sdturbo", "random:sd15"):
         config = unet_config(model)
@@ -510,7 +511,7 @@ def test_start_killed_while_writing_the_template_is_written_again(tiny_store, tm
     def killed(*_args, **_kwargs):
         raise KeyboardInterrupt  # after the arrays, before the consolidated metadata: the template's last step
 
-    monkeypatch.setattr(store.zarr, "consolidate_metadata", killed)
+    monkeypatch.setattr(store.files.zarr, "consolidate_metadata", killed)
     with pytest.raises(KeyboardInterrupt):
         prepare_job(spec)
     monkeypatch.undo()
@@ -533,8 +534,8 @@ def test_unreadable_store_metadata_is_refused_unless_overwrite(tiny_store, tmp_p
 
 
 def test_output_inside_the_source_is_refused(tmp_path):
-    from sdfeat.checks import check_job
     from sdfeat.errors import SpecError
+    from sdfeat.planning.checks import check_job
 
     classes = imagegen.write_ilsvrc_folders(tmp_path, synsets=("n01000000",), per_class=1)
     with pytest.raises(SpecError, match="field 'output': .* lies inside the source"):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdfeat.blocks import block_shapes, preset_names
 from sdfeat.errors import UnknownBlockError
-from sdfeat.hooks import capture, output_tensor
-from sdfeat.models import TINY_UNET_CONFIG
+from sdfeat.models.blocks import block_shapes, preset_names
+from sdfeat.models.hooks import capture, output_tensor
+from sdfeat.models.registry import TINY_UNET_CONFIG
 from modelkit import tiny_model
 
 ALL = preset_names("all")
@@ -112,7 +112,7 @@ def test_odd_latent_sizes_match_block_shapes(resolution: int) -> None:
 def test_compiled_blocks_keep_hooks_and_early_exit_exact() -> None:
     """`compile: true` compiles each block's forward; hooks stay outside it, so captures and early exit are
     unchanged (backend "eager": dynamo's tracing without code generation, to keep the test fast on a CPU)."""
-    from sdfeat.models import build_tiny_pipeline, compile_unet_blocks
+    from sdfeat.models.loading import build_tiny_pipeline, compile_unet_blocks
 
     unet = build_tiny_pipeline().unet.eval()
     sample, context = _inputs(16)

@@ -9,8 +9,8 @@ import pytest
 
 import imagegen
 from sdfeat.errors import SourceError
-from sdfeat.imagenet_subset import build_paper_subset
 from sdfeat.sources import plan_samples, read_images
+from sdfeat.sources.imagenet_subset import build_paper_subset
 
 # (label, width, height) per source row, in stored order; per_class=3, min_side=30
 ROWS = [

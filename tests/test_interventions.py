@@ -12,8 +12,8 @@ from conftest import small_spec
 from storecompare import array_paths, assert_same_store
 
 from sdfeat.errors import SpecError
-from sdfeat.interventions import apply_padding, set_padding
-from sdfeat.models import build_tiny_pipeline, load_model
+from sdfeat.models.interventions import apply_padding, set_padding
+from sdfeat.models.loading import build_tiny_pipeline, load_model
 from sdfeat.spec import parse_spec, spec_hash
 
 NUMPY_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
@@ -86,7 +86,7 @@ def test_spec_zeros_is_no_intervention() -> None:
 
 
 def test_plan_sizes_ignore_the_intervention() -> None:
-    from sdfeat.plan import estimate_job
+    from sdfeat.planning.units import estimate_job
 
     data = {"model": "sd15", "source": "synthetic:8", "blocks": "all", "variants": {"crops": "auto"},
             "summaries": {"blocks": "all"}, "output": "out"}

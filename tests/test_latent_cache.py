@@ -62,7 +62,7 @@ def test_cold_warm_and_no_cache_give_the_same_store(tmp_path: Path, protocol: st
     assert json.loads((key_folder / "key.json").read_text())["pixels"] == ("[0,1]" if protocol == "paper" else "[-1,1]")
     assert len(list((key_folder / "done").rglob("*.json"))) == 8
     if protocol == "standard":  # rates measured from a store: a warm one ran no VAE, so it measures no VAE rate
-        from sdfeat.rates import store_rates
+        from sdfeat.planning.rates import store_rates
 
         assert store_rates(str(tmp_path / "cold")).vae_flops_per_s > 0
         assert store_rates(str(tmp_path / "warm")).vae_flops_per_s is None
@@ -117,7 +117,7 @@ def test_a_torn_cache_write_is_redone(tmp_path: Path) -> None:
 
 
 def test_other_preprocessing_or_vae_gets_its_own_folder_and_a_foreign_key_folder_is_refused(tmp_path: Path) -> None:
-    from sdfeat.models import build_tiny_pipeline, load_model
+    from sdfeat.models.loading import build_tiny_pipeline, load_model
 
     cache = tmp_path / "cache"
     _run(_spec(tmp_path / "standard", cache, variants={}))
@@ -147,7 +147,7 @@ def test_other_preprocessing_or_vae_gets_its_own_folder_and_a_foreign_key_folder
 def test_another_model_with_the_same_vae_weights_hits(tmp_path: Path) -> None:
     """A saved pipeline with the tiny model's VAE but another U-Net: its VAE digest (from the safetensors file,
     the VAE not loaded) equals the tiny model's (from the module), so it reuses the cache."""
-    from sdfeat.models import build_tiny_pipeline, load_model
+    from sdfeat.models.loading import build_tiny_pipeline, load_model
 
     path = tmp_path / "same-vae"
     pipe = build_tiny_pipeline(seed=0)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from sdfeat.errors import SdfeatError
-from sdfeat.maps import figure_1, norm_map, render_map, similarity_map
+from sdfeat.report.maps import figure_1, norm_map, render_map, similarity_map
 
 
 def _acts(seed: int = 0, shape: tuple[int, int, int] = (16, 8, 12)) -> np.ndarray:
@@ -80,7 +80,7 @@ def test_figure_1_marks_the_brightest_token_of_each_panel() -> None:
 
 
 def test_cosine_to_a_batch_equals_each_images_similarity_map() -> None:
-    from sdfeat.maps import cosine_to, token_norms
+    from sdfeat.report.maps import cosine_to, token_norms
 
     batch = np.stack([_acts(s) for s in range(5, 8)])  # (3, C, H, W)
     query = batch[1, :, 2, 3]
@@ -97,7 +97,7 @@ def test_cosine_to_a_batch_equals_each_images_similarity_map() -> None:
 
 
 def test_parse_token_reads_y_comma_x_and_names_at_otherwise() -> None:
-    from sdfeat.maps import parse_token
+    from sdfeat.report.maps import parse_token
 
     assert parse_token("2,5") == (2, 5)
     for bad in ("2", "a,b", "1,2,3"):

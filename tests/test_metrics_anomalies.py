@@ -12,7 +12,7 @@ import sdfeat
 from sdfeat.errors import SourceError, SourceNotFoundError
 from sdfeat.metrics.anomalies import detect, label_patch, match, pooled_ratios, relative_norms, robust_threshold
 from sdfeat.metrics.labels import read_labels, write_labels
-from sdfeat.norms import token_norms
+from sdfeat.metrics.norms import token_norms
 
 REFERENCE = str(Path(sdfeat.__file__).parent / "data" / "reference" / "sd15_anomaly_labels.csv")  # shipped data
 

@@ -153,7 +153,7 @@ def test_store_intervals(stores: dict[str, str]) -> None:
 
 
 def test_compare_paired_and_independent(stores: dict[str, str]) -> None:
-    from sdfeat.compare import HEADER, compare_stores, table_rows
+    from sdfeat.metrics.compare import HEADER, compare_stores, table_rows
 
     opts = MetricOptions(probe=ProbeSettings(epochs=1), bootstrap=200, probe_repeats=1, timestep=50)
     rows = compare_stores(stores["zeros"], stores["reflect"], metrics=["corners", "anomalies"], local=True,
@@ -179,7 +179,7 @@ def test_compare_paired_and_independent(stores: dict[str, str]) -> None:
 def test_compare_cli_plain_and_json(stores: dict[str, str]) -> None:
     from typer.testing import CliRunner
 
-    from sdfeat.cli import app
+    from sdfeat.cli.app import app
 
     args = ["compare", stores["zeros"], stores["reflect"], "--local", "--metric", "corners", "--block", "conv_in",
             "--bootstrap", "50", "--timestep", "50"]

@@ -16,10 +16,10 @@ from sdfeat.extract import run_local
 from sdfeat.metrics.corners import GroupTotals, group_means, group_similarity_sums, inner
 from sdfeat.metrics.labels import write_labels
 from sdfeat.metrics.position import ProbeSettings
+from sdfeat.metrics.results import LEAD_COLUMNS
 from sdfeat.metrics.runner import MetricOptions, run_metrics
-from sdfeat.query import open_store
-from sdfeat.results import LEAD_COLUMNS
 from sdfeat.spec import parse_spec
+from sdfeat.store.query import open_store
 
 BLOCKS = ["down_blocks.1.resnets.0", "up_blocks.1.upsamplers.0"]  # 8×8 and 16×16 at 128 px
 

@@ -16,7 +16,7 @@ from conftest import small_spec
 from sdfeat import store
 from sdfeat.errors import MissingRowsWarning, RowNotReadyError
 from sdfeat.extract import prepare_job, run_local
-from sdfeat.query import open_store
+from sdfeat.store.query import open_store
 
 
 def test_missing_value_is_nan_for_floats_and_zero_for_the_rest() -> None:
@@ -55,7 +55,8 @@ def old_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     unfinished: marker removed, ok false, its shards left as written (a unit killed after its data)."""
     out = str(tmp_path / "old")
     with monkeypatch.context() as m:
-        m.setattr(store, "missing_value", lambda dtype: 0)
+        for module in (store, store.files):  # the template's fill value and the worker's failed rows
+            m.setattr(module, "missing_value", lambda dtype: 0)
         run_local(small_spec(out, timesteps=[50]), progress=False, device="cpu")
     (Path(out) / "progress" / "unit-000001.json").unlink()
     ok = zarr.open_group(f"{out}/features.zarr", mode="r+")["ok"]

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdfeat.blocks import block_shapes, preset_names
 from sdfeat.errors import ModelNotFoundError
-from sdfeat.models import (REGISTRY, TINY_UNET_CONFIG, build_tiny_pipeline, load_model, save_tiny_pipeline,
-                           shipped_config, unet_config)
+from sdfeat.models.blocks import block_shapes, preset_names
+from sdfeat.models.loading import build_tiny_pipeline, load_model, save_tiny_pipeline
+from sdfeat.models.registry import REGISTRY, TINY_UNET_CONFIG, shipped_config, unet_config
 from modelkit import tiny_model
 
 
@@ -132,7 +132,8 @@ def refuse(*a, **k):
 socket.socket.connect = refuse
 socket.create_connection = refuse
 from sdfeat.errors import ModelNotFoundError
-from sdfeat.models import load_model, unet_config
+from sdfeat.models.loading import load_model
+from sdfeat.models.registry import unet_config
 for call in (lambda: load_model("sd15"), lambda: unet_config("someone/some-model")):
     try:
         call()

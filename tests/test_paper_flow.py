@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 import imagegen
-from sdfeat.imagenet_subset import PAPER_CLASSES
+from sdfeat.sources.imagenet_subset import PAPER_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ import zarr
 from conftest import small_spec
 from sdfeat import store
 from sdfeat.errors import MissingRowsWarning, StoreError
-from sdfeat.query import open_store
+from sdfeat.store.query import open_store
 
 SDFEAT = [sys.executable, "-m", "sdfeat.cli"]
 

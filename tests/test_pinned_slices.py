@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from sdfeat.extract import run_local
-from sdfeat.query import open_store
 from sdfeat.spec import parse_spec
+from sdfeat.store.query import open_store
 
 # protocol -> block -> (first four values of channel 0 row 0, last four values of the last channel's last row)
 PINNED = {

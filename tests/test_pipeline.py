@@ -14,9 +14,9 @@ from conftest import small_spec
 from imagegen import corrupt_png, write_parquet_shards
 from sdfeat import store
 from sdfeat.extract import UnitRunner, prepare_job, run_local
-from sdfeat.query import open_store
-from sdfeat.simdevice import Simulation
-from sdfeat.unit_runner import spread_rows
+from sdfeat.extract.simdevice import Simulation
+from sdfeat.extract.worker import spread_rows
+from sdfeat.store.query import open_store
 
 
 def test_spread_rows_moves_compacted_rows_to_their_places_and_fills_the_rest() -> None:
@@ -62,7 +62,7 @@ def test_decoding_runs_ahead_into_the_next_unit_while_the_device_works(tmp_path:
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """With a slow (simulated) device, unit 1's images are decoded while unit 0 computes: by the time unit 0's
     marker is written, all 8 images of both units have been decoded (a unit-at-a-time worker: 4)."""
-    from sdfeat import feed
+    from sdfeat.extract import feed
 
     decodes: list[int] = []
     at_marker: dict[int, int] = {}

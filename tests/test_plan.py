@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from conftest import small_spec
 from sdfeat.errors import SpecError
-from sdfeat.layout import crop_margins, job_layout
-from sdfeat.plan import MAX_UNIT_SIZE, UNIT_BUFFER_BYTES, plan_units, unit_size, units_for
+from sdfeat.planning.layout import crop_margins, job_layout
+from sdfeat.planning.units import MAX_UNIT_SIZE, UNIT_BUFFER_BYTES, plan_units, unit_size, units_for
 from sdfeat.spec import parse_spec
 
 BASE = {"model": "tiny", "source": "synthetic:4", "output": "out"}
@@ -87,8 +87,8 @@ SD15_VAE_GFLOP, SD15_UNET_GFLOP, SD15_UP1_GFLOP = 1116.658466816, 803.27344128, 
 
 
 def test_recorded_rates_reproduce_the_recorded_img_per_s() -> None:
-    from sdfeat.budget import estimate_stages
-    from sdfeat.rates import recorded_rates
+    from sdfeat.planning.budget import estimate_stages
+    from sdfeat.planning.rates import recorded_rates
 
     table = json.loads((Path(__file__).parents[1] / "sdfeat" / "data" / "gpu_rates.json").read_text())
     vae_ips = table["images_per_second"]["vae_encoder_compiled"]["value"]
@@ -110,10 +110,10 @@ def test_recorded_rates_reproduce_the_recorded_img_per_s() -> None:
 
 
 def test_crop_stages_run_on_the_first_samples_only() -> None:
-    from sdfeat.budget import estimate_stages
-    from sdfeat.flops import unet_flops, vae_encoder_flops
-    from sdfeat.models import TINY_UNET_CONFIG, TINY_VAE_CONFIG
-    from sdfeat.rates import Rates
+    from sdfeat.models.flops import unet_flops, vae_encoder_flops
+    from sdfeat.models.registry import TINY_UNET_CONFIG, TINY_VAE_CONFIG
+    from sdfeat.planning.budget import estimate_stages
+    from sdfeat.planning.rates import Rates
 
     rates = Rates("test", vae_flops_per_s=1e9, unet_flops_per_s=2e9, write_bytes_per_s=1e6, decode_s_per_image=0.01)
     spec = small_spec("out", blocks=["up_blocks.1.upsamplers.0"], timesteps=[50, 200], seeds=[1, 2, 3],
@@ -137,9 +137,9 @@ def test_crop_stages_run_on_the_first_samples_only() -> None:
 
 
 def test_a_store_measures_rates_that_reproduce_its_own_stage_seconds(tiny_store: str) -> None:
-    from sdfeat.budget import estimate_stages
-    from sdfeat.query import open_store
-    from sdfeat.rates import store_rates
+    from sdfeat.planning.budget import estimate_stages
+    from sdfeat.planning.rates import store_rates
+    from sdfeat.store.query import open_store
 
     reports = [json.loads(p.read_text()) for p in sorted((Path(tiny_store) / "progress").glob("unit-*.json"))]
     seconds = {k: sum(r["seconds"].get(k, 0.0) for r in reports) for k in reports[0]["seconds"]}
@@ -154,8 +154,8 @@ def test_a_store_measures_rates_that_reproduce_its_own_stage_seconds(tiny_store:
 
 
 def test_imagenet_budget_sums_models_and_says_whether_it_fits() -> None:
-    from sdfeat.budget import AIM_GPU_HOURS, imagenet_budget, render_budget
-    from sdfeat.rates import Rates
+    from sdfeat.planning.budget import AIM_GPU_HOURS, imagenet_budget, render_budget
+    from sdfeat.planning.rates import Rates
 
     rates = Rates("test", vae_flops_per_s=1e12, unet_flops_per_s=1e12, write_bytes_per_s=1e9)
     spec = small_spec("out", blocks=["up_blocks.1.upsamplers.0"], variants={"crops": "auto", "samples": 1000})
@@ -175,7 +175,7 @@ def test_imagenet_budget_sums_models_and_says_whether_it_fits() -> None:
 def test_cli_plan_imagenet_three_models(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from sdfeat.cli import app
+    from sdfeat.cli.app import app
 
     result = CliRunner().invoke(app, ["plan", "jobs/sd15-imagenet-full.yaml", "--imagenet"], terminal_width=250)
     assert result.exit_code == 0, result.output
@@ -187,7 +187,7 @@ def test_cli_plan_imagenet_three_models(tmp_path: Path) -> None:
 def test_cli_plan_from_a_store(tiny_store: str, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from sdfeat.cli import app
+    from sdfeat.cli.app import app
 
     job = tmp_path / "job.yaml"
     job.write_text("model: tiny\nsource: synthetic:4\noutput: out\nresolution: 128\nblocks: [conv_in]\n"
@@ -202,7 +202,7 @@ def test_cli_plan_from_a_store(tiny_store: str, tmp_path: Path) -> None:
 
 
 def test_plan_rates_are_the_stores_or_the_recorded_ones_with_a_given_write_rate(tiny_store: str) -> None:
-    from sdfeat.rates import plan_rates, recorded_rates, store_rates
+    from sdfeat.planning.rates import plan_rates, recorded_rates, store_rates
 
     measured = store_rates(tiny_store)
     assert plan_rates(True, "H200", tiny_store) == measured

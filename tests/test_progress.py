@@ -62,7 +62,7 @@ def test_a_resumed_run_says_so_and_counts_this_run_only(tiny_store: str, tmp_pat
 
 @pytest.mark.ray
 def test_ray_actors_report_batches_to_the_driver(ray_cluster, tmp_path: Path, monkeypatch) -> None:
-    import sdfeat.cluster as cluster
+    import sdfeat.extract.driver as cluster
 
     advances: list[tuple[int, int]] = []
 

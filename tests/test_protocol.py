@@ -9,7 +9,7 @@ from diffusers import DDIMScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from sdfeat.errors import SpecError
-from sdfeat.protocol import encode, noisy_latents, sample_generator, vae_input
+from sdfeat.extract.protocol import encode, noisy_latents, sample_generator, vae_input
 from modelkit import pixels, tiny_model
 
 IDS = ["a.jpg", "b.jpg", "c.jpg"]

@@ -11,7 +11,7 @@ import zarr
 
 from sdfeat import store
 from sdfeat.errors import StoreError, UnknownBlockError
-from sdfeat.query import open_store
+from sdfeat.store.query import open_store
 
 
 def _raw(output: str, name: str) -> np.ndarray:
@@ -93,7 +93,7 @@ def test_queries_need_neither_torch_nor_diffusers(tiny_store: str) -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from sdfeat.query import open_store; "
+    code = ("import sys; from sdfeat.store.query import open_store; "
             f"x = open_store({tiny_store!r}).read('up_blocks[1].upsamplers[0]', [0], timestep=50); "
             "print(x.shape, 'torch' in sys.modules, 'diffusers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -101,7 +101,7 @@ def test_queries_need_neither_torch_nor_diffusers(tiny_store: str) -> None:
 
 
 def test_unit_progress_counts_done_markers_and_sample_keys_parse(tiny_store: str, tmp_path: Path) -> None:
-    from sdfeat.query import sample_key, unit_progress
+    from sdfeat.store.query import sample_key, unit_progress
 
     assert unit_progress(tiny_store) == (3, 3)           # 12 samples in units of 4, all finished
     output = str(tmp_path / "stopped")

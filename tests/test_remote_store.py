@@ -94,7 +94,7 @@ def test_parquet_on_s3_into_store_on_s3_equals_all_local(shards: tuple[Path, str
 @pytest.mark.ray
 def test_ray_actors_read_and_write_s3(ray_cluster, shards: tuple[Path, str], s3_local_run: str,
                                       s3_env: dict[str, str]) -> None:
-    from sdfeat.cluster import run_on_ray
+    from sdfeat.extract.driver import run_on_ray
 
     output = f"s3://{BUCKET}/ray-run"
     summary = run_on_ray(job_spec(output, source=shards[1]), workers=2, progress=False,

@@ -156,7 +156,7 @@ def test_an_empty_metric_table_reads_as_not_computed(tmp_path) -> None:
 
 def test_the_report_reads_the_rows_the_anomaly_metric_writes(tmp_path) -> None:
     from sdfeat.metrics.anomalies import anomaly_rows
-    from sdfeat.results import write_results
+    from sdfeat.metrics.results import write_results
 
     rows = [{"model": "tiny", "block": "conv_in", "order": 0, **r}
             for r in anomaly_rows(np.array([2.0, 4.0]), np.array([9.0, 9.0]))]

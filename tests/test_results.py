@@ -1,4 +1,4 @@
-"""The result schema (`sdfeat.results`) and the one Parquet writer (`store.write_parquet`): tables round-trip with
+"""The result schema (`sdfeat.metrics.results`) and the one Parquet writer (`store.write_parquet`): tables round-trip with
 the schema's columns and types, a file with a missing or mistyped column is a one-line StoreError naming the file
 and the column, and a write that fails midway leaves the old file (or none), locally and on S3 (moto)."""
 
@@ -14,17 +14,7 @@ import pytest
 from test_remote_store import BUCKET, s3_env  # noqa: F401  (fixture)
 from sdfeat import store
 from sdfeat.errors import StoreError
-from sdfeat.results import (
-    DETECTIONS,
-    DETECTIONS_SCHEMA,
-    LEAD_COLUMNS,
-    TIDY_SCHEMA,
-    excluded_blocks,
-    load_results,
-    read_results,
-    results_path,
-    write_results,
-)
+from sdfeat.metrics.results import DETECTIONS, DETECTIONS_SCHEMA, LEAD_COLUMNS, TIDY_SCHEMA, excluded_blocks, load_results, read_results, results_path, write_results
 
 ROWS = [  # as the metrics write them: some columns only on some rows, one all-null column, one column of its own
     {"model": "tiny", "block": "conv_in", "order": 0, "metric": "position", "statistic": "accuracy", "value": 0.5,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdfeat.blocks import block_shapes, preset_names
-from sdfeat.hooks import capture
-from sdfeat.models import load_model, unet_config
-from sdfeat.protocol import encode, noisy_latents
+from sdfeat.extract.protocol import encode, noisy_latents
+from sdfeat.models.blocks import block_shapes, preset_names
+from sdfeat.models.hooks import capture
+from sdfeat.models.loading import load_model
+from sdfeat.models.registry import unet_config
 from modelkit import pixels
 from test_hooks import check_odd_latent_size
 

@@ -1,4 +1,4 @@
-"""The direct shard writer (`sdfeat.shard_writer`, used by `store.write_unit`): its files are byte-identical to
+"""The direct shard writer (`sdfeat.store.shard_writer`, used by `store.write_unit`): its files are byte-identical to
 zarr-python's own for the same arrays and data (codec none and zstd, full and partial last unit, activation, crop
 and summary arrays of several shapes and dtypes, local and s3 through a moto server), they read back in zarr and
 xarray with the written values, and an extraction through it equals one through zarr-python, file for file."""
@@ -14,8 +14,9 @@ import pytest
 import zarr
 
 from conftest import small_spec
-from sdfeat import shard_writer, store
-from sdfeat.layout import ArrayLayout, activation_layout
+from sdfeat import store
+from sdfeat.planning.layout import ArrayLayout, activation_layout
+from sdfeat.store import shard_writer
 from storecompare import array_paths, assert_same_store
 from test_remote_store import BUCKET, s3_env  # noqa: F401  (fixture: a moto S3 server)
 

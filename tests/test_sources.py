@@ -16,7 +16,7 @@ from PIL import Image
 import imagegen
 from sdfeat.errors import SourceError, SourceNotFoundError
 from sdfeat.sources import SampleRef, plan_samples, read_images
-from sdfeat.synthetic import CLASS_NAMES, synthetic_array, synthetic_size
+from sdfeat.sources.synthetic import CLASS_NAMES, synthetic_array, synthetic_size
 
 RES = 16
 
@@ -282,7 +282,7 @@ def test_refs_read_as_planned_also_when_rebuilt_from_the_manifest(tmp_path):
     workers rebuild refs from the store's manifest and must read them the same way. The images are PNG bytes
     under JPEG names and metadata: the encoding comes from the bytes, the way of reading from the plan."""
     from sdfeat import store
-    from sdfeat.extract import _manifest_table
+    from sdfeat.extract.job import _manifest_table
 
     for name, (source, expected) in _layouts(tmp_path).items():
         plan = plan_samples(source)

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from sdfeat.stages import STAGES, StageClock, shares
+from sdfeat.extract.stages import STAGES, StageClock, shares
 
 
 def test_host_stages_accumulate_and_added_time_counts() -> None:

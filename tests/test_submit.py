@@ -12,9 +12,9 @@ import yaml
 from raycluster import ray_cluster, ray_cluster_processes  # noqa: F401  (fixtures)
 from raycluster import JOB
 from sdfeat import store
+from sdfeat.cluster.submit import build_entrypoint, logs, next_submission_id, status, submit_job, wait
 from sdfeat.errors import SdfeatError, SpecError
 from sdfeat.spec import load_spec, spec_hash
-from sdfeat.submit import build_entrypoint, logs, next_submission_id, status, submit_job, wait
 
 
 def _write_job(path: Path, **changes: object) -> Path:
@@ -57,7 +57,7 @@ class _FakeJobsClient:
 def test_a_head_without_a_job_agent_yet_is_asked_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray refuses a submission to a head whose job agent is not up yet ("No available agent", nothing
     submitted): `submit_job` sends it again and succeeds once the agent is there; any other error is raised."""
-    from sdfeat import submit
+    from sdfeat.cluster import submit
 
     class SlowAgent(_FakeJobsClient):
         def __init__(self, refusals: int, text: str) -> None:
@@ -92,8 +92,8 @@ def test_every_extract_option_reaches_the_jobs_extract(tmp_path: Path, monkeypat
     import typer
     from typer.testing import CliRunner
 
-    from sdfeat import submit
-    from sdfeat.cli import app
+    from sdfeat.cli.app import app
+    from sdfeat.cluster import submit
 
     client = _FakeJobsClient()
     monkeypatch.setattr(submit, "_client", lambda address: client)
@@ -171,7 +171,7 @@ def _fake_head(tmp_path: Path, python3: str) -> dict:
         (folder / tool).symlink_to(shutil.which(tool))
     (folder / "python3").write_text(f"#!/bin/sh\n{python3}\n")
     (folder / "python3").chmod(0o755)
-    from sdfeat.submit import JOB_SCRIPT, SCRIPT_ENV_VAR, SPEC_ENV_VAR
+    from sdfeat.cluster.submit import JOB_SCRIPT, SCRIPT_ENV_VAR, SPEC_ENV_VAR
 
     return {"PATH": str(folder), SCRIPT_ENV_VAR: JOB_SCRIPT, SPEC_ENV_VAR: "model: tiny\n"}
 
@@ -203,8 +203,8 @@ def test_an_output_another_run_writes_is_refused_before_submitting(tmp_path: Pat
     import subprocess
     import time
 
-    from sdfeat import submit
-    from sdfeat.writer_lock import LOCK, OutputLockedError
+    from sdfeat.cluster import submit
+    from sdfeat.store.writer_lock import LOCK, OutputLockedError
 
     client = _FakeJobsClient()
     monkeypatch.setattr(submit, "_client", lambda address: client)

@@ -8,12 +8,12 @@ import numpy as np
 import torch
 from metrics_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
+from sdfeat.extract.summaries import sample_positions, summarize, token_positions
 from sdfeat.metrics.anomalies import relative_norms
-from sdfeat.norms import token_norms
 from sdfeat.metrics.corners import GroupTotals, group_means, group_similarity_sums, inner
+from sdfeat.metrics.norms import token_norms
 from sdfeat.metrics.position import ProbeSettings, probe_tokens
-from sdfeat.layout import summary_layout
-from sdfeat.summaries import sample_positions, summarize, token_positions
+from sdfeat.planning.layout import summary_layout
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import pytest
 from conftest import small_spec
 from sdfeat.extract import run_local
 from sdfeat.metrics.runner import run_metrics
-from sdfeat.query import open_store
+from sdfeat.store.query import open_store
 
 BLOCKS = ["conv_in", "down_blocks.1.attentions.0", "up_blocks.1.resnets.2", "up_blocks.1.upsamplers.0"]
 

@@ -1,4 +1,4 @@
-"""Loading safetensors tensor by tensor (`sdfeat.weights`) gives the weights diffusers' `from_pretrained` gives,
+"""Loading safetensors tensor by tensor (`sdfeat.models.weights`) gives the weights diffusers' `from_pretrained` gives,
 bit for bit — rounded through float16 for `protocol: paper` (sdhelper's loading), plain otherwise."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from sdfeat import weights
 from sdfeat.errors import ModelNotFoundError
-from sdfeat.models import build_tiny_pipeline, load_model
+from sdfeat.models import weights
+from sdfeat.models.loading import build_tiny_pipeline, load_model
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ import pytest
 
 from conftest import small_spec
 from test_remote_store import BUCKET, s3_env  # noqa: F401  (the moto S3 fixture)
-from sdfeat import writer_lock
-from sdfeat.writer_lock import OutputLockedError, hold, read_holder
+from sdfeat.store import writer_lock
+from sdfeat.store.writer_lock import OutputLockedError, hold, read_holder
 
 SDFEAT = [sys.executable, "-m", "sdfeat.cli"]
 
@@ -170,7 +170,7 @@ def test_a_job_that_cannot_run_leaves_no_lock_and_no_folder(tmp_path: Path) -> N
 def test_info_names_the_run_writing_a_store(tiny_store: str, tmp_path: Path) -> None:
     import shutil
 
-    from sdfeat.query import open_store
+    from sdfeat.store.query import open_store
 
     copy = str(tmp_path / "s")
     shutil.copytree(tiny_store, copy)

@@ -17,10 +17,10 @@ import numpy as np
 from PIL import Image
 
 from sdfeat import store
-from sdfeat.decode import ImageDecodeError, center_crop_resize, decode_rgb
 from sdfeat.errors import ArgumentError, RowNotReadyError, SourceError, StoreError
 from sdfeat.explore.cache import ByteLRU
 from sdfeat.sources import SampleRef, read_image_bytes
+from sdfeat.sources.decode import ImageDecodeError, center_crop_resize, decode_rgb
 from sdfeat.sources.refs import manifest_refs
 
 READ_BLOCK = 16  # rows decoded together on a cache miss

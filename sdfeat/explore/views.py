@@ -1,7 +1,7 @@
 """What the explorer shows, computed from one open store: its metadata, which rows are finished, one image's
 activations (LRU-cached), its token-norm and similarity maps, anomalies, and the cross-image top-k.
 
-The maps are `sdfeat.maps` (`norm_map`, `similarity_map`, `cosine_to`: the functions `sdfeat show` uses);
+The maps are `sdfeat.report.maps` (`norm_map`, `similarity_map`, `cosine_to`: the functions `sdfeat show` uses);
 anomalies are found with the metrics' label-free rule (`metrics.anomalies`: pooled ratios, robust threshold,
 components) and its default parameters. No HTTP here (`app.py` maps this to endpoints). Every argument is checked
 against the store (block, timestep, seed, crop, row); nothing is read from a path that came from a request.
@@ -20,17 +20,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sdfeat import results, store
-from sdfeat.blocks import canonical_name
+from sdfeat import store
 from sdfeat.errors import ArgumentError, RowNotReadyError, StoreError, UnknownBlockError
 from sdfeat.explore.cache import ByteLRU
 from sdfeat.explore.images import SourceImages
-from sdfeat.maps import cosine_to, norm_map, similarity_map
 from sdfeat.metrics import anomalies
+from sdfeat.metrics import results
+from sdfeat.metrics.norms import token_norms
 from sdfeat.metrics.tasks import MetricOptions, ref_size
-from sdfeat.norms import token_norms
-from sdfeat.plan import units_for
-from sdfeat.query import FeatureStore, open_store
+from sdfeat.models.blocks import canonical_name
+from sdfeat.planning.units import units_for
+from sdfeat.report.maps import cosine_to, norm_map, similarity_map
+from sdfeat.store.query import FeatureStore, open_store
 
 STATUS_TTL_S = 2.0
 MAX_PAGE = 200            # samples per page

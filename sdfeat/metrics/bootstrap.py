@@ -39,7 +39,7 @@ from typing import Union
 import numpy as np
 
 from sdfeat.metrics import anomalies, corners, position, tasks
-from sdfeat.query import FeatureStore, open_store
+from sdfeat.store.query import FeatureStore, open_store
 
 log = logging.getLogger(__name__)
 

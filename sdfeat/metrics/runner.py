@@ -4,7 +4,7 @@ The tasks are `metrics.tasks` (point estimates) or, with `MetricOptions.bootstra
 bootstrap_task` (the same estimates with image-level intervals). With `local=True` they run in this process;
 otherwise each is a Ray task (`num_cpus=1`; `address` passed to `ray.init` when Ray is not yet initialised), with
 `MetricOptions.task_threads` torch threads either way. The driver writes `<store>/results/<metric>.parquet` (or
-`<results>/<metric>.parquet`) with `results.write_results` (the schema of `sdfeat.results`, written atomically), so
+`<results>/<metric>.parquet`) with `results.write_results` (the schema of `sdfeat.metrics.results`, written atomically), so
 re-running replaces the table with the same rows: idempotent. Where the tables go is checked first (a store that
 cannot be written fails before any work). `execute` and `check_complete` are public for `sdfeat compare`.
 """
@@ -19,15 +19,15 @@ import numpy as np
 
 from sdfeat import store as store_layout
 from sdfeat.errors import ArgumentError, StorageError, StoreError, storage_error
+from sdfeat.process import torch_threads
 from sdfeat.metrics import anomalies
 from sdfeat.metrics.bootstrap import bootstrap_task, detection_intervals
 from sdfeat.metrics.labels import read_labels, write_labels
+from sdfeat.metrics.results import DETECTIONS, METRICS, RESULTS, write_results
 from sdfeat.metrics.tasks import (MIN_CORNER_MAP, Block, MetricOptions, all_blocks, anomaly_task, corners_task,
                                   detect_task, label_rows, position_task)
-from sdfeat.plan import units_for
-from sdfeat.process import torch_threads
-from sdfeat.query import FeatureStore, open_store
-from sdfeat.results import DETECTIONS, METRICS, RESULTS, write_results
+from sdfeat.store.schema import units_for
+from sdfeat.store.query import FeatureStore, open_store
 
 __all__ = ["METRICS", "MetricOptions", "check_complete", "execute", "run_metrics"]
 
@@ -61,7 +61,7 @@ def execute(calls: list[tuple[Callable[..., Any], tuple]], local: bool, address:
         import ray
 
         if not ray.is_initialized():
-            from sdfeat.rayconnect import init_ray
+            from sdfeat.cluster.connect import init_ray
 
             log.info("Ray: %s", init_ray(address))
         task = ray.remote(num_cpus=1)(_threaded)

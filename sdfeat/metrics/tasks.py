@@ -25,8 +25,8 @@ import torch
 
 from sdfeat.errors import SdfeatError, StoreError
 from sdfeat.metrics import anomalies, corners, position
-from sdfeat.norms import token_norms
-from sdfeat.query import FeatureStore, open_store
+from sdfeat.metrics.norms import token_norms
+from sdfeat.store.query import FeatureStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class Block:
 
 def block_order(features: FeatureStore, block: str) -> int:
     """The `order` column of a block: its index in the `all` preset (execution order); blocks outside it after."""
-    from sdfeat.blocks import preset_names
+    from sdfeat.models.blocks import preset_names
 
     names = preset_names("all")
     return names.index(block) if block in names else len(names) + all_blocks(features).index(block)
@@ -105,8 +105,8 @@ def label_rows(features: FeatureStore, block: str, rows: list[dict]) -> list[dic
 def _prior_blocks(features: FeatureStore, block: str, n_train_images: int) -> list[tuple[int, int, int]]:
     """(channels, n, n_train_tokens) of the blocks the reference's loop trains before `block`."""
     try:
-        from sdfeat.blocks import block_shapes, preset_names
-        from sdfeat.configs import unet_config
+        from sdfeat.models.blocks import block_shapes, preset_names
+        from sdfeat.models.registry import unet_config
 
         names = preset_names("paper")
         if block in names:

@@ -2,7 +2,7 @@
 
 Input: the tidy tables `sdfeat metrics` writes to `<store>/results/{position,corners,anomalies}.parquet`, read with
 `results.load_results` (their schema, `results.TIDY_SCHEMA`, and the `results.Series` vocabulary of the rows
-drawn live in `sdfeat.results`), and optionally the published numbers of Loos & Linhardt (2025), converted by
+drawn live in `sdfeat.metrics.results`), and optionally the published numbers of Loos & Linhardt (2025), converted by
 `tables.load_reference` into the same tidy form so that one plotting path draws both. A metric that is absent is
 drawn as "not computed".
 
@@ -20,12 +20,12 @@ from pathlib import Path
 import pyarrow as pa
 
 from sdfeat.errors import ArgumentError
+from sdfeat.metrics.results import ANOMALY_MEAN, ANOMALY_STD, PROBE, RATIO, TIDY_SCHEMA, load_results, partial_note
 from sdfeat.report.figures import (PUBLISHED_LABEL, STORE_LABEL, figure_2, figure_cross_model, figure_interventions,
                                    save_figure)
 from sdfeat.report.stores import intervention_label, token_maps
 from sdfeat.report.summary import model_section, unique_names
 from sdfeat.report.tables import REFERENCE_DIR, load_reference, select, select_interval, weights_note
-from sdfeat.results import ANOMALY_MEAN, ANOMALY_STD, PROBE, RATIO, TIDY_SCHEMA, load_results, partial_note
 
 __all__ = [
     "ANOMALY_MEAN", "ANOMALY_STD", "PROBE", "PUBLISHED_LABEL", "RATIO", "REFERENCE_DIR", "STORE_LABEL", "TIDY_SCHEMA",
@@ -41,7 +41,7 @@ def write_report(stores: list[str], out_dir: str, reference: str | None = None,
     """Figures (PNG + SVG) and `summary.md` for one or more stores' metric tables (stores and `out_dir` are paths
     or URLs, read and written through fsspec); returns the summary's path (a URL string for a remote out_dir)."""
     from sdfeat.progress import TaskProgress
-    from sdfeat.store import filesystem, join
+    from sdfeat.store.files import filesystem, join
 
     if not stores:
         raise ArgumentError("stores: give at least one store")

@@ -21,8 +21,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
+from sdfeat.metrics.results import ANOMALY_MEAN, ANOMALY_STD, PROBE, PROBE_SCALES, RATIO, Series, excluded_blocks
 from sdfeat.report.tables import block_axis, block_orders, detected_none, select, select_interval, weights_note
-from sdfeat.results import ANOMALY_MEAN, ANOMALY_STD, PROBE, PROBE_SCALES, RATIO, Series, excluded_blocks
 
 PUBLISHED_LABEL = "published (Loos & Linhardt 2025)"
 STORE_LABEL = "this store"
@@ -230,7 +230,7 @@ def figure_interventions(tables: Mapping[str, pa.Table]) -> Figure:
 def save_figure(fig: Figure, out_dir: str | Path, stem: str) -> list[str]:
     """Write `<stem>.png` and `<stem>.svg` into `out_dir` (a path or URL, through fsspec); returns both. The layout,
     which dominates the cost, is computed by the PNG save and then kept for the SVG."""
-    from sdfeat.store import filesystem, join
+    from sdfeat.store.files import filesystem, join
 
     fs, root = filesystem(str(out_dir))
     written = []

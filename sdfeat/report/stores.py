@@ -19,7 +19,7 @@ from sdfeat.errors import SdfeatError, StoreError
 from sdfeat.report.tables import weights_note
 
 if TYPE_CHECKING:
-    from sdfeat.query import FeatureStore
+    from sdfeat.store.query import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ MAP_SAMPLES = 2
 
 def has_features(store: str | Path) -> bool:
     """Whether the folder holds a feature store (`features.zarr`), not only results."""
-    from sdfeat.store import FEATURES, filesystem, join
+    from sdfeat.store.files import FEATURES, filesystem, join
 
     fs, root = filesystem(str(store))
     return fs.exists(join(root, FEATURES))
@@ -40,7 +40,7 @@ def intervention_label(store: str | Path) -> str | None:
     where the folder holds no feature store (only results)."""
     if not has_features(store):
         return None
-    from sdfeat.store import read_attrs
+    from sdfeat.store.files import read_attrs
 
     try:
         found = read_attrs(str(store))["spec"].get("intervention")
@@ -54,7 +54,7 @@ def _input_images(features: FeatureStore, rows: Sequence[int]) -> list[np.ndarra
     reach from here."""
     from sdfeat.sources import read_images
     from sdfeat.sources.refs import manifest_refs
-    from sdfeat.store import read_manifest
+    from sdfeat.store.files import read_manifest
 
     try:
         manifest = read_manifest(features.path)
@@ -70,8 +70,8 @@ def token_maps(store: str | Path, n_samples: int = MAP_SAMPLES, blocks: Sequence
     two), first timestep and seed, each beside its input image; None for a store without full activations."""
     if not has_features(store):
         return None
-    from sdfeat.maps import figure_1
-    from sdfeat.query import open_store
+    from sdfeat.report.maps import figure_1
+    from sdfeat.store.query import open_store
 
     features = open_store(str(store))
     chosen = [b for b in blocks if b in features.blocks] or features.blocks[:2]

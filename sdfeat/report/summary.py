@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from sdfeat.metrics.results import ANOMALY_MEAN, ANOMALY_STD, PROBE, PROBE_SCALES, RATIO, excluded_blocks, partial_note
 from sdfeat.report.tables import block_axis, detected_none, select, weights_note
-from sdfeat.results import ANOMALY_MEAN, ANOMALY_STD, PROBE, PROBE_SCALES, RATIO, excluded_blocks, partial_note
 
 PEAKS = (
     ("largest anomaly relative norm", ANOMALY_MEAN),

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from sdfeat.blocks import canonical_name
 from sdfeat.errors import ArgumentError
-from sdfeat.results import ANOMALY_MEAN, ANOMALY_STD, PROBE, PROBE_SCALES, RATIO, TIDY_SCHEMA, Series
+from sdfeat.metrics.results import ANOMALY_MEAN, ANOMALY_STD, PROBE, PROBE_SCALES, RATIO, TIDY_SCHEMA, Series
+from sdfeat.models.blocks import canonical_name
 
 REFERENCE_DIR = Path(__file__).parent.parent / "data" / "reference"
 REFERENCE_MODELS = ("sd15", "sd21", "sdturbo")

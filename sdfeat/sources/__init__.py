@@ -36,16 +36,16 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator
 
-from sdfeat.decode import center_crop_resize
 from sdfeat.errors import SourceError
 from sdfeat.sources import folder, parquet, webdataset
+from sdfeat.sources.decode import center_crop_resize
 from sdfeat.sources.folder import SYNSET_MAPPING
 from sdfeat.sources.listing import FORMAT_SUFFIXES, IMAGE_SUFFIXES, list_source, select_format
 from sdfeat.sources.reading import read_image_bytes, read_images
 from sdfeat.sources.refs import DecodedImage, SamplePlan, SampleRef
+from sdfeat.sources.synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
+from sdfeat.sources.synthetic import SYNTHETIC_FILE, parse_synthetic, synthetic_label
 from sdfeat.sources.webdataset import TAR_IMAGE_EXTENSIONS
-from sdfeat.synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
-from sdfeat.synthetic import SYNTHETIC_FILE, parse_synthetic, synthetic_label
 
 __all__ = ["SampleRef", "SamplePlan", "DecodedImage", "plan_samples", "read_images", "read_image_bytes",
            "center_crop_resize", "FORMAT_SUFFIXES", "IMAGE_SUFFIXES", "TAR_IMAGE_EXTENSIONS", "SYNSET_MAPPING"]

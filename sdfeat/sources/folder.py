@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import fsspec
 
-from sdfeat.decode import ImageDecodeError
 from sdfeat.errors import SourceError
+from sdfeat.sources.decode import ImageDecodeError
 from sdfeat.sources.listing import Listing, require_regular
 from sdfeat.sources.refs import SampleRef
 

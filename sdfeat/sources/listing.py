@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import fsspec
 from fsspec.spec import AbstractFileSystem
 
-from sdfeat.decode import IMAGE_EXTENSIONS
 from sdfeat.errors import SourceError, SourceNotFoundError
+from sdfeat.sources.decode import IMAGE_EXTENSIONS
 from sdfeat.sources.refs import SampleRef, one_line
 
 IMAGE_SUFFIXES = tuple(sorted(IMAGE_EXTENSIONS))  # every format decode_rgb reads

@@ -2,7 +2,7 @@
 
 `read_images` groups consecutive refs of one file and one `SampleRef.kind` into a run, asks that layout's module
 for a loader per ref (a Parquet file's needed row groups are read once per run, a tar member by a ranged read of
-its offset and size, a folder image whole) and decodes them (`sdfeat.decode`), optionally in threads, yielding
+its offset and size, a folder image whole) and decodes them (`sdfeat.sources.decode`), optionally in threads, yielding
 results in ref order. A worker that reads unit after unit passes its own `OpenFiles` to `loaders`, so a Parquet
 file stays open and each row group is read once across units (`feed.Feeder`). One bad image becomes a failed `DecodedImage`; a file that was readable when planned but
 cannot be opened now raises `SourceError` naming it (its unit fails and is retried). `read_image_bytes` yields the
@@ -19,11 +19,11 @@ from functools import partial
 
 from PIL import Image
 
-from sdfeat.decode import ImageDecodeError, center_crop_resize, decode_rgb
 from sdfeat.errors import SourceError
 from sdfeat.sources import folder, parquet, webdataset
+from sdfeat.sources.decode import ImageDecodeError, center_crop_resize, decode_rgb
 from sdfeat.sources.refs import DecodedImage, Loader, SampleRef, failed
-from sdfeat.synthetic import synthetic_image, synthetic_png
+from sdfeat.sources.synthetic import synthetic_image, synthetic_png
 
 Run = list[tuple[int, SampleRef]]  # (index in the refs read, ref): consecutive refs of one file and one kind
 

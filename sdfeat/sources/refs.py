@@ -13,10 +13,9 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
 
-from sdfeat.decode import ImageDecodeError
-from sdfeat.synthetic import SYNTHETIC_FILE
+from sdfeat.sources.decode import ImageDecodeError
+from sdfeat.sources.synthetic import SYNTHETIC_FILE
 
 if TYPE_CHECKING:
     import pyarrow as pa

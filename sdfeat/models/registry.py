@@ -1,0 +1,144 @@
+"""Which model a name means, and its component configs, without torch or weights.
+
+Names: `sd15`, `sd21`, `sdturbo` (REGISTRY, hub ids), any hub id (`owner/name`), any local diffusers pipeline
+directory, `tiny` (an offline SD-shaped pipeline built in code from the configs below) and `random:<registry
+name>` (the full architecture from the shipped configs in `sdfeat/data`, with random weights).
+
+Read by everything that needs a model's shape before (or without) loading it: `layout.job_layout` (and through it
+the planner and the store template), `checks` (block names before anything heavy), `costs` (FLOPs), `sdfeat
+blocks`, the metrics; `models` loads weights for these names, after `require_weights` (also run before a job
+writes anything) said they are here. Imports json, os and pathlib only (huggingface_hub only to read a hub
+model's config or file index from the local cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from sdfeat.errors import ModelNotFoundError
+
+REGISTRY = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1",
+            "sdturbo": "stabilityai/sd-turbo"}
+RANDOM_PREFIX = "random:"
+DATA_DIR = Path(__file__).parent.parent / "data"
+
+_SD15_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+_SD15_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+# Tiny: SD-1.5's block types and nesting (46 positions), narrow; 2 heads and a narrow VAE keep CPU tests fast
+# (CPU attention with SD's 8 heads of width 4 took 2.7x longer, a 32-64 wide VAE 6.6x).
+TINY_UNET_CONFIG: dict[str, Any] = {
+    "block_out_channels": [32, 64, 64, 64], "layers_per_block": 2, "down_block_types": _SD15_DOWN,
+    "up_block_types": _SD15_UP, "cross_attention_dim": 32, "attention_head_dim": 2, "norm_num_groups": 32,
+    "sample_size": 32, "in_channels": 4, "out_channels": 4,
+}
+TINY_VAE_CONFIG: dict[str, Any] = {
+    "block_out_channels": [8, 8, 16, 16], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8,
+    "sample_size": 256, "scaling_factor": 0.18215,
+}
+TINY_TEXT_CONFIG: dict[str, Any] = {
+    "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+    "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 32,
+}
+
+
+def shipped_config(name: str, component: str) -> dict[str, Any]:
+    """The public config of a registry model's component (`unet`, `vae`, `scheduler`, `text_encoder`)."""
+    path = DATA_DIR / f"{name}_{component}.json"
+    if not path.is_file():
+        raise ModelNotFoundError(f"model {name!r}: no shipped {component} config; known: {sorted(REGISTRY)}")
+    return json.loads(path.read_text())
+
+
+def not_available(model: str, source: str, reason: str) -> ModelNotFoundError:
+    """The one-line error for a hub model whose files are not here, with the command that fetches them."""
+    return ModelNotFoundError(
+        f"model {model!r}: weights for {source!r} are not available locally ({reason}); with network access run "
+        f"`hf download {source}` (cached under HF_HOME/HF_HUB_CACHE; or set HF_HUB_OFFLINE=0 to let sdfeat "
+        f"download it), or pass a local diffusers pipeline directory as the model")
+
+
+def locate(model: str) -> tuple[str, str]:
+    """(kind, source): kind is tiny | random | local | hub; source the hub id, directory or registry name."""
+    if model == "tiny":
+        return "tiny", "tiny"
+    if model.startswith(RANDOM_PREFIX):
+        name = model.removeprefix(RANDOM_PREFIX)
+        if name not in REGISTRY:
+            raise ModelNotFoundError(f"model {model!r}: random weights exist for {sorted(REGISTRY)} only")
+        return "random", name
+    if model in REGISTRY:
+        return "hub", REGISTRY[model]
+    if Path(model).is_dir():
+        return "local", str(Path(model).resolve())
+    if model.count("/") == 1 and not model.startswith((".", "/")):
+        return "hub", model
+    raise ModelNotFoundError(f"model {model!r}: not a registry name ({', '.join(sorted(REGISTRY))}, tiny, "
+                             f"random:<name>), a hub id owner/name, or an existing local diffusers directory")
+
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+
+
+def downloads_allowed() -> bool:
+    """Whether the user opted in to hub downloads (HF_HUB_OFFLINE=0); otherwise weights must be here already."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("0", "false", "no")
+
+
+def require_weights(model: str, revision: str | None = None) -> None:
+    """Refuse in one line (`ModelNotFoundError`) a model whose U-Net or VAE weights are not here: a local directory
+    without them, a hub model not in the Hugging Face cache (unless downloads are allowed). Reads the cache's
+    file index only: no hub request, no torch. `tiny` and `random:` models need no weights."""
+    kind, source = locate(model)
+    if kind in ("tiny", "random") or (kind == "hub" and downloads_allowed()):
+        return
+    for component in ("unet", "vae"):
+        if kind == "local":
+            if not any((Path(source) / component / name).is_file() for name in WEIGHT_FILES):
+                raise ModelNotFoundError(f"model {model!r}: {Path(source) / component} has no safetensors weights "
+                                         f"({WEIGHT_FILES[0]}); is it a diffusers pipeline directory?")
+            continue
+        from huggingface_hub import try_to_load_from_cache
+
+        if not any(isinstance(try_to_load_from_cache(source, f"{component}/{name}", revision=revision), str)
+                   for name in WEIGHT_FILES):
+            raise not_available(model, source, f"no {component} weights in the Hugging Face cache")
+
+
+def unet_config(model: str) -> dict[str, Any]:
+    """The U-Net config without loading weights: shipped JSON, the tiny config, a local dir's or the HF cache's."""
+    kind, source = locate(model)
+    if kind == "tiny":
+        return json.loads(json.dumps(TINY_UNET_CONFIG))
+    if kind == "random" or model in REGISTRY:
+        return shipped_config(model.removeprefix(RANDOM_PREFIX), "unet")
+    if kind == "local":
+        path = Path(source) / "unet" / "config.json"
+        if not path.is_file():
+            raise ModelNotFoundError(f"model {model!r}: {path} is missing (not a diffusers pipeline directory)")
+        return json.loads(path.read_text())
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return json.loads(Path(hf_hub_download(source, "config.json", subfolder="unet",
+                                               local_files_only=True)).read_text())
+    except (OSError, HFValidationError) as err:
+        raise not_available(model, source, type(err).__name__) from None
+
+
+def local_unet_config(model: str) -> dict[str, Any] | None:
+    """The U-Net config where it is a file here (tiny's, a registry or `random:` model's shipped one, a local
+    pipeline directory's); None for a hub id (its config comes through huggingface_hub later), a name no model
+    has, or a local config that does not parse (the model loader reports those)."""
+    try:
+        kind, _ = locate(model)
+        if kind == "hub" and model not in REGISTRY:
+            return None
+        return unet_config(model)
+    except (ModelNotFoundError, ValueError):
+        return None
+

@@ -1,0 +1,88 @@
+"""Cheap checks of a job against the world, run before anything heavy (torch, diffusers, a model, a meta forward):
+the model is one sdfeat knows, the output can hold a store, the source exists, and the requested block names exist
+in the model's config. Whether the model's weights are here is `registry.require_weights`, run by the runners
+before a job writes anything (on Ray: where the actors run).
+
+`cli extract` runs `check_job` before it imports the extraction modules, so a misspelt block or a missing source
+is reported in a fraction of a second; `extract.prepare_job` runs it too (for Python callers and Ray). Each
+failure is one line naming the field. Imports fsspec and `configs` only (no torch, no diffusers, no pyarrow).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fsspec
+
+from sdfeat.errors import ModelNotFoundError, SourceNotFoundError, SpecError
+from sdfeat.models.blocks import check_names, config_positions
+from sdfeat.models.registry import local_unet_config, locate
+from sdfeat.spec import JobSpec
+
+_GLOB_CHARS = "*?["
+
+
+def check_output(spec: JobSpec) -> None:
+    """The output must be a directory or a path that does not exist yet (never an existing file)."""
+    fs, path = fsspec.core.url_to_fs(spec.output)
+    if fs.isfile(path):
+        raise SpecError(f"field 'output': {spec.output} is an existing file; the store needs a directory (or a "
+                        "path that does not exist yet)")
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        parent = Path(path).parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise SpecError(f"field 'output': {spec.output} lies under {parent}, which is a file")
+        source = Path(spec.source)
+        if not spec.source.startswith("synthetic:") and source.is_dir() and \
+                Path(path).resolve().is_relative_to(source.resolve()):
+            raise SpecError(f"field 'output': {spec.output} lies inside the source {spec.source}; the store's "
+                            "files would become part of the source")
+
+
+def check_source(spec: JobSpec) -> None:
+    """The source path exists (or its glob matches something). Synthetic sources always exist."""
+    if spec.source.startswith("synthetic:"):
+        return
+    fs, path = fsspec.core.url_to_fs(spec.source)
+    if any(c in path for c in _GLOB_CHARS):
+        if not fs.glob(path):
+            raise SourceNotFoundError(f"field 'source': {spec.source}: the glob matches nothing")
+    elif not fs.exists(path):
+        raise SourceNotFoundError(f"field 'source': {spec.source}: no such file or directory")
+
+
+def check_model(spec: JobSpec) -> None:
+    """The model names a registry model, `tiny`, `random:<name>`, a hub id or a local directory (no I/O but a
+    directory test)."""
+    try:
+        locate(spec.model)
+    except ModelNotFoundError as err:
+        raise SpecError(f"field 'model': {err}") from None
+
+
+def check_blocks(spec: JobSpec) -> None:
+    """Every requested block (and summary block) is a position of the model, by name only."""
+    config = local_unet_config(spec.model)  # None for a hub id: its names are checked by the layout later
+    positions = config_positions(config) if config is not None else None
+    if positions is None:
+        return  # names checked by the meta forward later
+    check_names(spec.blocks, positions, "blocks")
+    if spec.summaries is not None:
+        check_names(spec.summaries.blocks, positions, "summaries.blocks")
+
+
+def check_spec(spec: JobSpec) -> None:
+    """The checks that need none of the job's paths (for `plan` and `submit`, whose source and output may not be
+    reachable from here): the model and the block names."""
+    check_model(spec)
+    check_blocks(spec)
+
+
+def check_job(spec: JobSpec) -> None:
+    """All cheap checks, cheapest first. Raises SpecError, SourceNotFoundError or UnknownBlockError."""
+    check_model(spec)
+    check_output(spec)
+    check_blocks(spec)
+    check_source(spec)
