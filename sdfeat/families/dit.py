@@ -212,17 +212,25 @@ def _scheduler(config: Mapping[str, Any]) -> Any:
 
 
 def _build(name: str, config: Mapping[str, Any], vae_config: Mapping[str, Any], scheduler: Mapping[str, Any],
-           seed: int) -> Components:
+           seed: int, dtype: Any = None) -> Components:
+    """Modules built on the CPU with weights created in `dtype` (default float32); the VAE in `vae_dtype`."""
     import torch
     from diffusers import AutoencoderKL, DiTTransformer2DModel
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = DiTTransformer2DModel.from_config(_model_config(config))
-        torch.manual_seed(seed + 1)
-        vae = _encoder_only(AutoencoderKL.from_config(dict(vae_config)))
-    device, dtype = torch.device("cpu"), torch.float32
-    return Components(name, _prepare(model, device, dtype), _prepare(vae, device, dtype), _scheduler(scheduler),
+    device, dtype = torch.device("cpu"), dtype or torch.float32
+    vae_in = vae_dtype(vae_config, dtype)
+    default = torch.get_default_dtype()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.set_default_dtype(dtype)
+            torch.manual_seed(seed)
+            model = DiTTransformer2DModel.from_config(_model_config(config))
+            torch.set_default_dtype(vae_in)
+            torch.manual_seed(seed + 1)
+            vae = _encoder_only(AutoencoderKL.from_config(dict(vae_config)))
+    finally:
+        torch.set_default_dtype(default)
+    return Components(name, _prepare(model, device, dtype), _prepare(vae, device, vae_in), _scheduler(scheduler),
                       dict(vae_config), device, dtype)
 
 
@@ -233,10 +241,11 @@ def tiny_components(seed: int = 0) -> Components:
                   seed)
 
 
-def random_components(name: str, seed: int = 0) -> Components:
-    """The full architecture of `name` (a REGISTRY name) from the shipped configs, deterministic random weights."""
+def random_components(name: str, seed: int = 0, *, dtype: Any = None) -> Components:
+    """The full architecture of `name` (a REGISTRY name) from the shipped configs, deterministic random weights,
+    on the CPU in `dtype` (default float32; DiT-XL/2 is 675 M parameters)."""
     return _build(f"random:{name}", shipped_config(name, "transformer"), shipped_config(name, "vae"),
-                  shipped_config(name, "scheduler"), seed)
+                  shipped_config(name, "scheduler"), seed, dtype)
 
 
 def _not_available(source: str, reason: str) -> ModelNotFoundError:
