@@ -3,7 +3,7 @@
 Expectations come from diffusers itself: a plain `DiTTransformer2DModel` forward called the way `DiTPipeline` calls
 it (timesteps expanded to the batch, `class_labels` a tensor), plain `register_forward_hook`s for block outputs and
 firing order, the model's own unpatchify (its final output) and its patch embedding for the token -> grid layout,
-and the public DiT-XL/2 architecture (FACTS: 28 blocks of width 1152, patch 2, 16 x 16 tokens at 256 px, null class
+and the public DiT-XL/2 architecture (28 blocks of width 1152, patch 2, 16 x 16 tokens at 256 px, null class
 1000). Inputs follow sdfeat's `standard` protocol (`sdfeat.protocol.standard_noise`, DDIM's `add_noise` with
 DiT's linear betas), written out here. Fast tier: the tiny config. `slow`: DiT-XL/2 with random weights at 64 px.
 """
@@ -78,11 +78,25 @@ def test_shipped_config_matches_the_public_architecture() -> None:
                                                            "transformer_blocks.0.ff", "transformer_blocks.0"]
     table = dit.shapes(config, 256)
     assert table["pos_embed"] == table["transformer_blocks.27"] == (1152, 16, 16)
-    assert table["proj_out_2"] == (2 * 2 * 8, 16, 16) and dit.shapes(config, 512)["transformer_blocks.3"] == (1152, 32, 32)
+    assert table["proj_out_2"] == (2 * 2 * 8, 16, 16)
+    assert dit.shapes(config, 512)["transformer_blocks.3"] == (1152, 32, 32)
     assert dit.meta_shapes(config, 256) == table and list(dit.meta_shapes(config, 256)) == names
     scheduler = dit.shipped_config("dit-xl-2", "scheduler")
     assert (scheduler["beta_schedule"], scheduler["beta_start"], scheduler["beta_end"]) == ("linear", 0.0001, 0.02)
     assert dit.shipped_config("dit-xl-2", "vae")["scaling_factor"] == 0.18215
+
+
+def test_config_side_imports_no_torch() -> None:
+    """Names, presets and shapes of the shipped config without torch or diffusers (a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from sdfeat.families import dit; c = dit.shipped_config('dit-xl-2', 'transformer'); "
+            "assert dit.owns(c) and len(dit.positions(c)) == 86 and dit.presets(c)['blocks']; "
+            "assert dit.shapes(c, 256)['transformer_blocks.0.ff'] == (1152, 16, 16); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_presets() -> None:

@@ -2,7 +2,7 @@
 
 Expectations come from diffusers itself, not from the module under test: `StableDiffusionXLPipeline.encode_prompt`
 and `_get_add_time_ids` for the conditioning, a plain `UNet2DConditionModel` forward with plain
-`register_forward_hook`s for block outputs and their firing order, and the public SDXL architecture (FACTS: 320/640/
+`register_forward_hook`s for block outputs and their firing order, and the public SDXL architecture (320/640/
 1280 channels, 32 stage sub-blocks, latent 128 at 1024 px) for the shipped config. Inputs follow sdfeat's
 `standard` protocol (per-sample draws from `sdfeat.protocol.standard_noise`, DDIM's `add_noise`), written out here.
 Fast tier: the tiny config (seconds). `slow`: the full U-Net from the shipped config with random weights at 128 px.
@@ -20,7 +20,7 @@ import torch
 
 from sdfeat.errors import ArgumentError, ModelNotFoundError
 from sdfeat.families import sdxl
-from sdfeat.families.vae import vae_dtype
+from sdfeat.families.vae_precision import vae_dtype
 
 PROMPTS = ["a photo of the dog", "", "the cat, 2"]  # distinct: the pipeline and the family encode the same batch
 POSITION = re.compile(r"^(conv_in|conv_out|(down_blocks|up_blocks)\.\d+\.(resnets|attentions|downsamplers|upsamplers)"
@@ -107,6 +107,19 @@ def test_shipped_configs_fit_together_and_match_the_public_architecture() -> Non
     assert table["up_blocks.0.upsamplers.0"] == (1280, 64, 64) and table["up_blocks.1.attentions.2"] == (640, 64, 64)
     assert table["up_blocks.2.resnets.2"] == (320, 128, 128) and table["conv_out"] == (4, 128, 128)
     assert sdxl.meta_shapes(unet, 1024) == table and list(sdxl.meta_shapes(unet, 1024)) == names
+
+
+def test_config_side_imports_no_torch() -> None:
+    """Names, presets and shapes of the shipped config without torch or diffusers (a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from sdfeat.families import sdxl; c = sdxl.shipped_config('sdxl', 'unet'); "
+            "assert sdxl.owns(c) and len(sdxl.positions(c)) == 34 and sdxl.presets(c)['all']; "
+            "assert sdxl.shapes(c, 512)['mid_block.resnets.1'] == (1280, 16, 16); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_presets() -> None:
@@ -347,7 +360,8 @@ def test_load_pretrained_offline_fails_in_one_line(tmp_path: Path, monkeypatch: 
         with pytest.raises(ModelNotFoundError) as err:
             sdxl.load_pretrained(name, None, "cpu", torch.float32)
         message = str(err.value)
-        assert "\n" not in message and sdxl.REGISTRY[name] in message and f"hf download {sdxl.REGISTRY[name]}" in message
+        assert "\n" not in message and f"model {sdxl.REGISTRY[name]!r}" in message
+        assert f"hf download {sdxl.REGISTRY[name]}" in message
     with pytest.raises(ModelNotFoundError, match="unet/config.json is missing"):
         sdxl.load_pretrained(str(tmp_path), None, "cpu", torch.float32)
     with pytest.raises(ModelNotFoundError, match="not an SDXL name"):

@@ -17,5 +17,6 @@ torch side (imports torch inside each function)
   may end it early by raising) and `as_map(name, output, latent_hw)` (a hooked output as a (B, C, H, W) map, so
   every store reader, metric, report and the explorer see the same (channel, y, x) arrays for every family).
 
-`vae` holds what the families share about their VAEs: the precision rule (`vae_dtype`) and how latents are shared.
+`vae_precision` holds what the families share about their VAEs: the precision rule (`vae_dtype`) and when
+two families share cached latents.
 """

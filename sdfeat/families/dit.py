@@ -21,13 +21,18 @@ modules, none of which a DiT has; `blocks` is the analogue of "every block outpu
 apply to the patch embedding (a stride-p convolution with kernel p and no padding), nor anywhere else: the DiT has no
 zero-padded convolution, which is what makes it the control for the paper's padding explanation.
 
-Conditioning (the job spec's `settings`). `class_labels` is `"null"` (default: the null class, id 1000 =
+Conditioning (the job spec's `settings`, keys in `CONDITIONING_SPEC`). `class_labels` is `"null"` (default: the null class, id 1000 =
 `num_embeds_ada_norm`, the class-dropout token used for classifier-free guidance: the paper's empty prompt's
 analogue) or `"label"` (each image's own ImageNet label 0..999; an image without one is refused). Prompts are not
 used (every prompt must be empty). At resolutions other than 256 px the position embedding is recomputed for the
 larger grid by diffusers (grid scaled to the 16 x 16 base), so positions stay comparable across resolutions.
 
-The VAE is an SD VAE (`sdfeat.families.vae`: the precision rule, and when DiT shares SD-1.x's cached latents).
+Protocols. `standard` only (`PROTOCOLS`): `paper` reproduces sdhelper 1.0.0 on the paper's three SD models and
+reproduces nothing for a DiT. The paper's t = 50 on SD's scaled-linear schedule (alpha-bar 0.952) is t = 65 on
+DiT's linear schedule by equal alpha-bar (equal signal-to-noise ratio); t = 50 itself is alpha-bar 0.970 there.
+
+The VAE is an SD VAE (`sdfeat.families.vae_precision`: the precision rule, and when DiT shares SD-1.x's cached
+latents).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from sdfeat.errors import ArgumentError, ModelNotFoundError
-from sdfeat.families.vae import vae_dtype
+from sdfeat.families.vae_precision import vae_dtype
 
 NAME = "dit"
 REGISTRY: dict[str, str] = {"dit-xl-2": "facebook/DiT-XL-2-256"}
@@ -49,8 +54,15 @@ NATIVE_RESOLUTION = {"dit-xl-2": 256}
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 VAE_FACTOR = 8
 NUM_CLASSES = 1000  # ImageNet; the null class is the next id
-SETTINGS = ("class_labels",)
 CLASS_LABELS = ("null", "label")
+# What a job spec's conditioning settings may say for DiT (key -> meaning; every key optional).
+CONDITIONING_SPEC: dict[str, str] = {
+    "class_labels": "'null' (default): every image conditioned on the null class 1000, the paper's empty-prompt "
+                    "analogue; 'label': on its own ImageNet label 0..999 (an image without one is refused)",
+}
+SETTINGS = tuple(CONDITIONING_SPEC)
+# `paper` reproduces sdhelper 1.0.0's handling of SD-1.5/2.1/SD-Turbo (PROTOCOL.md); it is not defined for DiT.
+PROTOCOLS = ("standard",)
 _CLASS_NAMES = ("DiTTransformer2DModel", "Transformer2DModel")  # the hub config says Transformer2DModel
 
 # Tiny: DiT's block types (adaLN-Zero, patch 2, learned sigma: 8 output channels, 1000 classes + null), 3 blocks of
@@ -243,7 +255,8 @@ def tiny_components(seed: int = 0) -> Components:
 
 def random_components(name: str, seed: int = 0, *, dtype: Any = None) -> Components:
     """The full architecture of `name` (a REGISTRY name) from the shipped configs, deterministic random weights,
-    on the CPU in `dtype` (default float32; DiT-XL/2 is 675 M parameters)."""
+    on the CPU in `dtype` (default float32). DiT-XL/2 has 675 M parameters, 750 M in diffusers' layout: every
+    block holds its own copy of the timestep and class embedders."""
     return _build(f"random:{name}", shipped_config(name, "transformer"), shipped_config(name, "vae"),
                   shipped_config(name, "scheduler"), seed, dtype)
 

@@ -4,7 +4,7 @@ adversarial diffusion distillation), as a self-contained model family (see `sdfe
 Blocks. A position is `conv_in`, `conv_out`, or `down_blocks.i|up_blocks.i|mid_block` . `resnets.j|attentions.j|
 downsamplers.0|upsamplers.0`, named by its PyTorch module path, as for SD-1.x/2.x. SDXL has three levels
 (320/640/1280 channels), no attention at the first (`DownBlock2D`) and last (`UpBlock2D`) stage, 1/2/10
-transformer layers per attention block: 34 positions, 32 inside the stages (FACTS: the public config).
+transformer layers per attention block: 34 positions, 32 inside the stages.
 
 Presets. `all` (every position) and `stages` (`conv_in`, the last position of every down, mid and up stage,
 `conv_out`: one map per stage, for cross-model plots on a relative-depth axis). The paper's `paper` preset has no
@@ -12,7 +12,7 @@ meaning here: it is SD-1.5's list of 45 module paths minus `up_blocks.0.resnets.
 list; SDXL's paths name other modules (its `up_blocks.0` is a cross-attention stage at the lowest resolution). The
 paper's choice, "every resnet, attention and sampler output plus conv_in/conv_out", is `all` here.
 
-Conditioning (the job spec's `settings`). Prompts go through both text encoders as diffusers' SDXL pipeline does
+Conditioning (the job spec's `settings`, keys in `CONDITIONING_SPEC`). Prompts go through both text encoders as diffusers' SDXL pipeline does
 (`encode_prompt`, no clip skip): the penultimate hidden states of CLIP ViT-L (768) and OpenCLIP bigG (1280),
 concatenated to `encoder_hidden_states` (B, 77, 2048); bigG's projected pooled output is `text_embeds` (B, 1280).
 `time_ids` (B, 6) are SDXL's micro-conditioning, `original_size + crops_coords_top_left + target_size`, each
@@ -21,9 +21,14 @@ concatenated to `encoder_hidden_states` (B, 77, 2048); bigG's projected pooled o
 (res, res): "an uncropped image at its native size", which is what a centre-cropped, resized input is asked to be.
 Each distinct prompt is encoded once; the text encoders are loaded for new prompts and dropped right after.
 
+Protocols. `standard` only (`PROTOCOLS`). `paper` reproduces sdhelper 1.0.0 on the paper's three models, quirks
+included (pixels / 255, one noise field per batch from the global RNG, the pipeline scheduler's
+`scale_model_input` on top of `add_noise`); applied to SDXL it would reproduce nothing, so it is refused.
+
 Shapes come from the config (`_config_shapes`, no torch); `meta_shapes` builds the U-Net on the meta device and
 records every position's output in hook-firing order (tests pin both against a real forward). The VAE runs in
-`vae_dtype` (float32 under float16/bfloat16: SDXL's VAE overflows in float16; see `sdfeat.families.vae`).
+`vae_dtype` (float32 under float16/bfloat16: SDXL's VAE overflows in float16; see
+`sdfeat.families.vae_precision`).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from sdfeat.errors import ArgumentError, ModelNotFoundError
-from sdfeat.families.vae import vae_dtype
+from sdfeat.families.vae_precision import vae_dtype
 
 NAME = "sdxl"
 REGISTRY: dict[str, str] = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "sdxl-turbo": "stabilityai/sdxl-turbo"}
@@ -49,7 +54,17 @@ _DOWN = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}  # block type -> ha
 _UP = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
 _POSITION = re.compile(r"^(conv_in|conv_out|(down_blocks\.\d+|up_blocks\.\d+|mid_block)"
                        r"\.(resnets|attentions|downsamplers|upsamplers)\.\d+)$")
-SETTINGS = ("original_size", "crops_coords_top_left", "target_size")
+# What a job spec's conditioning settings may say for SDXL (key -> meaning; every key optional).
+CONDITIONING_SPEC: dict[str, str] = {
+    "original_size": "[height, width] in pixels of the image before cropping and resizing (time ids 0-1); "
+                     "default [resolution, resolution]",
+    "crops_coords_top_left": "[top, left] in pixels of the crop (time ids 2-3); default [0, 0]",
+    "target_size": "[height, width] in pixels the model is asked to produce (time ids 4-5); "
+                   "default [resolution, resolution]",
+}
+SETTINGS = tuple(CONDITIONING_SPEC)
+# `paper` reproduces sdhelper 1.0.0's handling of SD-1.5/2.1/SD-Turbo (PROTOCOL.md); it is not defined for SDXL.
+PROTOCOLS = ("standard",)
 
 # Tiny: SDXL's block types, attention-free first and last stages, transformer depth varying per level (1, 1, 2),
 # text_time added conditioning; two CLIP text encoders of width 32 (cross-attention width 64 = 32 + 32).
