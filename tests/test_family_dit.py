@@ -298,6 +298,8 @@ def test_load_pretrained_offline_fails_in_one_line(tmp_path: Path, monkeypatch: 
     assert "\n" not in message and "facebook/DiT-XL-2-256" in message and "hf download facebook/DiT-XL-2-256" in message
     with pytest.raises(ModelNotFoundError, match="transformer/config.json is missing"):
         dit.load_pretrained(str(tmp_path), None, "cpu", torch.float32)
+    with pytest.raises(ModelNotFoundError, match="not one of the DiT names"):
+        dit.load_pretrained("no-such-model", None, "cpu", torch.float32)
 
 
 @pytest.mark.slow

@@ -364,7 +364,7 @@ def test_load_pretrained_offline_fails_in_one_line(tmp_path: Path, monkeypatch: 
         assert f"hf download {sdxl.REGISTRY[name]}" in message
     with pytest.raises(ModelNotFoundError, match="unet/config.json is missing"):
         sdxl.load_pretrained(str(tmp_path), None, "cpu", torch.float32)
-    with pytest.raises(ModelNotFoundError, match="not an SDXL name"):
+    with pytest.raises(ModelNotFoundError, match="not one of the SDXL names"):
         sdxl.load_pretrained("no-such-model", None, "cpu", torch.float32)
 
 

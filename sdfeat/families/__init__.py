@@ -17,6 +17,7 @@ torch side (imports torch inside each function)
   may end it early by raising) and `as_map(name, output, latent_hw)` (a hooked output as a (B, C, H, W) map, so
   every store reader, metric, report and the explorer see the same (channel, y, x) arrays for every family).
 
-`vae_precision` holds what the families share about their VAEs: the precision rule (`vae_dtype`) and when
-two families share cached latents.
+Shared by the families: `loading` (random weights created in their dtype, safetensors-only loading, the one-line
+error when weights are absent) and `vae_precision` (the VAE precision rule `vae_dtype`, and when two families
+share cached latents); SDXL's text encoders are `sdxl_text`'s.
 """

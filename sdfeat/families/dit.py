@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sdfeat.errors import ArgumentError, ModelNotFoundError
+from sdfeat.families.loading import (created_in, encoder_only, not_available, prepare, require_local,
+                                     scheduler_from_config)
 from sdfeat.families.vae_precision import vae_dtype
 
 NAME = "dit"
@@ -200,50 +201,21 @@ class Components:
     dtype: Any
 
 
-def _prepare(module: Any, device: Any, dtype: Any) -> Any:
-    import torch
-
-    module.eval().requires_grad_(False)
-    torch.nn.Module.to(module, device=device, dtype=dtype)
-    return module
-
-
-def _encoder_only(vae: Any) -> Any:
-    vae.decoder = None
-    vae.post_quant_conv = None
-    return vae
-
-
-def _scheduler(config: Mapping[str, Any]) -> Any:
-    import diffusers
-
-    cls = getattr(diffusers, str(config.get("_class_name")), None)
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-        raise ModelNotFoundError(f"scheduler config: unknown scheduler class {config.get('_class_name')!r}")
-    return cls.from_config(dict(config))
-
-
 def _build(name: str, config: Mapping[str, Any], vae_config: Mapping[str, Any], scheduler: Mapping[str, Any],
            seed: int, dtype: Any = None) -> Components:
-    """Modules built on the CPU with weights created in `dtype` (default float32); the VAE in `vae_dtype`."""
+    """Modules on the CPU with weights created in `dtype` (default float32), the VAE in `vae_dtype`; seeds
+    `seed` (transformer) and +1 (VAE)."""
     import torch
     from diffusers import AutoencoderKL, DiTTransformer2DModel
 
     device, dtype = torch.device("cpu"), dtype or torch.float32
     vae_in = vae_dtype(vae_config, dtype)
-    default = torch.get_default_dtype()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.set_default_dtype(dtype)
-            torch.manual_seed(seed)
-            model = DiTTransformer2DModel.from_config(_model_config(config))
-            torch.set_default_dtype(vae_in)
-            torch.manual_seed(seed + 1)
-            vae = _encoder_only(AutoencoderKL.from_config(dict(vae_config)))
-    finally:
-        torch.set_default_dtype(default)
-    return Components(name, _prepare(model, device, dtype), _prepare(vae, device, vae_in), _scheduler(scheduler),
-                      dict(vae_config), device, dtype)
+    with created_in(dtype, seed):
+        model = DiTTransformer2DModel.from_config(_model_config(config))
+    with created_in(vae_in, seed + 1):
+        vae = encoder_only(AutoencoderKL.from_config(dict(vae_config)))
+    return Components(name, prepare(model, device, dtype), prepare(vae, device, vae_in),
+                      scheduler_from_config(scheduler), dict(vae_config), device, dtype)
 
 
 def tiny_components(seed: int = 0) -> Components:
@@ -261,30 +233,7 @@ def random_components(name: str, seed: int = 0, *, dtype: Any = None) -> Compone
                   shipped_config(name, "scheduler"), seed, dtype)
 
 
-def _not_available(source: str, reason: str) -> ModelNotFoundError:
-    return ModelNotFoundError(
-        f"model {source!r}: DiT weights are not available locally ({reason}); with network access run "
-        f"`hf download {source} --include '*.json' '*.safetensors'` (or set HF_HUB_OFFLINE=0 to let sdfeat "
-        f"download it), or pass a local diffusers DiT pipeline directory with safetensors weights")
-
-
-def _require_local(source: str, revision: str | None) -> None:
-    """Fail in one line, before any hub request, when the model is neither a local directory nor in the HF cache
-    (unless the user opted in to downloads with HF_HUB_OFFLINE=0)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    if Path(source).is_dir():
-        if not (Path(source) / "transformer" / "config.json").is_file():
-            raise ModelNotFoundError(f"model {source!r}: {Path(source) / 'transformer' / 'config.json'} is missing "
-                                     f"(not a diffusers DiT pipeline directory)")
-        return
-    if source.count("/") != 1 or source.startswith((".", "/")):
-        raise ModelNotFoundError(f"model {source!r}: not a DiT name ({', '.join(sorted(REGISTRY))}), a hub id "
-                                 f"owner/name or an existing local directory")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("0", "false", "no"):
-        return
-    if not isinstance(try_to_load_from_cache(source, "transformer/config.json", revision=revision), str):
-        raise _not_available(source, "not in the Hugging Face cache")
+_FILES = ("*.json", "*.safetensors")  # what `hf download` needs to fetch for sdfeat
 
 
 def load_pretrained(source: str, revision: str | None, device: Any, dtype: Any) -> Components:
@@ -297,24 +246,24 @@ def load_pretrained(source: str, revision: str | None, device: Any, dtype: Any) 
 
     name, source = source, REGISTRY.get(source, source)
     device = torch.device(device)
-    _require_local(source, revision)
-    common = {"revision": revision, "use_safetensors": True}
+    require_local(source, revision, "transformer", "DiT", list(REGISTRY), _FILES)
     try:
         config = dict(DiTTransformer2DModel.load_config(source, subfolder="transformer", revision=revision))
         vae_config = dict(AutoencoderKL.load_config(source, subfolder="vae", revision=revision))
         scheduler_config = DDIMScheduler.load_config(source, subfolder="scheduler", revision=revision)
     except (OSError, HFValidationError) as err:
-        raise _not_available(source, type(err).__name__) from None
+        raise not_available(source, "DiT", type(err).__name__, _FILES) from None
     if not owns(config):
         raise ModelNotFoundError(f"model {name!r}: its transformer is not an adaLN-Zero DiT")
     vae_in = vae_dtype(vae_config, dtype)
+    common = {"revision": revision, "use_safetensors": True}
     try:
         model = DiTTransformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype, **common)
-        vae = _encoder_only(AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_in, **common))
+        vae = encoder_only(AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_in, **common))
     except (OSError, HFValidationError) as err:
-        raise _not_available(source, type(err).__name__) from None
-    return Components(name, _prepare(model, device, dtype), _prepare(vae, device, vae_in),
-                      _scheduler(scheduler_config), vae_config, device, dtype)
+        raise not_available(source, "DiT", type(err).__name__, _FILES) from None
+    return Components(name, prepare(model, device, dtype), prepare(vae, device, vae_in),
+                      scheduler_from_config(scheduler_config), vae_config, device, dtype)
 
 
 def _class_ids(labels: Sequence[int], settings: Mapping[str, Any], null_class: int = NUM_CLASSES) -> list[int]:

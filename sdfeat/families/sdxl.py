@@ -34,7 +34,6 @@ records every position's output in hook-firing order (tests pin both against a r
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +41,10 @@ from pathlib import Path
 from typing import Any
 
 from sdfeat.errors import ArgumentError, ModelNotFoundError
+from sdfeat.families import sdxl_text
+from sdfeat.families.loading import (created_in, encoder_only, not_available, prepare, require_local,
+                                     scheduler_from_config)
+from sdfeat.families.sdxl_text import TextLoader
 from sdfeat.families.vae_precision import vae_dtype
 
 NAME = "sdxl"
@@ -81,10 +84,6 @@ TINY_VAE_CONFIG: dict[str, Any] = {
     "block_out_channels": [8, 8, 16, 16], "down_block_types": ["DownEncoderBlock2D"] * 4,
     "up_block_types": ["UpDecoderBlock2D"] * 4, "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 8,
     "sample_size": 128, "scaling_factor": 0.13025, "force_upcast": True,
-}
-TINY_TEXT_CONFIG: dict[str, Any] = {
-    "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
-    "max_position_embeddings": 77, "projection_dim": 32,
 }
 
 
@@ -231,13 +230,10 @@ def meta_shapes(config: Mapping[str, Any], resolution: int) -> dict[str, tuple[i
     return found
 
 
-TextEncoders = tuple[Any, Any, Any, Any]  # (tokenizer, text_encoder, tokenizer_2, text_encoder_2)
-
-
 @dataclass
 class Components:
     """One SDXL model ready for extraction. `scheduler` is the pipeline's own; the noise for `standard` comes from a
-    DDIM scheduler made from its config. `text_loader` gives fresh text encoders on `device` for new prompts."""
+    DDIM scheduler made from its config. `text_loader` gives the text encoders on `device` for new prompts."""
 
     name: str
     denoiser: Any  # UNet2DConditionModel, eval, no grad, on device in dtype
@@ -246,107 +242,32 @@ class Components:
     vae_config: dict[str, Any]
     device: Any
     dtype: Any
-    text_loader: Callable[[], TextEncoders] = field(repr=False)
+    text_loader: TextLoader = field(repr=False)
     prompt_cache: dict[str, tuple[Any, Any]] = field(default_factory=dict, repr=False)  # -> ((77, D), (P,))
-
-
-def _prepare(module: Any, device: Any, dtype: Any) -> Any:
-    """eval, no grad, on `device` in `dtype` (torch's own `to`: diffusers' warns on every dtype cast)."""
-    import torch
-
-    module.eval().requires_grad_(False)
-    torch.nn.Module.to(module, device=device, dtype=dtype)
-    return module
-
-
-def _encoder_only(vae: Any) -> Any:
-    """Extraction never decodes: drop the decoder."""
-    vae.decoder = None
-    vae.post_quant_conv = None
-    return vae
-
-
-def _scheduler(config: Mapping[str, Any]) -> Any:
-    import diffusers
-
-    cls = getattr(diffusers, str(config.get("_class_name")), None)
-    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
-        raise ModelNotFoundError(f"scheduler config: unknown scheduler class {config.get('_class_name')!r}")
-    return cls.from_config(dict(config))
-
-
-def _tiny_tokenizer(pad: str | None = None) -> Any:
-    """A CLIP BPE tokenizer over lower-case letters, digits and a few marks, built in code (transformers 5 ignores
-    vocab_file/merges_file: pass the dicts). `pad` = "!" as SDXL's second tokenizer pads."""
-    from transformers import CLIPTokenizer
-
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
-    tokens = chars + [c + "</w>" for c in chars] + ["th", "the</w>", "<|startoftext|>", "<|endoftext|>"]
-    extra = {} if pad is None else {"pad_token": pad}
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[("t", "h"), ("th", "e</w>")],
-                         model_max_length=77, **extra)
-
-
-def _text_model(cls_name: str, config: Mapping[str, Any], tokenizer: Any, seed: int, dtype: Any) -> Any:
-    """A CLIP text model of `config` with deterministic random weights (created in `dtype`) and the tokenizer's
-    special ids."""
-    import torch
-    import transformers
-
-    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-           "pad_token_id": tokenizer.pad_token_id}
-    fields = {k: v for k, v in config.items() if k not in ("architectures", "model_type") and not k.startswith("_")}
-    default = torch.get_default_dtype()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.set_default_dtype(dtype)
-            torch.manual_seed(seed)
-            return getattr(transformers, cls_name)(transformers.CLIPTextConfig(**{**fields, **ids}))
-    finally:
-        torch.set_default_dtype(default)
-
-
-def _random_text_loader(configs: tuple[Mapping[str, Any], Mapping[str, Any]], seed: int, device: Any,
-                        dtype: Any) -> Callable[[], TextEncoders]:
-    """Builds both text encoders afresh on each call (nothing keeps them between prompts). Random weights make
-    prompt text meaningless, so the tokenizers are the tiny in-code ones (valid ids for any CLIP vocabulary)."""
-    def load() -> TextEncoders:
-        tok, tok2 = _tiny_tokenizer(), _tiny_tokenizer(pad="!")
-        te = _text_model("CLIPTextModel", {"hidden_act": "quick_gelu", **configs[0]}, tok, seed, dtype)
-        te2 = _text_model("CLIPTextModelWithProjection", {"hidden_act": "gelu", **configs[1]}, tok2, seed + 1, dtype)
-        return tok, _prepare(te, device, dtype), tok2, _prepare(te2, device, dtype)
-
-    return load
 
 
 def _build(name: str, unet_config: Mapping[str, Any], vae_config: Mapping[str, Any], scheduler: Mapping[str, Any],
            text_configs: tuple[Mapping[str, Any], Mapping[str, Any]], seed: int, dtype: Any = None) -> Components:
-    """Modules built on the CPU with weights created in `dtype` (default float32: no full-size float32 copy of
-    a bfloat16 model ever exists); the VAE in `vae_dtype`."""
+    """Modules on the CPU with weights created in `dtype` (default float32), the VAE in `vae_dtype`; seeds
+    `seed` (U-Net), +1 (VAE), +2 and +3 (text encoders)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     device, dtype = torch.device("cpu"), dtype or torch.float32
     vae_in = vae_dtype(vae_config, dtype)
-    default = torch.get_default_dtype()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.set_default_dtype(dtype)
-            torch.manual_seed(seed)
-            unet = UNet2DConditionModel.from_config(dict(unet_config))
-            torch.set_default_dtype(vae_in)
-            torch.manual_seed(seed + 1)
-            vae = _encoder_only(AutoencoderKL.from_config(dict(vae_config)))
-    finally:
-        torch.set_default_dtype(default)
-    return Components(name, _prepare(unet, device, dtype), _prepare(vae, device, vae_in), _scheduler(scheduler),
-                      dict(vae_config), device, dtype, _random_text_loader(text_configs, seed + 2, device, dtype))
+    with created_in(dtype, seed):
+        unet = UNet2DConditionModel.from_config(dict(unet_config))
+    with created_in(vae_in, seed + 1):
+        vae = encoder_only(AutoencoderKL.from_config(dict(vae_config)))
+    return Components(name, prepare(unet, device, dtype), prepare(vae, device, vae_in),
+                      scheduler_from_config(scheduler), dict(vae_config), device, dtype,
+                      sdxl_text.random_loader(text_configs, seed + 2, device, dtype))
 
 
 def tiny_components(seed: int = 0) -> Components:
     """An offline tiny SDXL (block types, added conditioning and two text encoders of SDXL), float32 on the CPU;
     the same `seed` gives the same weights. The text encoders are built on first use and dropped after."""
-    text = {**TINY_TEXT_CONFIG, "vocab_size": len(_tiny_tokenizer().get_vocab())}
+    text = {**sdxl_text.TINY_TEXT_CONFIG, "vocab_size": len(sdxl_text.tiny_tokenizer().get_vocab())}
     return _build("tiny-sdxl", TINY_UNET_CONFIG, TINY_VAE_CONFIG, shipped_config("sdxl", "scheduler"),
                   (text, text), seed)
 
@@ -360,30 +281,7 @@ def random_components(name: str, seed: int = 0, *, dtype: Any = None) -> Compone
                   (shipped_config(name, "text_encoder"), shipped_config(name, "text_encoder_2")), seed, dtype)
 
 
-def _not_available(source: str, reason: str) -> ModelNotFoundError:
-    return ModelNotFoundError(
-        f"model {source!r}: SDXL weights are not available locally ({reason}); with network access run "
-        f"`hf download {source} --include '*.json' '*.txt' '*.safetensors'` (or set HF_HUB_OFFLINE=0 to let sdfeat "
-        f"download it), or pass a local diffusers pipeline directory with safetensors weights")
-
-
-def _require_local(source: str, revision: str | None) -> None:
-    """Fail in one line, before any hub request, when the model is neither a local directory nor in the HF cache
-    (unless the user opted in to downloads with HF_HUB_OFFLINE=0)."""
-    from huggingface_hub import try_to_load_from_cache
-
-    if Path(source).is_dir():
-        if not (Path(source) / "unet" / "config.json").is_file():
-            raise ModelNotFoundError(f"model {source!r}: {Path(source) / 'unet' / 'config.json'} is missing "
-                                     f"(not a diffusers SDXL pipeline directory)")
-        return
-    if source.count("/") != 1 or source.startswith((".", "/")):
-        raise ModelNotFoundError(f"model {source!r}: not an SDXL name ({', '.join(sorted(REGISTRY))}), a hub id "
-                                 f"owner/name or an existing local directory")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("0", "false", "no"):
-        return
-    if not isinstance(try_to_load_from_cache(source, "unet/config.json", revision=revision), str):
-        raise _not_available(source, "not in the Hugging Face cache")
+_FILES = ("*.json", "*.txt", "*.safetensors")  # what `hf download` needs to fetch for sdfeat
 
 
 def load_pretrained(source: str, revision: str | None, device: Any, dtype: Any) -> Components:
@@ -392,40 +290,28 @@ def load_pretrained(source: str, revision: str | None, device: Any, dtype: Any) 
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from huggingface_hub.errors import HFValidationError
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     name, source = source, REGISTRY.get(source, source)
     device = torch.device(device)
-    _require_local(source, revision)
-    common = {"revision": revision, "use_safetensors": True}
+    require_local(source, revision, "unet", "SDXL", list(REGISTRY), _FILES)
     try:
         unet_config = dict(UNet2DConditionModel.load_config(source, subfolder="unet", revision=revision))
         vae_config = dict(AutoencoderKL.load_config(source, subfolder="vae", revision=revision))
         scheduler_config = DDIMScheduler.load_config(source, subfolder="scheduler", revision=revision)
     except (OSError, HFValidationError) as err:
-        raise _not_available(source, type(err).__name__) from None
+        raise not_available(source, "SDXL", type(err).__name__, _FILES) from None
     if not owns(unet_config):
         raise ModelNotFoundError(f"model {name!r}: its U-Net has no text_time added conditioning (not an SDXL)")
     vae_in = vae_dtype(vae_config, dtype)
+    common = {"revision": revision, "use_safetensors": True}
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **common)
-        vae = _encoder_only(AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_in, **common))
+        vae = encoder_only(AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=vae_in, **common))
     except (OSError, HFValidationError) as err:
-        raise _not_available(source, type(err).__name__) from None
-
-    def text_loader() -> TextEncoders:
-        try:
-            tok = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
-            tok2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", revision=revision)
-            te = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **common)
-            te2 = CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2", dtype=dtype,
-                                                              **common)
-        except (OSError, HFValidationError) as err:
-            raise _not_available(source, type(err).__name__) from None
-        return tok, _prepare(te, device, dtype), tok2, _prepare(te2, device, dtype)
-
-    return Components(name, _prepare(unet, device, dtype), _prepare(vae, device, vae_in),
-                      _scheduler(scheduler_config), vae_config, device, dtype, text_loader)
+        raise not_available(source, "SDXL", type(err).__name__, _FILES) from None
+    return Components(name, prepare(unet, device, dtype), prepare(vae, device, vae_in),
+                      scheduler_from_config(scheduler_config), vae_config, device, dtype,
+                      sdxl_text.pretrained_loader(source, revision, device, dtype))
 
 
 def _pair(settings: Mapping[str, Any], key: str, default: tuple[int, int]) -> tuple[int, int]:
@@ -447,21 +333,6 @@ def _time_ids(settings: Mapping[str, Any], resolution: int) -> list[int]:
             *_pair(settings, "target_size", native)]
 
 
-def _encode(encoders: TextEncoders, prompts: list[str]) -> tuple[Any, Any]:
-    """diffusers' SDXL `encode_prompt` without clip skip: ((n, 77, D1 + D2) penultimate hidden states of both
-    encoders, concatenated; (n, P) the second encoder's projected pooled output)."""
-    import torch
-
-    tok, te, tok2, te2 = encoders
-    hidden = []
-    for tokenizer, encoder in ((tok, te), (tok2, te2)):
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids  # (n, 77)
-        out = encoder(ids.to(encoder.device), output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])  # (n, 77, D)
-    return torch.cat(hidden, dim=-1), out[0]  # out[0] of CLIPTextModelWithProjection: text_embeds (n, P)
-
-
 def conditioning(components: Components, labels: Sequence[int], prompts: Sequence[str], resolution: int,
                  settings: Mapping[str, Any]) -> dict[str, Any]:
     """The U-Net's keyword inputs for a batch: `encoder_hidden_states` (B, 77, 2048) and `added_cond_kwargs`
@@ -476,8 +347,7 @@ def conditioning(components: Components, labels: Sequence[int], prompts: Sequenc
     new = [p for p in dict.fromkeys(prompts) if p not in cache]
     if new:
         encoders = components.text_loader()
-        with torch.inference_mode():
-            hidden, pooled = _encode(encoders, new)
+        hidden, pooled = sdxl_text.encode(encoders, new)  # (n, 77, 2048), (n, 1280)
         for k, prompt in enumerate(new):
             cache[prompt] = (hidden[k].to(components.device, components.dtype),
                              pooled[k].to(components.device, components.dtype))
