@@ -22,7 +22,7 @@ from sdfeat.errors import ArgumentError, ModelNotFoundError
 from sdfeat.families import sdxl
 from sdfeat.families.vae_precision import vae_dtype
 
-PROMPTS = ["a photo of the dog", "", "the cat, 2"]  # distinct: the pipeline and the family encode the same batch
+PROMPTS = ["a photo of the dog", "", "the cat, 2"]
 POSITION = re.compile(r"^(conv_in|conv_out|(down_blocks|up_blocks)\.\d+\.(resnets|attentions|downsamplers|upsamplers)"
                       r"\.\d+|mid_block\.(resnets|attentions)\.\d+)$")  # the test's own notion of a block
 
@@ -147,8 +147,9 @@ def test_hooked_call_equals_a_plain_diffusers_forward(tiny: sdxl.Components) -> 
     resolution, t = 128, 200
     noisy = _standard_inputs(tiny, resolution, t)  # (3, 4, 16, 16)
     pipe = _pipeline(tiny)
-    with torch.inference_mode():
-        embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+    with torch.inference_mode():  # one prompt at a time, as sdfeat embeds them (batch-independent bytes)
+        encoded = [pipe.encode_prompt(p, device="cpu", do_classifier_free_guidance=False) for p in PROMPTS]
+    embeds, pooled = torch.cat([e[0] for e in encoded]), torch.cat([e[2] for e in encoded])
     times = pipe._get_add_time_ids((resolution, resolution), (0, 0), (resolution, resolution), embeds.dtype,
                                    text_encoder_projection_dim=pooled.shape[-1]).repeat(len(PROMPTS), 1)
     names = sdxl.positions(dict(tiny.denoiser.config))
@@ -235,6 +236,8 @@ def test_conditioning_shapes_time_ids_and_settings(tiny: sdxl.Components) -> Non
         sdxl.conditioning(tiny, [0], [""], 256, {"original_size": 256})
     with pytest.raises(ArgumentError, match="prompts: 1 prompts for 2 labels"):
         sdxl.conditioning(tiny, [0, 1], [""], 256, {})
+    with pytest.raises(ArgumentError, match="prompts: 0 prompts for 0 labels"):
+        sdxl.conditioning(tiny, [], [], 256, {})
 
 
 def test_repeated_prompts_match_the_pipeline(tiny: sdxl.Components) -> None:
@@ -245,6 +248,15 @@ def test_repeated_prompts_match_the_pipeline(tiny: sdxl.Components) -> None:
     cond = sdxl.conditioning(sdxl.tiny_components(), [0] * 4, prompts, 128, {})
     torch.testing.assert_close(cond["encoder_hidden_states"], embeds, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(cond["added_cond_kwargs"]["text_embeds"], pooled, rtol=1e-6, atol=1e-6)
+
+
+def test_a_prompts_embedding_does_not_depend_on_its_batch() -> None:
+    """Encoded with others in one batch, the tiny bigG-style projection's pooled output differs in its last bits
+    (a matrix-vector product vs a matrix product); sdfeat encodes each prompt alone."""
+    alone = sdxl.conditioning(sdxl.tiny_components(), [0], ["the dog"], 128, {})
+    among = sdxl.conditioning(sdxl.tiny_components(), [0] * 3, ["a", "the dog", "zz top"], 128, {})
+    assert torch.equal(alone["encoder_hidden_states"][0], among["encoder_hidden_states"][1])
+    assert torch.equal(alone["added_cond_kwargs"]["text_embeds"][0], among["added_cond_kwargs"]["text_embeds"][1])
 
 
 def test_text_encoders_are_used_once_per_prompt_and_dropped() -> None:

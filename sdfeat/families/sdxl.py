@@ -19,7 +19,8 @@ concatenated to `encoder_hidden_states` (B, 77, 2048); bigG's projected pooled o
 (height, width) / (top, left) in pixels; settings may give `original_size`, `crops_coords_top_left`,
 `target_size`; the defaults are the pipeline's for an image generated at the job's resolution, (res, res), (0, 0),
 (res, res): "an uncropped image at its native size", which is what a centre-cropped, resized input is asked to be.
-Each distinct prompt is encoded once; the text encoders are loaded for new prompts and dropped right after.
+Each distinct prompt is encoded once, on its own (its embedding does not depend on the batch it came in); the
+text encoders are loaded for new prompts and dropped right after.
 
 Protocols. `standard` only (`PROTOCOLS`). `paper` reproduces sdhelper 1.0.0 on the paper's three models, quirks
 included (pixels / 255, one noise field per batch from the global RNG, the pipeline scheduler's
@@ -340,18 +341,18 @@ def conditioning(components: Components, labels: Sequence[int], prompts: Sequenc
     class name reaches it through the prompt); `settings`: see the module docstring."""
     import torch
 
-    if len(labels) != len(prompts):
-        raise ArgumentError(f"prompts: {len(prompts)} prompts for {len(labels)} labels")
+    if not prompts or len(labels) != len(prompts):
+        raise ArgumentError(f"prompts: {len(prompts)} prompts for {len(labels)} labels (at least one of each)")
     ids = _time_ids(settings, resolution)
     cache = components.prompt_cache
     new = [p for p in dict.fromkeys(prompts) if p not in cache]
     if new:
         encoders = components.text_loader()
-        hidden, pooled = sdxl_text.encode(encoders, new)  # (n, 77, 2048), (n, 1280)
-        for k, prompt in enumerate(new):
-            cache[prompt] = (hidden[k].to(components.device, components.dtype),
-                             pooled[k].to(components.device, components.dtype))
-        del encoders, hidden, pooled  # the text encoders are dropped here
+        for prompt in new:  # one at a time: a prompt's embedding never depends on which prompts came with it
+            hidden, pooled = sdxl_text.encode(encoders, [prompt])  # (1, 77, 2048), (1, 1280)
+            cache[prompt] = (hidden[0].to(components.device, components.dtype),
+                             pooled[0].to(components.device, components.dtype))
+        del encoders  # the text encoders are dropped here
     config = components.denoiser.config
     width = config.addition_time_embed_dim * len(ids) + cache[prompts[0]][1].shape[-1]
     if width != config.projection_class_embeddings_input_dim:
