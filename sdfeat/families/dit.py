@@ -21,11 +21,11 @@ modules, none of which a DiT has; `blocks` is the analogue of "every block outpu
 apply to the patch embedding (a stride-p convolution with kernel p and no padding), nor anywhere else: the DiT has no
 zero-padded convolution, which is what makes it the control for the paper's padding explanation.
 
-Conditioning (the job spec's `settings`, keys in `CONDITIONING_SPEC`). `class_labels` is `"null"` (default: the null class, id 1000 =
-`num_embeds_ada_norm`, the class-dropout token used for classifier-free guidance: the paper's empty prompt's
-analogue) or `"label"` (each image's own ImageNet label 0..999; an image without one is refused). Prompts are not
-used (every prompt must be empty). At resolutions other than 256 px the position embedding is recomputed for the
-larger grid by diffusers (grid scaled to the 16 x 16 base), so positions stay comparable across resolutions.
+Conditioning (the job spec's `settings`, keys in `CONDITIONING_SPEC`). `class_labels` is `"null"` (default: the null
+class, id 1000 = `num_embeds_ada_norm`, the class-dropout token used for classifier-free guidance: the paper's empty
+prompt's analogue) or `"label"` (each image's own ImageNet label 0..999; an image without one is refused). Prompts
+are not used (every prompt must be empty). At resolutions other than 256 px the position embedding is recomputed for
+the larger grid by diffusers (grid scaled to the 16 x 16 base), so positions stay comparable across resolutions.
 
 Protocols. `standard` only (`PROTOCOLS`): `paper` reproduces sdhelper 1.0.0 on the paper's three SD models and
 reproduces nothing for a DiT. The paper's t = 50 on SD's scaled-linear schedule (alpha-bar 0.952) is t = 65 on

@@ -12,15 +12,15 @@ meaning here: it is SD-1.5's list of 45 module paths minus `up_blocks.0.resnets.
 list; SDXL's paths name other modules (its `up_blocks.0` is a cross-attention stage at the lowest resolution). The
 paper's choice, "every resnet, attention and sampler output plus conv_in/conv_out", is `all` here.
 
-Conditioning (the job spec's `settings`, keys in `CONDITIONING_SPEC`). Prompts go through both text encoders as diffusers' SDXL pipeline does
-(`encode_prompt`, no clip skip): the penultimate hidden states of CLIP ViT-L (768) and OpenCLIP bigG (1280),
-concatenated to `encoder_hidden_states` (B, 77, 2048); bigG's projected pooled output is `text_embeds` (B, 1280).
-`time_ids` (B, 6) are SDXL's micro-conditioning, `original_size + crops_coords_top_left + target_size`, each
-(height, width) / (top, left) in pixels; settings may give `original_size`, `crops_coords_top_left`,
-`target_size`; the defaults are the pipeline's for an image generated at the job's resolution, (res, res), (0, 0),
-(res, res): "an uncropped image at its native size", which is what a centre-cropped, resized input is asked to be.
-Each distinct prompt is encoded once, on its own (its embedding does not depend on the batch it came in); the
-text encoders are loaded for new prompts and dropped right after.
+Conditioning (the job spec's `settings`, keys in `CONDITIONING_SPEC`). Prompts go through both text encoders as
+diffusers' SDXL pipeline does (`encode_prompt`, no clip skip): the penultimate hidden states of CLIP ViT-L (768) and
+OpenCLIP bigG (1280), concatenated to `encoder_hidden_states` (B, 77, 2048); bigG's projected pooled output is
+`text_embeds` (B, 1280). `time_ids` (B, 6) are SDXL's micro-conditioning, `original_size + crops_coords_top_left +
+target_size`, each (height, width) / (top, left) in pixels; settings may give `original_size`,
+`crops_coords_top_left`, `target_size`; the defaults are the pipeline's for an image generated at the job's
+resolution, (res, res), (0, 0), (res, res): "an uncropped image at its native size", which is what a centre-cropped,
+resized input is asked to be. Each distinct prompt is encoded once, on its own (its embedding does not depend on the
+batch it came in); the text encoders are loaded for new prompts and dropped right after.
 
 Protocols. `standard` only (`PROTOCOLS`). `paper` reproduces sdhelper 1.0.0 on the paper's three models, quirks
 included (pixels / 255, one noise field per batch from the global RNG, the pipeline scheduler's
