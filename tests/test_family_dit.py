@@ -80,7 +80,8 @@ def test_shipped_config_matches_the_public_architecture() -> None:
     assert table["pos_embed"] == table["transformer_blocks.27"] == (1152, 16, 16)
     assert table["proj_out_2"] == (2 * 2 * 8, 16, 16)
     assert dit.shapes(config, 512)["transformer_blocks.3"] == (1152, 32, 32)
-    assert dit.meta_shapes(config, 256) == table and list(dit.meta_shapes(config, 256)) == names
+    meta = dit.meta_shapes(config, 256)  # a meta-device forward, hooks in firing order
+    assert meta == table and list(meta) == names
     scheduler = dit.shipped_config("dit-xl-2", "scheduler")
     assert (scheduler["beta_schedule"], scheduler["beta_start"], scheduler["beta_end"]) == ("linear", 0.0001, 0.02)
     assert dit.shipped_config("dit-xl-2", "vae")["scaling_factor"] == 0.18215
