@@ -63,7 +63,7 @@ class Summaries(_Strict):
     Full tensors are then stored only for `JobSpec.blocks`; the metrics run on the summaries.
     """
 
-    blocks: list[str] | Literal["paper", "all"] = "paper"
+    blocks: list[str] | str = "paper"  # names, or a preset of the model's family (`paper`, `all`, ...)
     tokens_per_image: int = Field(default=16, ge=1, le=4096)
 
 
@@ -85,11 +85,12 @@ class JobSpec(_Strict):
     limit: int | None = Field(default=None, ge=1)
     classes: list[int] | None = None
     resolution: int = Field(default=512, ge=64, le=2048)
-    blocks: list[str] | Literal["paper", "all"] = "paper"
+    blocks: list[str] | str = "paper"  # names, or a preset of the model's family (`paper`, `all`, ...)
     timesteps: list[int] = Field(default_factory=lambda: [50], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
     batch_size: int = Field(default=20, ge=1, le=4096)
     prompt: str = ""
+    conditioning: dict[str, Any] = Field(default_factory=dict)  # the family's own settings (SDXL time ids, DiT class)
     dtype: Literal["float16", "float32"] = "float16"
     compute_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     codec: Literal["none", "zstd"] = "none"
@@ -177,6 +178,8 @@ def spec_hash(spec: JobSpec) -> str:
         payload["variants"].pop("samples", None)  # unset: the hash of stores made before the key existed
     if payload.get("intervention", 0) is None:
         payload.pop("intervention")  # none (or zeros): the hash of stores made before the key existed
+    if not payload.get("conditioning", True):
+        payload.pop("conditioning")  # none: the hash of stores made before the key existed
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

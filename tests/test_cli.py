@@ -93,8 +93,7 @@ def test_query_unknown_sample_exits_2(tiny_store: str) -> None:
     assert result.exit_code == 2 and "sample 'nope'" in result.output
 
 
-@pytest.mark.parametrize("args, option", [(["blocks", "sd15", "--preset", "most"], "--preset"),
-                                          (["metrics", "out", "--metric", "probe"], "--metric"),
+@pytest.mark.parametrize("args, option", [(["metrics", "out", "--metric", "probe"], "--metric"),
                                           (["report", "out", "-o", "x", "--reference", "sd3"], "--reference")])
 def test_choices_are_checked_by_the_parser_and_named(args: list[str], option: str) -> None:
     result = runner.invoke(app, args)
@@ -120,3 +119,11 @@ def test_extract_write_workers_overrides_the_spec(tmp_path: Path, monkeypatch: p
     assert given == [3, 1]
     refused = runner.invoke(app, ["extract", str(job), "--local", "--write-workers", "0"])
     assert refused.exit_code == 2 and "--write-workers" in refused.output and given == [3, 1]
+
+
+@pytest.mark.parametrize(("model", "presets"), [("sd15", "all, paper"), ("sdxl", "all, stages"),
+                                                 ("dit-xl-2", "all, blocks")])
+def test_a_preset_the_models_family_lacks_is_named_with_the_ones_it_has(model: str, presets: str) -> None:
+    result = runner.invoke(app, ["blocks", model, "--preset", "most"])
+    assert result.exit_code == 2 and f"--preset 'most': not a preset of {model}" in result.output
+    assert f"choose one of {presets}" in result.output

@@ -10,7 +10,7 @@ import pytest
 
 from sdfeat.errors import ModelNotFoundError
 from sdfeat.models import registry as configs
-from sdfeat.models.blocks import _config_shapes, _meta_shapes
+from sdfeat.models.families.sd import _config_shapes, meta_shapes
 
 ROOT = Path(__file__).parents[1]
 
@@ -52,8 +52,8 @@ print(len(layout.arrays), len(layout.passes), est.n_units, len(result.output.spl
 def test_config_shapes_match_the_meta_forward(model: str, resolution: int) -> None:
     """Odd latent sides (72 px -> 9, 136 -> 17, 248 -> 31, crop passes) round as diffusers' forward does."""
     config = configs.unet_config(model)
-    meta = tuple((name, *map(int, shape)) for name, *shape in _meta_shapes(config, resolution))
-    assert _config_shapes(config, resolution) == meta
+    meta = meta_shapes(config, resolution)
+    assert _config_shapes(config, resolution) == meta and list(meta) == list(_config_shapes(config, resolution))
 
 
 def test_config_shapes_leave_other_layouts_to_the_meta_forward() -> None:

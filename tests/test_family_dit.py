@@ -1,4 +1,4 @@
-"""The DiT family (`sdfeat.families.dit`) against independent expectations.
+"""The DiT family (`sdfeat.models.families.dit`) against independent expectations.
 
 Expectations come from diffusers itself: a plain `DiTTransformer2DModel` forward called the way `DiTPipeline` calls
 it (timesteps expanded to the batch, `class_labels` a tensor), plain `register_forward_hook`s for block outputs and
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sdfeat.errors import ArgumentError, ModelNotFoundError
-from sdfeat.families import dit
+from sdfeat.models.families import dit
 
 LABELS = [3, 999, 0]
 
@@ -31,7 +31,7 @@ def _standard_inputs(components: dit.Components, resolution: int, timestep: int,
     per-sample eps and noise, DDIM's add_noise at `timestep`. (B, 4, h, w)."""
     from diffusers import DDIMScheduler
 
-    from sdfeat.protocol import standard_noise
+    from sdfeat.extract.protocol import standard_noise
 
     ids = [f"img-{k}" for k in range(len(LABELS))]
     pixels = torch.randint(0, 256, (len(ids), 3, resolution, resolution), generator=torch.Generator().manual_seed(7))
@@ -60,8 +60,8 @@ def _plain_forward(model: torch.nn.Module, names: list[str], *args, **kwargs) ->
 
 
 def test_registry_and_ownership() -> None:
-    from sdfeat.configs import shipped_config as sd_config
-    from sdfeat.families import sdxl
+    from sdfeat.models.registry import shipped_config as sd_config
+    from sdfeat.models.families import sdxl
 
     assert dit.NAME == "dit" and dit.REGISTRY == {"dit-xl-2": "facebook/DiT-XL-2-256"}
     assert dit.owns(dit.shipped_config("dit-xl-2", "transformer"))  # the hub's class name: Transformer2DModel
@@ -92,7 +92,7 @@ def test_config_side_imports_no_torch() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from sdfeat.families import dit; c = dit.shipped_config('dit-xl-2', 'transformer'); "
+    code = ("import sys; from sdfeat.models.families import dit; c = dit.shipped_config('dit-xl-2', 'transformer'); "
             "assert dit.owns(c) and len(dit.positions(c)) == 86 and dit.presets(c)['blocks']; "
             "assert dit.shapes(c, 256)['transformer_blocks.0.ff'] == (1152, 16, 16); "
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
@@ -163,9 +163,9 @@ def test_conditioning_refuses_what_it_cannot_mean(tiny: dit.Components) -> None:
         dit.conditioning(tiny, [5, -1], ["", ""], 64, {"class_labels": "label"})
     with pytest.raises(ArgumentError, match=r"labels\[0\] = 1000"):
         dit.conditioning(tiny, [1000], [""], 64, {"class_labels": "label"})
-    with pytest.raises(ArgumentError, match="settings 'class_labels'"):
+    with pytest.raises(ArgumentError, match="field 'conditioning.class_labels'"):
         dit.conditioning(tiny, [5], [""], 64, {"class_labels": "random"})
-    with pytest.raises(ArgumentError, match="settings 'guidance'"):
+    with pytest.raises(ArgumentError, match="field 'conditioning.guidance'"):
         dit.conditioning(tiny, [5], [""], 64, {"guidance": 4})
     with pytest.raises(ArgumentError, match="takes no prompt"):
         dit.conditioning(tiny, [5], ["a photo of a dog"], 64, {})

@@ -1,4 +1,4 @@
-"""The SDXL family (`sdfeat.families.sdxl`) against independent expectations.
+"""The SDXL family (`sdfeat.models.families.sdxl`) against independent expectations.
 
 Expectations come from diffusers itself, not from the module under test: `StableDiffusionXLPipeline.encode_prompt`
 and `_get_add_time_ids` for the conditioning, a plain `UNet2DConditionModel` forward with plain
@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from sdfeat.errors import ArgumentError, ModelNotFoundError
-from sdfeat.families import sdxl
-from sdfeat.families.vae_precision import vae_dtype
+from sdfeat.models.families import sdxl
+from sdfeat.models.families.vae_precision import vae_dtype
 
 PROMPTS = ["a photo of the dog", "", "the cat, 2"]
 POSITION = re.compile(r"^(conv_in|conv_out|(down_blocks|up_blocks)\.\d+\.(resnets|attentions|downsamplers|upsamplers)"
@@ -47,7 +47,7 @@ def _standard_inputs(components: sdxl.Components, resolution: int, timestep: int
     per-sample eps and noise, DDIM's add_noise at `timestep`. (B, 4, h, w)."""
     from diffusers import DDIMScheduler
 
-    from sdfeat.protocol import standard_noise
+    from sdfeat.extract.protocol import standard_noise
 
     ids = [f"img-{k}" for k in range(len(PROMPTS))]
     pixels = torch.randint(0, 256, (len(ids), 3, resolution, resolution), generator=torch.Generator().manual_seed(7))
@@ -77,8 +77,8 @@ def _plain_forward(unet: torch.nn.Module, names: list[str], *args, **kwargs) -> 
 
 
 def test_registry_and_ownership() -> None:
-    from sdfeat.configs import shipped_config as sd_config
-    from sdfeat.families import dit
+    from sdfeat.models.registry import shipped_config as sd_config
+    from sdfeat.models.families import dit
 
     assert sdxl.NAME == "sdxl"
     assert sdxl.REGISTRY == {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "sdxl-turbo": "stabilityai/sdxl-turbo"}
@@ -115,7 +115,7 @@ def test_config_side_imports_no_torch() -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from sdfeat.families import sdxl; c = sdxl.shipped_config('sdxl', 'unet'); "
+    code = ("import sys; from sdfeat.models.families import sdxl; c = sdxl.shipped_config('sdxl', 'unet'); "
             "assert sdxl.owns(c) and len(sdxl.positions(c)) == 34 and sdxl.presets(c)['all']; "
             "assert sdxl.shapes(c, 512)['mid_block.resnets.1'] == (1280, 16, 16); "
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
@@ -231,9 +231,9 @@ def test_conditioning_shapes_time_ids_and_settings(tiny: sdxl.Components) -> Non
     pipe = _pipeline(tiny)
     assert torch.equal(times, pipe._get_add_time_ids((375, 500), (0, 62), (256, 256), torch.float32,
                                                      text_encoder_projection_dim=32))
-    with pytest.raises(ArgumentError, match="settings 'aesthetic_score'"):
+    with pytest.raises(ArgumentError, match="field 'conditioning.aesthetic_score'"):
         sdxl.conditioning(tiny, [0], [""], 256, {"aesthetic_score": 6})
-    with pytest.raises(ArgumentError, match="settings 'original_size'"):
+    with pytest.raises(ArgumentError, match="field 'conditioning.original_size'"):
         sdxl.conditioning(tiny, [0], [""], 256, {"original_size": 256})
     with pytest.raises(ArgumentError, match="prompts: 1 prompts for 2 labels"):
         sdxl.conditioning(tiny, [0, 1], [""], 256, {})

@@ -491,12 +491,12 @@ def test_overwrite_names_what_it_removes_and_keeps_other_files(tiny_store, tmp_p
 def test_cheap_block_names_agree_with_the_meta_forward():
     """The names `checks` refuses by (from the config, no torch) are exactly the meta forward's, for every model
     it checks that way: tiny, sd15, sd21, sdturbo, random:sd15."""
-    from sdfeat.models.blocks import _meta_shapes, config_positions
+    from sdfeat.models.families.sd import config_positions, meta_shapes
     from sdfeat.models.registry import local_unet_config, unet_config
 
     for model in ("tiny", "sd15", "sd21", "sdturbo", "random:sd15"):
         config = unet_config(model)
-        assert config_positions(local_unet_config(model)) == [row[0] for row in _meta_shapes(config, 256)], model
+        assert config_positions(local_unet_config(model)) == list(meta_shapes(config, 256)), model
     assert local_unet_config("owner/not-cached") is None and local_unet_config("no-such-model") is None
     assert config_positions({"down_block_types": ["SomethingNew2D"], "up_block_types": []}) is None
 

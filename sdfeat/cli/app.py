@@ -90,11 +90,6 @@ OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Overri
 StoreArg = Annotated[str, typer.Argument(metavar="STORE", help="Store directory or URL (the job's output).")]
 
 
-class Preset(StrEnum):
-    paper = "paper"
-    all = "all"
-
-
 class MapKind(StrEnum):
     norm = "norm"
     similarity = "similarity"
@@ -190,8 +185,11 @@ def plan(
     device: Annotated[str, typer.Option(help="GPU whose recorded peak FLOP/s the cross-check uses.")] = "H200",
     write_gbps: Annotated[Optional[float], typer.Option(min=0.001, help="Write rate in GB/s (default: the "
                                                                          "recorded one).")] = None,
-    imagenet: Annotated[bool, typer.Option("--imagenet", help="The job over ImageNet-train for sd15, sd21 and "
-                                                              "sdturbo, with and without the latent cache.")] = False,
+    imagenet: Annotated[bool, typer.Option("--imagenet", help="The job over ImageNet-train for each of --models, "
+                                                              "with and without the latent cache.")] = False,
+    models: Annotated[str, typer.Option(help="Models of --imagenet, comma-separated (sdxl, dit-xl-2, ... too: "
+                                             "their family's analogue where the job names a preset or protocol "
+                                             "they lack).")] = "sd15,sd21,sdturbo",
     as_json: JsonOpt = False,
 ) -> None:
     """Print units, rows, bytes per block and in total, and hours per stage, before anything runs."""
@@ -206,7 +204,8 @@ def plan(
     est = estimate_job(spec, images_per_second, IMAGENET_TRAIN if imagenet else samples)
     rates = plan_rates(spec.compile, device, from_store, write_gbps * 1e9 if write_gbps else None)
     stages = estimate_stages(spec, est.n_samples, rates, warm_cache, est.layout)
-    budgets = imagenet_budget(spec, rates, est.n_samples) if imagenet else []
+    budgets = imagenet_budget(spec, rates, est.n_samples, tuple(m.strip() for m in models.split(",") if m.strip())) \
+        if imagenet else []
     if as_json:
         print_json({**est.as_dict(), "stages": stages.as_dict(), "imagenet": [b.as_dict() for b in budgets]})
         return
@@ -222,8 +221,11 @@ def plan(
 @command()
 @domain_errors
 def blocks(
-    model: Annotated[str, typer.Argument(help="sd15, sd21, sdturbo, tiny, a hub id or a local diffusers dir.")],
-    preset: Annotated[Preset, typer.Option(help="paper (45 positions) or all (46).")] = Preset.paper,
+    model: Annotated[str, typer.Argument(help="sd15, sd21, sdturbo, sdxl, sdxl-turbo, dit-xl-2, tiny, tiny-sdxl, "
+                                              "tiny-dit, a hub id or a local diffusers dir.")],
+    preset: Annotated[str | None, typer.Option(help="A preset of the model's family: paper (45 positions) or all "
+                                                    "(46) for SD; all or stages for SDXL; all or blocks for DiT. "
+                                                    "Default: paper where the family has it, else all.")] = None,
     resolution: Annotated[int, typer.Option(min=64, help="Image side in pixels.")] = 512,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line instead of a table.")] = False,
 ) -> None:
@@ -231,10 +233,19 @@ def blocks(
     import json
     from dataclasses import asdict
 
+    from sdfeat.errors import ArgumentError
     from sdfeat.models.blocks import resolve_blocks
+    from sdfeat.models.families import for_config
     from sdfeat.models.registry import unet_config
 
-    found = resolve_blocks(unet_config(model), preset.value, resolution)
+    config = unet_config(model)
+    family = for_config(config)
+    presets = family.presets(config)
+    preset = preset or ("paper" if "paper" in presets else "all")
+    if preset not in presets:
+        raise ArgumentError(f"--preset {preset!r}: not a preset of {model} ({family.NAME} family); choose one of "
+                            f"{', '.join(sorted(presets))}")
+    found = resolve_blocks(config, preset, resolution)
     if as_json:
         console.out("\n".join(json.dumps(asdict(b)) for b in found), highlight=False)
         return

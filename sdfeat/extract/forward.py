@@ -29,6 +29,7 @@ from sdfeat.extract.feed import HostBatch, UnitEnd
 from sdfeat.extract.protocol import Schedule, encode, noisy_latents
 from sdfeat.extract.stages import StageClock
 from sdfeat.extract.summaries import crop_summaries, summarize
+from sdfeat.models.families import sd
 from sdfeat.models.hooks import capture
 from sdfeat.models.loading import LoadedModel
 from sdfeat.planning.layout import Layout, Pass
@@ -78,7 +79,7 @@ class Forward:
         self.class_names = class_names
         self.schedule = Schedule(model, spec.protocol, spec.timesteps, device)
         self.download = torch.cuda.Stream(device) if self.cuda else None
-        if "{class_name}" in spec.prompt and class_names:  # every class's prompt embedded at once, once
+        if "{class_name}" in spec.prompt and class_names and model.family is sd:  # every class's prompt at once
             model.prompt_embeddings(self._prompts(range(len(class_names))))
 
     def _prompts(self, labels: Sequence[int]) -> list[str]:
@@ -128,9 +129,9 @@ class Forward:
                            spec.protocol)
                 channels = model.unet.config.in_channels
                 latents = torch.zeros((b, channels, side // 8, side // 8), dtype=model.dtype, device=self.device)
-                emb = model.prompt_embeddings(self._prompts([0] * b))
-                with capture(model.unet, p.names) as hooked:
-                    hooked.run(latents, self.schedule.timestep[t], encoder_hidden_states=emb)
+                conditioning = model.condition([0] * b, self._prompts([0] * b), side, spec.conditioning)
+                with self._capture(p, side) as hooked:
+                    hooked.run(latents, self.schedule.timestep[t], conditioning)
         if self.cuda:
             torch.cuda.synchronize(self.device)  # before the first unit: the compile time ends here
         return time.perf_counter() - start
@@ -142,25 +143,33 @@ class Forward:
         if batch.pixels is not None:
             with clock.stage("h2d"):
                 pixels = self._up(batch.pixels)  # (B, H, W, 3) uint8
-        emb = self.model.prompt_embeddings(self._prompts(batch.labels))  # (B, 77, D)
+        prompts = self._prompts(batch.labels)
         staged: dict[str, torch.Tensor] = {}  # GPU: path -> (B', T, S, *shape) on the device, the store's dtype
         for p in self.layout.passes:
             if p.margin not in batch.margins:
                 continue
             m = p.margin
             cropped = pixels[:, m:-m, m:-m] if m and pixels is not None else pixels  # (B, H-2m, W-2m, 3)
-            self._pass(p, cropped, batch, work, emb, staged)
+            self._pass(p, cropped, batch, work, prompts, staged)
         if staged:
             with clock.stage("d2h", self.download):
                 for path, values in staged.items():
                     self._to_host(values, work.buffers[path][batch.slot: batch.slot + len(values)])
 
-    def _pass(self, p: Pass, pixels: torch.Tensor | None, batch: HostBatch, work: UnitWork, emb: torch.Tensor,
+    def _capture(self, p: Pass, side: int) -> Any:
+        """Hooks on the pass's blocks, the forward run as the model's family calls it, outputs read as maps."""
+        latent_hw = (side // 8, side // 8)
+        return capture(self.model.unet, p.names, call=self.model.call,
+                       to_map=lambda name, output: self.model.as_map(name, output, latent_hw))
+
+    def _pass(self, p: Pass, pixels: torch.Tensor | None, batch: HostBatch, work: UnitWork, prompts: list[str],
               staged: dict[str, torch.Tensor]) -> None:
         clock = work.clock
+        side = self.spec.resolution - 2 * p.margin
+        conditioning = self.model.condition(batch.labels, prompts, side, self.spec.conditioning)
         dist = self._posterior(p.margin, pixels, batch, work)
         positions: dict[int, torch.Tensor] = {}  # id of a host tensor -> it on the device (blocks share shapes)
-        with capture(self.model.unet, p.names) as hooked:
+        with self._capture(p, side) as hooked:
             for si, seed in enumerate(self.spec.seeds):
                 with clock.stage("noise"):
                     latents = noisy_latents(self.model, dist, self.spec.protocol, seed, batch.sample_ids,
@@ -169,7 +178,7 @@ class Forward:
                 for ti, step in enumerate(self.spec.timesteps):
                     with clock.stage("unet"):
                         acts = hooked.run(latents[step], self.schedule.timestep[step],
-                                          encoder_hidden_states=emb)  # {name: (B, C, h, w)}
+                                          conditioning)  # {name: (B, C, h, w)}
                         found = {p.prefix + b.name: acts[b.name] for b in p.stored}
                         for b in p.summarized:
                             if p.margin:

@@ -46,7 +46,12 @@ def encode(model: LoadedModel, pixels: torch.Tensor, protocol: str):
     if model.device.type == "cuda":
         x = x.contiguous()  # the contiguous VAE is faster on a GPU; on a CPU keep sdhelper's layout (bit-exact)
     with torch.inference_mode():
-        return model.vae.encode(x).latent_dist
+        dist = model.vae.encode(x).latent_dist
+        if dist.parameters.dtype != model.dtype:  # a VAE upcast for precision (SDXL's): latents in the compute dtype
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+            dist = DiagonalGaussianDistribution(dist.parameters.to(model.dtype))
+        return dist
 
 
 def sample_generator(seed: int, sample_id: str, tag: str) -> torch.Generator:

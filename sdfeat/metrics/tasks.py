@@ -91,8 +91,12 @@ class Block:
 def block_order(features: FeatureStore, block: str) -> int:
     """The `order` column of a block: its index in the `all` preset (execution order); blocks outside it after."""
     from sdfeat.models.blocks import preset_names
+    from sdfeat.models.registry import unet_config
 
-    names = preset_names("all")
+    try:
+        names = preset_names("all", unet_config(features.spec.model))  # the model's family's positions
+    except SdfeatError:  # a hub model whose config is not here: SD's
+        names = preset_names("all")
     return names.index(block) if block in names else len(names) + all_blocks(features).index(block)
 
 

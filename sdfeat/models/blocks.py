@@ -1,14 +1,11 @@
-"""Block names, presets and shapes of SD-shaped U-Nets, without weights.
+"""Block names, presets and shapes of any denoiser sdfeat knows, without weights.
 
-A block ("position") is a direct child of a U-Net stage that the paper hooks: `conv_in`, `conv_out`, and
-`down_blocks.i|up_blocks.i|mid_block` . `resnets.j|attentions.j|downsamplers.j|upsamplers.j`. Its canonical name is
-the PyTorch module path (dotted); the paper's bracket form `down_blocks[0].resnets[0]` is accepted as input.
-
-Shapes of the SD block layout (every SD 1.x/2.x U-Net, and `tiny`) are computed from the config (`_config_shapes`,
-no torch: `sdfeat blocks`, planning and the store template stay torch-free); any other layout's come from a U-Net
-built from its config on the meta device (no memory, no weights) and one meta forward with `hooks.capture` on every
-position, the hooks' firing order being the execution order. Tests pin the two against each other. The table is
-cached per (config, resolution). Name handling needs neither torch nor diffusers.
+A block ("position") is a module the study hooks, named by its PyTorch module path (dotted), e.g.
+`down_blocks.0.resnets.1` in a U-Net or `transformer_blocks.3` in a DiT; the paper's bracket form
+`down_blocks[0].resnets[1]` is accepted as input. Which positions a denoiser has, its presets and their shapes at a
+resolution are its family's (`sdfeat.models.families`: `positions`, `presets`, `shapes`, from the config where it
+can say, else a meta-device forward); this module resolves requested names against them. The table is cached per
+(config, resolution). Name handling needs neither torch nor diffusers.
 """
 
 from __future__ import annotations
@@ -20,12 +17,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from sdfeat.errors import SpecError, UnknownBlockError
+from sdfeat.models.families import for_config, sd
 
-VAE_FACTOR = 8  # pixels per latent token in every SD VAE
+VAE_FACTOR = 8  # pixels per latent token of every VAE sdfeat knows
 _BRACKET = re.compile(r"\[(\d+)\]")
 _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.(\d+|[A-Za-z_]\w*))*$")
-_POSITION = re.compile(r"^(conv_in|conv_out|(down_blocks\.\d+|up_blocks\.\d+|mid_block)"
-                       r"\.(resnets|attentions|downsamplers|upsamplers)\.\d+)$")
 
 
 @dataclass(frozen=True)
@@ -52,76 +48,28 @@ def paper_name(name: str) -> str:
     return re.sub(r"\.(\d+)", r"[\1]", canonical_name(name))
 
 
-def _sd_positions() -> list[str]:
-    """All 46 positions of an SD-1.x/2.x U-Net (layers_per_block=2), in execution order."""
-    names = ["conv_in"]
-    for i in range(4):
-        for j in range(2):
-            names.append(f"down_blocks.{i}.resnets.{j}")
-            if i < 3:
-                names.append(f"down_blocks.{i}.attentions.{j}")
-        if i < 3:
-            names.append(f"down_blocks.{i}.downsamplers.0")
-    names += ["mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1"]
-    for i in range(4):
-        for j in range(3):
-            names.append(f"up_blocks.{i}.resnets.{j}")
-            if i > 0:
-                names.append(f"up_blocks.{i}.attentions.{j}")
-        if i < 3:
-            names.append(f"up_blocks.{i}.upsamplers.0")
-    return names + ["conv_out"]
-
-
-_DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # block type -> has attentions
-_UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
-
-
-def config_positions(unet_config: dict) -> list[str] | None:
-    """Every position of a U-Net config in execution order, from the config alone (no torch): for the SD block
-    types (CrossAttn/plain down and up blocks, the cross-attention mid block); None for any other layout, whose
-    names only the meta forward knows. Lets a job refuse a misspelt block before anything heavy is imported."""
-    down, up = unet_config.get("down_block_types"), unet_config.get("up_block_types")
-    layers = unet_config.get("layers_per_block", 2)
-    mid = unet_config.get("mid_block_type") or "UNetMidBlock2DCrossAttn"
-    if (not isinstance(down, list) or not isinstance(up, list) or not isinstance(layers, int)
-            or any(t not in _DOWN_TYPES for t in down) or any(t not in _UP_TYPES for t in up)
-            or mid != "UNetMidBlock2DCrossAttn"):
-        return None
-    names = ["conv_in"]
-    for i, kind in enumerate(down):
-        for j in range(layers):
-            names.append(f"down_blocks.{i}.resnets.{j}")
-            names += [f"down_blocks.{i}.attentions.{j}"] if _DOWN_TYPES[kind] else []
-        if i < len(down) - 1:
-            names.append(f"down_blocks.{i}.downsamplers.0")
-    names += ["mid_block.resnets.0", "mid_block.attentions.0", "mid_block.resnets.1"]
-    for i, kind in enumerate(up):
-        for j in range(layers + 1):
-            names.append(f"up_blocks.{i}.resnets.{j}")
-            names += [f"up_blocks.{i}.attentions.{j}"] if _UP_TYPES[kind] else []
-        if i < len(up) - 1:
-            names.append(f"up_blocks.{i}.upsamplers.0")
-    return names + ["conv_out"]
-
-
-def check_names(requested: list[str] | str, valid: list[str], field: str) -> None:
-    """UnknownBlockError naming `field` and the closest valid names for the first requested name not in `valid`."""
-    names = preset_names(requested) if isinstance(requested, str) else [canonical_name(n) for n in requested]
+def check_names(requested: list[str] | str, valid: list[str], field: str, config: dict | None = None) -> None:
+    """UnknownBlockError naming `field` and the closest valid names for the first requested name not in `valid`
+    (a preset name is resolved for the denoiser `config`, SD's without one)."""
+    try:
+        names = preset_names(requested, config) if isinstance(requested, str) else \
+            [canonical_name(n) for n in requested]
+    except UnknownBlockError as err:
+        raise UnknownBlockError(f"field '{field}': {err.args[0]}") from None
     for name in names:
         if name not in valid:
             raise UnknownBlockError(f"field '{field}': {_closest(name, valid)}")
 
 
-_PRESETS: dict[str, list[str]] = {"all": _sd_positions()}
-_PRESETS["paper"] = [n for n in _PRESETS["all"] if n != "up_blocks.0.resnets.2"]  # the paper omits this one
-
-
-def preset_names(preset: str) -> list[str]:
-    """`paper` (45 positions, the paper's order) or `all` (46), both in execution order, for SD-shaped U-Nets."""
-    if preset not in _PRESETS:
-        raise UnknownBlockError(f"block preset {preset!r}: unknown; choose one of {sorted(_PRESETS)}")
-    return list(_PRESETS[preset])
+def preset_names(preset: str, config: dict | None = None) -> list[str]:
+    """A preset's positions in execution order, for the denoiser `config` (its family's presets; without a config,
+    SD's: `paper`, the paper's 45 positions, and `all`, 46)."""
+    family = sd if config is None else for_config(config)
+    presets = family.presets(config)
+    if preset not in presets:
+        raise UnknownBlockError(f"block preset {preset!r}: unknown for the {family.NAME} family; choose one of "
+                                f"{sorted(presets)}")
+    return list(presets[preset])
 
 
 def _config_key(unet_config: dict) -> str:
@@ -131,66 +79,9 @@ def _config_key(unet_config: dict) -> str:
 
 @lru_cache(maxsize=32)
 def _shape_table(config_key: str, resolution: int) -> tuple[tuple[str, int, int, int], ...]:
-    """(name, channels, height, width) of every position in execution order: from the config for the SD block
-    layout (`_config_shapes`, no torch), else from a meta forward."""
+    """(name, channels, height, width) of every position in execution order, from the config's family."""
     config = json.loads(config_key)
-    return _config_shapes(config, resolution) or _meta_shapes(config, resolution)
-
-
-def _config_shapes(config: dict, resolution: int) -> tuple[tuple[str, int, int, int], ...] | None:
-    """The shape table of an SD-laid-out U-Net (`config_positions`) computed from its config, as diffusers' forward
-    gives it: channels from `block_out_channels` (reversed on the way up) and `out_channels`; sides halved by each
-    stride-2, padding-1 downsampler (rounding up: 31 -> 16) and restored by each upsampler (to the skip's size).
-    None where the config has anything else (the meta forward knows it); tests pin both against each other."""
-    names = config_positions(config)
-    channels, out = config.get("block_out_channels"), config.get("out_channels", 4)
-    kernels = (config.get("conv_in_kernel", 3), config.get("conv_out_kernel", 3))
-    if (names is None or not isinstance(channels, list) or len(channels) != len(config["down_block_types"])
-            or len(channels) != len(config["up_block_types"]) or not all(isinstance(c, int) for c in channels)
-            or not isinstance(out, int) or config.get("downsample_padding", 1) != 1
-            or not all(isinstance(k, int) and k % 2 for k in kernels)
-            or config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn"
-            or config.get("class_embed_type") is not None or config.get("addition_embed_type") is not None):
-        return None
-    sides = [resolution // VAE_FACTOR]  # sides[level]: the latent side inside down block `level`
-    for _ in channels[1:]:
-        sides.append((sides[-1] - 1) // 2 + 1)
-
-    def shape(name: str) -> tuple[int, int]:
-        """(channels, side) of one position."""
-        parts = name.split(".")
-        if name in ("conv_in", "conv_out"):
-            return (channels[0] if name == "conv_in" else out), sides[0]
-        if parts[0] == "mid_block":
-            return channels[-1], sides[-1]
-        i, kind = int(parts[1]), parts[2]
-        if parts[0] == "down_blocks":
-            return channels[i], (sides[i + 1] if kind == "downsamplers" else sides[i])
-        level = len(channels) - 1 - i  # up block i works at down block `level`'s side, its upsampler at the next
-        return channels[level], (sides[level - 1] if kind == "upsamplers" else sides[level])
-
-    return tuple((n, c, s, s) for n, c, s in ((n, *shape(n)) for n in names))
-
-
-def _meta_shapes(config: dict, resolution: int) -> tuple[tuple[str, int, int, int], ...]:
-    """The shape table from a U-Net built on the meta device and one meta forward with hooks on every position."""
-    import torch  # here, not at the top: names, presets and SD shapes are used where torch is not
-    from diffusers import UNet2DConditionModel
-
-    from sdfeat.models.hooks import capture
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    names = [n for n, _ in unet.named_modules() if _POSITION.match(n)]
-    fired: list[str] = []
-    for name in names:  # records execution order; capture's hooks record outputs
-        unet.get_submodule(name).register_forward_hook(lambda _m, _i, _o, name=name: fired.append(name))
-    side = resolution // VAE_FACTOR
-    sample = torch.empty(1, unet.config.in_channels, side, side, device="meta")  # (1, 4, h, w)
-    context = torch.empty(1, 77, unet.config.cross_attention_dim, device="meta")  # (1, 77, D)
-    with capture(unet, names, early_exit=False) as cap:
-        outputs = cap.run(sample, torch.tensor(50), encoder_hidden_states=context)
-    return tuple((n, *outputs[n].shape[1:]) for n in fired)
+    return tuple((name, *map(int, shape)) for name, shape in for_config(config).shapes(config, resolution).items())
 
 
 def _table(unet_config: dict, resolution: int) -> tuple[tuple[str, int, int, int], ...]:
@@ -220,6 +111,7 @@ def block_shapes(unet_config: dict, resolution: int, names: list[str]) -> list[B
 
 def resolve_blocks(unet_config: dict, requested: list[str] | str, resolution: int) -> list[BlockInfo]:
     """A preset name or a list of names (either notation) -> unique BlockInfos in execution order."""
-    names = preset_names(requested) if isinstance(requested, str) else [canonical_name(n) for n in requested]
+    names = preset_names(requested, unet_config) if isinstance(requested, str) else \
+        [canonical_name(n) for n in requested]
     unique = list(dict.fromkeys(names))
     return sorted(block_shapes(unet_config, resolution, unique), key=lambda info: info.order)

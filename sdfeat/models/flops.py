@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from sdfeat.models.families import for_config
 from sdfeat.models.hooks import capture
 
 
@@ -27,22 +28,18 @@ def _count(module: torch.nn.Module, *args: Any, **kwargs: Any) -> int:
 
 @lru_cache(maxsize=32)
 def _unet_flops(config_json: str, resolution: int, upto: str | None) -> int:
-    from diffusers import UNet2DConditionModel
-
     config = json.loads(config_json)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-        side = resolution // 8
-        sample = torch.empty(1, config.get("in_channels", 4), side, side)
-        context = torch.empty(1, 77, config["cross_attention_dim"])
+    family = for_config(config)
+    model = family.meta_model(config)
+    args, kwargs = family.meta_inputs(config, resolution)
     if upto is None:
-        return _count(unet, sample, 50, encoder_hidden_states=context)
-    with capture(unet, [upto]) as hooked:  # the forward stops after `upto`
-        return _count(hooked.run, sample, 50, encoder_hidden_states=context)
+        return _count(model, *args, **kwargs)
+    with capture(model, [upto]) as hooked:  # the forward stops after `upto`
+        return _count(hooked.run, *args, **kwargs)
 
 
 def unet_flops(config: dict[str, Any], resolution: int, upto: str | None = None) -> int:
-    """FLOPs of one image's U-Net forward at `resolution` px, up to and including block `upto` (None: all)."""
+    """FLOPs of one image's denoiser forward (its family's `meta_inputs`) at `resolution` px, up to and including block `upto` (None: all)."""
     return _unet_flops(json.dumps(config, sort_keys=True), resolution, upto)
 
 

@@ -1,8 +1,10 @@
-"""Forward hooks that capture block outputs of a U-Net (TransformerLens style).
+"""Forward hooks that capture block outputs of a denoiser (TransformerLens style).
 
-`extract` wraps each U-Net forward in `capture(unet, names)`; `blocks` uses the same hooks on a meta-device U-Net
-to read shapes. One rule turns a module's output into a tensor: **a tuple or list gives its element 0** (down
-blocks and `Transformer2DModel` with `return_dict=False` return tuples; everything else returns a tensor).
+`extract` wraps each denoiser forward in `capture(denoiser, names, call=model.call, to_map=...)`: `call` runs the
+forward as the model's family does (`LoadedModel.call`), `to_map` turns a hooked output into a (B, C, H, W) map
+(`LoadedModel.as_map`: a DiT's tokens on their grid). Without them the module is called with the arguments of
+`run` and one rule turns an output into a tensor: **a tuple or list gives its element 0** (down blocks and
+`Transformer2DModel` with `return_dict=False` return tuples; everything else returns a tensor).
 
 With `early_exit=True` the forward stops as soon as every requested block has produced its output: the hook that
 completes the set raises a private exception, which `Capture.run` catches. That is the deepest requested block in
@@ -11,7 +13,7 @@ execution order, so nothing after it is computed. Hooks are removed in `finally`
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -36,10 +38,14 @@ def output_tensor(output: Any) -> torch.Tensor:
 class Capture:
     """Hooks on `names` of one module; `run(...)` does one forward and returns `{name: output}`."""
 
-    def __init__(self, module: torch.nn.Module, names: Sequence[str], early_exit: bool) -> None:
+    def __init__(self, module: torch.nn.Module, names: Sequence[str], early_exit: bool,
+                 call: Callable[..., Any] | None = None,
+                 to_map: Callable[[str, Any], torch.Tensor] | None = None) -> None:
         self.module = module
         self.names = list(dict.fromkeys(names))
         self.early_exit = early_exit
+        self.call = call or module
+        self.to_map = to_map or (lambda _name, output: output_tensor(output))
         self._outputs: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -53,7 +59,7 @@ class Capture:
 
     def _hook_for(self, name: str):
         def hook(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
-            self._outputs[name] = output_tensor(output).detach()
+            self._outputs[name] = self.to_map(name, output).detach()
             if self.early_exit and len(self._outputs) == len(self.names):
                 raise _StopForward
 
@@ -65,11 +71,12 @@ class Capture:
         self._handles.clear()
 
     def run(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """One forward of the module (no autograd); returns the captured outputs keyed by name, in `names` order."""
+        """One forward (`call`, else the module; no autograd); returns the captured outputs keyed by name, in
+        `names` order."""
         self._outputs = {}
         try:
             with torch.inference_mode():
-                self.module(*args, **kwargs)
+                self.call(*args, **kwargs)
         except _StopForward:
             pass
         missing = [n for n in self.names if n not in self._outputs]
@@ -80,9 +87,12 @@ class Capture:
 
 
 @contextmanager
-def capture(module: torch.nn.Module, names: Sequence[str], early_exit: bool = True) -> Iterator[Capture]:
-    """Hook the submodules `names` (canonical dotted paths) of `module` for the duration of the block."""
-    cap = Capture(module, names, early_exit)
+def capture(module: torch.nn.Module, names: Sequence[str], early_exit: bool = True, *,
+            call: Callable[..., Any] | None = None,
+            to_map: Callable[[str, Any], torch.Tensor] | None = None) -> Iterator[Capture]:
+    """Hook the submodules `names` (canonical dotted paths) of `module` for the duration of the block; `run` calls
+    `call` (default: the module) and keeps `to_map(name, output)` of each (default: `output_tensor`)."""
+    cap = Capture(module, names, early_exit, call, to_map)
     try:
         cap._attach()
         yield cap

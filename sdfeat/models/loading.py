@@ -21,19 +21,22 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
 from sdfeat.errors import ModelNotFoundError
+from sdfeat.models.families import FAMILIES, sd
+from sdfeat.models.families.vae_precision import vae_dtype
 from sdfeat.models.interventions import apply_padding, set_padding
 from sdfeat.models.registry import TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, shipped_config
 from sdfeat.models.registry import locate as _locate
 from sdfeat.models.registry import not_available as _not_found
-from sdfeat.models.registry import require_weights
+from sdfeat.models.registry import family_of, require_weights
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,23 @@ class LoadedModel:
     _prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _vae_loader: Callable[[], Any] | None = field(default=None, repr=False)
     _vae_digest: Callable[[], str] | None = field(default=None, repr=False)
+    family: ModuleType = sd  # `sdfeat.models.families`: how the denoiser is conditioned, called and read
+    components: Any = None   # the family's own components (SDXL's text encoders, ...); None for SD
+
+    def condition(self, labels: Sequence[int], prompts: Sequence[str], resolution: int,
+                  settings: Mapping[str, Any]) -> dict[str, Any]:
+        """The denoiser's keyword inputs for a batch besides latents and timestep (SD: the prompts' embeddings)."""
+        if self.family is sd:
+            return {"encoder_hidden_states": self.prompt_embeddings(prompts)}  # (B, 77, D)
+        return self.family.conditioning(self.components, labels, prompts, resolution, settings)
+
+    def call(self, latents: torch.Tensor, timestep: torch.Tensor, conditioning: Mapping[str, Any]) -> Any:
+        """One denoiser forward (the family's call); hooks on its blocks may end it early."""
+        return self.family.call(self.unet, latents, timestep, conditioning)
+
+    def as_map(self, name: str, output: Any, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """A hooked block output as a (B, C, H, W) map (a DiT's tokens on their grid)."""
+        return self.family.as_map(name, output, latent_hw)
 
     @property
     def vae(self) -> Any:
@@ -316,7 +336,10 @@ class _VaeSource:
 
 
 def unet_blocks(unet: torch.nn.Module) -> list[torch.nn.Module]:
-    """Every block inside the U-Net's down, mid and up blocks (resnets, attentions, down/upsamplers)."""
+    """Every block inside the U-Net's down, mid and up blocks (resnets, attentions, down/upsamplers); a
+    transformer's blocks."""
+    if hasattr(unet, "transformer_blocks"):
+        return list(unet.transformer_blocks)
     stages = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
     return [block for stage in stages for kind in ("resnets", "attentions", "downsamplers", "upsamplers")
             for block in getattr(stage, kind, None) or ()]
@@ -371,6 +394,10 @@ def load_model(model: str, device: str | torch.device = "cpu", dtype: torch.dtyp
 
     device = torch.device(device)
     kind, source = _locate(model)
+    family = FAMILIES[family_of(model)]
+    if family is not sd:
+        return _load_family(family, model, kind, source, device, dtype, revision, compiled, padding, padding_scope,
+                            shapes)
     if kind == "tiny":
         unet_loader, vae_source, scheduler, raw_text_loader = _components_tiny()
     elif kind == "random":
@@ -419,3 +446,43 @@ def load_model(model: str, device: str | torch.device = "cpu", dtype: torch.dtyp
         loaded._vae = vae_loader()
     log.info("loaded %s from %s on %s (%s)", model, source, device, dtype)
     return loaded
+
+
+def _load_family(family: ModuleType, model: str, kind: str, source: str, device: torch.device, dtype: torch.dtype,
+                 revision: str | None, compiled: bool, padding: str, padding_scope: str, shapes: int) -> LoadedModel:
+    """A model of a family other than SD, from the family's components (`tiny_components`, `random_components`,
+    `load_pretrained`): the denoiser in `dtype`, the VAE encoder in `vae_precision.vae_dtype`, both on `device`."""
+    from diffusers import DDIMScheduler
+
+    from sdfeat.models import weights
+
+    if kind == "tiny":
+        components = family.tiny_components()
+    elif kind == "random":
+        components = family.random_components(source, dtype=dtype)
+    else:
+        require_weights(model, revision)
+        components = family.load_pretrained(model if kind == "hub" else source, revision, device, dtype)
+    vae_in = vae_dtype(components.vae_config, dtype)
+    denoiser = _prepare(components.denoiser, device, dtype, False, channels_last=device.type == "cuda")
+    vae = _prepare(components.vae, device, vae_in, False)
+    components.denoiser, components.vae, components.device, components.dtype = denoiser, vae, device, dtype
+    apply_padding(denoiser, vae, padding, padding_scope)
+    if compiled and device.type == "cuda":
+        compile_unet_blocks(denoiser, shapes=shapes)
+        allow_recompiles([vae.encoder], shapes)
+        vae.encoder = torch.compile(vae.encoder)
+    scheduler = components.scheduler
+
+    def vae_digest() -> str:
+        return weights.digest(((n, t) for n, t in vae.state_dict().items() if n.startswith(ENCODER_PREFIXES)),
+                              vae_in, False)
+
+    def no_text() -> tuple[Any, torch.nn.Module]:
+        raise ModelNotFoundError(f"model {model!r}: the {family.NAME} family conditions through its own components")
+
+    log.info("loaded %s (%s family) from %s on %s (%s)", model, family.NAME, source, device, dtype)
+    return LoadedModel(name=model, source=source, revision=revision, unet=denoiser, _vae=vae, scheduler=scheduler,
+                       noise_scheduler=DDIMScheduler.from_config(scheduler.config), device=device, dtype=dtype,
+                       scaling_factor=float(components.vae_config["scaling_factor"]), _text_loader=no_text,
+                       _vae_digest=vae_digest, family=family, components=components)

@@ -1,8 +1,10 @@
-"""Which model a name means, and its component configs, without torch or weights.
+"""Which model a name means, its family and its component configs, without torch or weights.
 
-Names: `sd15`, `sd21`, `sdturbo` (REGISTRY, hub ids), any hub id (`owner/name`), any local diffusers pipeline
-directory, `tiny` (an offline SD-shaped pipeline built in code from the configs below) and `random:<registry
-name>` (the full architecture from the shipped configs in `sdfeat/data`, with random weights).
+Names: the registry names of every family (`sd15`, `sd21`, `sdturbo`; `sdxl`, `sdxl-turbo`; `dit-xl-2`: hub ids,
+each family's `REGISTRY`), any hub id (`owner/name`), any local diffusers pipeline directory, the tiny offline models
+(`tiny`: SD-shaped, built in code from the configs below; `tiny-sdxl`, `tiny-dit`: their families' tiny configs) and
+`random:<registry name>` (the full architecture from the shipped configs in `sdfeat/data`, with random weights).
+`family_of(model)` says which family (`sdfeat.models.families`) runs a model.
 
 Read by everything that needs a model's shape before (or without) loading it: `layout.job_layout` (and through it
 the planner and the store template), `checks` (block names before anything heavy), `costs` (FLOPs), `sdfeat
@@ -19,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from sdfeat.errors import ModelNotFoundError
+from sdfeat.models.families import FAMILIES, dit, for_config, for_registry_name, sd, sdxl
 
-REGISTRY = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1",
-            "sdturbo": "stabilityai/sd-turbo"}
+REGISTRY = sd.REGISTRY  # the paper's three models
+TINY_MODELS = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-dit": "dit"}  # offline tiny model -> its family
+NAMES = [name for family in FAMILIES.values() for name in family.REGISTRY]  # every registry name, by family
 RANDOM_PREFIX = "random:"
 DATA_DIR = Path(__file__).parent.parent / "data"
 
@@ -63,21 +67,33 @@ def not_available(model: str, source: str, reason: str) -> ModelNotFoundError:
 
 def locate(model: str) -> tuple[str, str]:
     """(kind, source): kind is tiny | random | local | hub; source the hub id, directory or registry name."""
-    if model == "tiny":
-        return "tiny", "tiny"
+    if model in TINY_MODELS:
+        return "tiny", model
     if model.startswith(RANDOM_PREFIX):
         name = model.removeprefix(RANDOM_PREFIX)
-        if name not in REGISTRY:
-            raise ModelNotFoundError(f"model {model!r}: random weights exist for {sorted(REGISTRY)} only")
+        if for_registry_name(name) is None:
+            raise ModelNotFoundError(f"model {model!r}: random weights exist for {', '.join(NAMES)} only")
         return "random", name
-    if model in REGISTRY:
-        return "hub", REGISTRY[model]
+    family = for_registry_name(model)
+    if family is not None:
+        return "hub", family.REGISTRY[model]
     if Path(model).is_dir():
         return "local", str(Path(model).resolve())
     if model.count("/") == 1 and not model.startswith((".", "/")):
         return "hub", model
-    raise ModelNotFoundError(f"model {model!r}: not a registry name ({', '.join(sorted(REGISTRY))}, tiny, "
-                             f"random:<name>), a hub id owner/name, or an existing local diffusers directory")
+    raise ModelNotFoundError(f"model {model!r}: not a registry name ({', '.join(NAMES)}, "
+                             f"{', '.join(TINY_MODELS)}, random:<name>), a hub id owner/name, or an existing local "
+                             f"diffusers directory")
+
+
+def family_of(model: str) -> str:
+    """The family (`sd`, `sdxl`, `dit`) that runs `model`: by name where the name says, else by its denoiser's
+    config (a local directory's, or the HF cache's)."""
+    kind, source = locate(model)
+    if kind == "tiny":
+        return TINY_MODELS[model]
+    family = for_registry_name(source if kind == "random" else model)
+    return family.NAME if family is not None else for_config(unet_config(model)).NAME
 
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
@@ -95,7 +111,9 @@ def require_weights(model: str, revision: str | None = None) -> None:
     kind, source = locate(model)
     if kind in ("tiny", "random") or (kind == "hub" and downloads_allowed()):
         return
-    for component in ("unet", "vae"):
+    family = for_registry_name(model)
+    denoiser = family.DENOISER if family is not None else _denoiser_folder(model, kind, source)
+    for component in (denoiser, "vae"):
         if kind == "local":
             if not any((Path(source) / component / name).is_file() for name in WEIGHT_FILES):
                 raise ModelNotFoundError(f"model {model!r}: {Path(source) / component} has no safetensors weights "
@@ -108,15 +126,34 @@ def require_weights(model: str, revision: str | None = None) -> None:
             raise not_available(model, source, f"no {component} weights in the Hugging Face cache")
 
 
+_TINY_CONFIGS = {"tiny": TINY_UNET_CONFIG, "tiny-sdxl": sdxl.TINY_UNET_CONFIG,
+                 "tiny-dit": dit.TINY_TRANSFORMER_CONFIG}
+
+
+def _denoiser_folder(model: str, kind: str, source: str) -> str:
+    """The subfolder of a local or hub pipeline that holds its denoiser: `unet`, or `transformer` (a DiT)."""
+    if kind == "local":
+        return "transformer" if (Path(source) / "transformer" / "config.json").is_file() else "unet"
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(source, "transformer/config.json")
+    return "transformer" if isinstance(found, str) else "unet"
+
+
 def unet_config(model: str) -> dict[str, Any]:
-    """The U-Net config without loading weights: shipped JSON, the tiny config, a local dir's or the HF cache's."""
+    """The denoiser's config (a U-Net's, a DiT's transformer's) without loading weights: shipped JSON, the tiny
+    configs, a local directory's or the HF cache's."""
     kind, source = locate(model)
     if kind == "tiny":
-        return json.loads(json.dumps(TINY_UNET_CONFIG))
-    if kind == "random" or model in REGISTRY:
+        return json.loads(json.dumps(_TINY_CONFIGS[model]))
+    family = for_registry_name(source if kind == "random" else model)
+    if family is sd:
         return shipped_config(model.removeprefix(RANDOM_PREFIX), "unet")
+    if family is not None:
+        return family.shipped_config(model.removeprefix(RANDOM_PREFIX), family.DENOISER)
+    folder = _denoiser_folder(model, kind, source)
     if kind == "local":
-        path = Path(source) / "unet" / "config.json"
+        path = Path(source) / folder / "config.json"
         if not path.is_file():
             raise ModelNotFoundError(f"model {model!r}: {path} is missing (not a diffusers pipeline directory)")
         return json.loads(path.read_text())
@@ -124,7 +161,7 @@ def unet_config(model: str) -> dict[str, Any]:
     from huggingface_hub.errors import HFValidationError
 
     try:
-        return json.loads(Path(hf_hub_download(source, "config.json", subfolder="unet",
+        return json.loads(Path(hf_hub_download(source, "config.json", subfolder=folder,
                                                local_files_only=True)).read_text())
     except (OSError, HFValidationError) as err:
         raise not_available(model, source, type(err).__name__) from None
@@ -136,7 +173,7 @@ def local_unet_config(model: str) -> dict[str, Any] | None:
     has, or a local config that does not parse (the model loader reports those)."""
     try:
         kind, _ = locate(model)
-        if kind == "hub" and model not in REGISTRY:
+        if kind == "hub" and for_registry_name(model) is None:
             return None
         return unet_config(model)
     except (ModelNotFoundError, ValueError):

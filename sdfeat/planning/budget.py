@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sdfeat.errors import SpecError
+from sdfeat.models.families import for_config
+from sdfeat.models.registry import unet_config
 from sdfeat.planning.costs import pass_costs
 from sdfeat.planning.layout import Layout, job_layout
 from sdfeat.planning.rates import Rates, end_to_end_runs, host_costs, recorded
@@ -131,14 +133,35 @@ class ModelBudget:
 
 def imagenet_budget(spec: JobSpec, rates: Rates, n_samples: int = IMAGENET_TRAIN,
                     models: tuple[str, ...] = BUDGET_MODELS) -> list[ModelBudget]:
-    """The job `spec` over `n_samples` images for each of `models` (the spec's model replaced)."""
+    """The job `spec` over `n_samples` images for each of `models` (the spec's model replaced). For a model of
+    another family the spec's parts that its family does not define are replaced by the family's analogues, and the
+    row names them: a block preset it lacks by `all` (every position), `protocol: paper` by `standard`."""
     budgets = []
     for model in models:
-        job = spec.model_copy(update={"model": model})
+        job, label = _for_model(spec, model)
         layout = job_layout(job)
-        budgets.append(ModelBudget(model, estimate_stages(job, n_samples, rates, False, layout),
+        budgets.append(ModelBudget(label, estimate_stages(job, n_samples, rates, False, layout),
                                    estimate_stages(job, n_samples, rates, True, layout)))
     return budgets
+
+
+def _for_model(spec: JobSpec, model: str) -> tuple[JobSpec, str]:
+    """`spec` for `model`, and the budget row's label (the model, and what was replaced for its family)."""
+    config = unet_config(model)
+    family = for_config(config)
+    presets = family.presets(config)
+    update: dict = {"model": model}
+    changed = []
+    if isinstance(spec.blocks, str) and spec.blocks not in presets:
+        update["blocks"] = "all"
+        changed.append("blocks: all")
+    if spec.summaries is not None and isinstance(spec.summaries.blocks, str) and spec.summaries.blocks not in presets:
+        update["summaries"] = spec.summaries.model_copy(update={"blocks": "all"})
+        changed.append("summaries: all")
+    if spec.protocol not in family.PROTOCOLS:
+        update["protocol"] = "standard"
+        changed.append("standard")
+    return spec.model_copy(update=update), model + (f" ({', '.join(changed)})" if changed else "")
 
 
 def _end_to_end_line(budgets: list[ModelBudget]) -> str:

@@ -5,7 +5,7 @@ before a job writes anything (on Ray: where the actors run).
 
 `cli extract` runs `check_job` before it imports the extraction modules, so a misspelt block or a missing source
 is reported in a fraction of a second; `extract.prepare_job` runs it too (for Python callers and Ray). Each
-failure is one line naming the field. Imports fsspec and `configs` only (no torch, no diffusers, no pyarrow).
+failure is one line naming the field. Imports fsspec and `registry` only (no torch, no diffusers, no pyarrow).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 import fsspec
 
 from sdfeat.errors import ModelNotFoundError, SourceNotFoundError, SpecError
-from sdfeat.models.blocks import check_names, config_positions
-from sdfeat.models.registry import local_unet_config, locate
+from sdfeat.models.blocks import check_names
+from sdfeat.models.families import FAMILIES, for_config, sd
+from sdfeat.models.registry import family_of, local_unet_config, locate
 from sdfeat.spec import JobSpec
 
 _GLOB_CHARS = "*?["
@@ -65,24 +66,47 @@ def check_model(spec: JobSpec) -> None:
 def check_blocks(spec: JobSpec) -> None:
     """Every requested block (and summary block) is a position of the model, by name only."""
     config = local_unet_config(spec.model)  # None for a hub id: its names are checked by the layout later
-    positions = config_positions(config) if config is not None else None
+    positions = for_config(config).config_positions(config) if config is not None else None
     if positions is None:
         return  # names checked by the meta forward later
-    check_names(spec.blocks, positions, "blocks")
+    check_names(spec.blocks, positions, "blocks", config)
     if spec.summaries is not None:
-        check_names(spec.summaries.blocks, positions, "summaries.blocks")
+        check_names(spec.summaries.blocks, positions, "summaries.blocks", config)
+
+
+def check_family(spec: JobSpec) -> None:
+    """What the model's family defines: the protocol, the `conditioning` keys, a prompt, a padding intervention
+    (a local or hub model whose config is not here yet counts as SD until its config is read)."""
+    config = local_unet_config(spec.model)
+    family = FAMILIES[family_of(spec.model)] if config is not None else sd
+    if spec.protocol not in family.PROTOCOLS:
+        raise SpecError(f"field 'protocol': {spec.protocol!r} reproduces sdhelper 1.0.0 on SD-1.5, SD-2.1 and "
+                        f"SD-Turbo only; model {spec.model!r} ({family.NAME} family) runs: "
+                        f"{', '.join(family.PROTOCOLS)}")
+    unknown = sorted(set(spec.conditioning) - set(family.SETTINGS))
+    if unknown:
+        raise SpecError(f"field 'conditioning.{unknown[0]}': unknown for the {family.NAME} family; known: "
+                        f"{', '.join(family.SETTINGS) or 'none (the prompt conditions it)'}")
+    if family.NAME == "dit" and spec.prompt:
+        raise SpecError("field 'prompt': a DiT is class-conditional and takes no prompt; field "
+                        "'conditioning.class_labels' chooses the image's own label or the null class")
+    if family.NAME == "dit" and spec.intervention is not None and spec.intervention.padding != "zeros":
+        raise SpecError("field 'intervention': a DiT has no zero-padded convolution (its patch embedding is a "
+                        "stride-p, kernel-p convolution without padding); padding interventions do not apply")
 
 
 def check_spec(spec: JobSpec) -> None:
     """The checks that need none of the job's paths (for `plan` and `submit`, whose source and output may not be
     reachable from here): the model and the block names."""
     check_model(spec)
+    check_family(spec)
     check_blocks(spec)
 
 
 def check_job(spec: JobSpec) -> None:
     """All cheap checks, cheapest first. Raises SpecError, SourceNotFoundError or UnknownBlockError."""
     check_model(spec)
+    check_family(spec)
     check_output(spec)
     check_blocks(spec)
     check_source(spec)

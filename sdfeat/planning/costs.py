@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from sdfeat.errors import SpecError
 from sdfeat.models.blocks import VAE_FACTOR
 from sdfeat.models.flops import unet_flops, vae_encoder_flops
-from sdfeat.models.registry import RANDOM_PREFIX, REGISTRY, TINY_VAE_CONFIG, shipped_config, unet_config
+from sdfeat.models.families import dit, for_registry_name, sd, sdxl
+from sdfeat.models.registry import RANDOM_PREFIX, TINY_MODELS, TINY_VAE_CONFIG, shipped_config, unet_config
 
 if TYPE_CHECKING:
     from sdfeat.planning.layout import Layout
@@ -28,13 +29,15 @@ log = logging.getLogger(__name__)
 
 
 def vae_config(model: str) -> dict[str, Any]:
-    """The VAE's config without weights: tiny's, a registry/random model's shipped one, a local directory's; any
-    other model falls back to SD-1.5's (every SD 1.x/2.x VAE has that architecture), with a log line."""
+    """The VAE's config without weights: a tiny model's, a registry/random model's shipped one (of its family), a
+    local directory's; any other model falls back to SD-1.5's (every SD 1.x/2.x VAE has that architecture), with a
+    log line."""
     name = model.removeprefix(RANDOM_PREFIX)
-    if model == "tiny":
-        return dict(TINY_VAE_CONFIG)
-    if name in REGISTRY:
-        return shipped_config(name, "vae")
+    if model in TINY_MODELS:
+        return dict({"tiny": TINY_VAE_CONFIG, "tiny-sdxl": sdxl.TINY_VAE_CONFIG, "tiny-dit": dit.TINY_VAE_CONFIG}[model])
+    family = for_registry_name(name)
+    if family is not None:
+        return shipped_config(name, "vae") if family is sd else family.shipped_config(name, "vae")
     local = Path(model) / "vae" / "config.json"
     if local.is_file():
         return json.loads(local.read_text())

@@ -22,7 +22,8 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
 from sdfeat.metrics.results import ANOMALY_MEAN, ANOMALY_STD, PROBE, PROBE_SCALES, RATIO, Series, excluded_blocks
-from sdfeat.report.tables import block_axis, block_orders, detected_none, select, select_interval, weights_note
+from sdfeat.report.tables import (block_axis, block_orders, detected_none, model_family, select, select_interval,
+                                  weights_note)
 
 PUBLISHED_LABEL = "published (Loos & Linhardt 2025)"
 STORE_LABEL = "this store"
@@ -193,6 +194,8 @@ def figure_cross_model(tables: Mapping[str, pa.Table], reference: tuple[str, pa.
     """One line per store (label -> tidy table) per metric; `reference` = (label, table) drawn dashed grey;
     bootstrap intervals as bands where the tables have them."""
     all_tables = list(tables.values()) + ([reference[1]] if reference else [])
+    if len({model_family(t)[0] for t in all_tables}) > 1:
+        return _cross_family(tables, reference, rows, title)
     blocks = block_axis(*all_tables)
     fig, axes = _new_figure(len(rows), len(blocks), 11.0)
     x = np.arange(len(blocks))
@@ -216,6 +219,39 @@ def figure_cross_model(tables: Mapping[str, pa.Table], reference: tuple[str, pa.
         _legend(ax, handles)
     _block_ticks(axes[-1], blocks)
     axes[-1].set_xlabel("block (execution order)", fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    _random_weights_note(fig, *tables.values())
+    return fig
+
+
+def _cross_family(tables: Mapping[str, pa.Table], reference: tuple[str, pa.Table] | None,
+                  rows: Sequence[tuple[str, Series, bool]], title: str) -> Figure:
+    """`figure_cross_model` for stores of several model families (U-Nets and a DiT): their block names differ, so
+    each line is drawn on the relative-depth axis, a block's execution order over its model's positions (0 = the
+    first position, 1 = the last)."""
+    fig, axes = _new_figure(len(rows), 20, 11.0)
+    lines = [(name, t, "-", f"C{i}") for i, (name, t) in enumerate(tables.items())]
+    if reference:
+        lines.append((reference[0], reference[1], "--", "0.45"))
+    for ax, (ylabel, series, log_scale) in zip(axes, rows):
+        _style_axis(ax, ylabel, log_scale)
+        exclude = excluded_blocks(series.metric)
+        handles = []
+        for name, table, linestyle, colour in lines:
+            family, positions = model_family(table)
+            blocks = block_axis(table)
+            orders = np.asarray(block_orders(blocks, table))
+            x = orders / max(positions - 1, 1)
+            y = _on_axis(select(table, series), blocks, log_scale, exclude)
+            if np.isnan(y).all():
+                name += ": not computed"
+            else:
+                _plot(ax, x, y, orders, linestyle=linestyle, color=colour)
+                _band(ax, x, select_interval(table, series), blocks, log_scale, exclude, orders, color=colour)
+            handles.append(Line2D([], [], color=colour, linestyle=linestyle, label=f"{name} ({family})"))
+        _legend(ax, handles)
+    axes[-1].set_xlim(-0.02, 1.02)
+    axes[-1].set_xlabel("relative depth (block's execution order / its model's positions)", fontsize=9)
     fig.suptitle(title, fontsize=11)
     _random_weights_note(fig, *tables.values())
     return fig

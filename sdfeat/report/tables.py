@@ -111,6 +111,23 @@ def block_orders(blocks: list[str], *tables: pa.Table | None) -> list[float]:
     return [float(order.get(b, i)) for i, b in enumerate(blocks)]
 
 
+def model_family(table: pa.Table) -> tuple[str, int]:
+    """(family, positions in its `all` preset) of the table's model (`sdfeat.models.families`); an unknown model
+    (a hub id whose config is not here) counts as SD."""
+    from sdfeat.errors import SdfeatError
+    from sdfeat.models.blocks import preset_names
+    from sdfeat.models.families import for_config
+    from sdfeat.models.registry import unet_config
+
+    models = table["model"].to_pylist() if "model" in table.column_names else []
+    try:
+        config = unet_config(models[0]) if models else None
+    except SdfeatError:
+        config = None
+    family = for_config(config).NAME if config is not None else "sd"
+    return family, len(preset_names("all", config))
+
+
 def detected_none(table: pa.Table) -> bool:
     """True when the anomaly detection ran on the store and found nothing (so there were no anomalies to measure)."""
     for row in table.to_pylist():

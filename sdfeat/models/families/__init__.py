@@ -1,9 +1,13 @@
-"""Model families: what sdfeat must know about a kind of denoiser beyond the SD-1.x/2.x U-Nets.
+"""Model families: what sdfeat must know about a kind of denoiser. The seam between "which model" and everything
+that runs it: `blocks` (names, presets, shapes), `registry` (names, configs, weights), `loading` (components,
+conditioning, the call) and `flops` ask the family of a model, never its architecture.
 
-A family is one module here (`sdxl`, `dit`) with the same module-level names, in two halves:
+A family is one module here (`sd` for SD-1.x/2.x, `sdxl`, `dit`) with the same module-level names, listed once in
+`FAMILIES`; adding a family is one module plus one entry there. The names, in two halves:
 
 config side (no torch; `sdfeat blocks`, planning and the store template use it before anything heavy is imported)
-  `NAME`, `REGISTRY` (short name -> hub id), `owns(denoiser_config)`, `positions(config)` (every hookable block by
+  `NAME`, `REGISTRY` (short name -> hub id), `DENOISER` (the pipeline subfolder of the denoiser), `PROTOCOLS`,
+  `owns(denoiser_config)`, `positions(config)` (every hookable block by
   its PyTorch module path, in execution order), `presets(config)`, `shapes(config, resolution)` ((C, H, W) per
   position, from the config; a meta-device forward where the config cannot say), and the docstring of
   `conditioning` (what the job spec's conditioning settings mean for the family);
@@ -21,3 +25,26 @@ Shared by the families: `loading` (random weights created in their dtype, safete
 error when weights are absent) and `vae_precision` (the VAE precision rule `vae_dtype`, and when two families
 share cached latents); SDXL's text encoders are `sdxl_text`'s.
 """
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+from sdfeat.models.families import dit, sd, sdxl
+
+FAMILIES: dict[str, ModuleType] = {family.NAME: family for family in (sd, sdxl, dit)}
+
+
+def for_config(denoiser_config: Mapping[str, Any]) -> ModuleType:
+    """The family whose denoiser `denoiser_config` describes (SDXL and DiT by their own marks, else SD)."""
+    for family in (sdxl, dit):
+        if family.owns(denoiser_config):
+            return family
+    return sd
+
+
+def for_registry_name(name: str) -> ModuleType | None:
+    """The family whose REGISTRY holds `name` (`sd15`, `sdxl`, `dit-xl-2`, ...), or None."""
+    return next((family for family in FAMILIES.values() if name in family.REGISTRY), None)

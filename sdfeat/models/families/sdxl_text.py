@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sdfeat.families.loading import created_in, not_available, prepare
+from sdfeat.models.families.loading import created_in, not_available, prepare
 
 TextEncoders = tuple[Any, Any, Any, Any]  # (tokenizer, CLIPTextModel, tokenizer_2, CLIPTextModelWithProjection)
 TextLoader = Callable[[], TextEncoders]

@@ -1,5 +1,5 @@
 """The SDXL family: SDXL base 1.0 and SDXL-Turbo (same U-Net architecture; Turbo is SDXL 1.0 fine-tuned by
-adversarial diffusion distillation), as a self-contained model family (see `sdfeat.families`).
+adversarial diffusion distillation), as a self-contained model family (see `sdfeat.models.families`).
 
 Blocks. A position is `conv_in`, `conv_out`, or `down_blocks.i|up_blocks.i|mid_block` . `resnets.j|attentions.j|
 downsamplers.0|upsamplers.0`, named by its PyTorch module path, as for SD-1.x/2.x. SDXL has three levels
@@ -12,7 +12,7 @@ meaning here: it is SD-1.5's list of 45 module paths minus `up_blocks.0.resnets.
 list; SDXL's paths name other modules (its `up_blocks.0` is a cross-attention stage at the lowest resolution). The
 paper's choice, "every resnet, attention and sampler output plus conv_in/conv_out", is `all` here.
 
-Conditioning (the job spec's `settings`, keys in `CONDITIONING_SPEC`). Prompts go through both text encoders as
+Conditioning (the job spec's `conditioning`, keys in `CONDITIONING_SPEC`). Prompts go through both text encoders as
 diffusers' SDXL pipeline does (`encode_prompt`, no clip skip): the penultimate hidden states of CLIP ViT-L (768) and
 OpenCLIP bigG (1280), concatenated to `encoder_hidden_states` (B, 77, 2048); bigG's projected pooled output is
 `text_embeds` (B, 1280). `time_ids` (B, 6) are SDXL's micro-conditioning, `original_size + crops_coords_top_left +
@@ -29,7 +29,7 @@ included (pixels / 255, one noise field per batch from the global RNG, the pipel
 Shapes come from the config (`_config_shapes`, no torch); `meta_shapes` builds the U-Net on the meta device and
 records every position's output in hook-firing order (tests pin both against a real forward). The VAE runs in
 `vae_dtype` (float32 under float16/bfloat16: SDXL's VAE overflows in float16; see
-`sdfeat.families.vae_precision`).
+`sdfeat.models.families.vae_precision`).
 """
 
 from __future__ import annotations
@@ -42,16 +42,17 @@ from pathlib import Path
 from typing import Any
 
 from sdfeat.errors import ArgumentError, ModelNotFoundError
-from sdfeat.families import sdxl_text
-from sdfeat.families.loading import (created_in, encoder_only, not_available, prepare, require_local,
+from sdfeat.models.families import sdxl_text
+from sdfeat.models.families.loading import (created_in, encoder_only, not_available, prepare, require_local,
                                      scheduler_from_config)
-from sdfeat.families.sdxl_text import TextLoader
-from sdfeat.families.vae_precision import vae_dtype
+from sdfeat.models.families.sdxl_text import TextLoader
+from sdfeat.models.families.vae_precision import vae_dtype
 
 NAME = "sdxl"
+DENOISER = "unet"  # the pipeline's subfolder holding the denoiser
 REGISTRY: dict[str, str] = {"sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "sdxl-turbo": "stabilityai/sdxl-turbo"}
 NATIVE_RESOLUTION = {"sdxl": 1024, "sdxl-turbo": 512}  # the pipelines' default image sizes
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 VAE_FACTOR = 8
 _TURBO_OWN = ("scheduler",)  # SDXL-Turbo's other components have SDXL's architecture (sdxl_*.json)
 _DOWN = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}  # block type -> has attentions
@@ -107,7 +108,7 @@ def owns(denoiser_config: Mapping[str, Any]) -> bool:
             and denoiser_config.get("addition_embed_type") == "text_time")
 
 
-def _config_positions(config: Mapping[str, Any]) -> list[str] | None:
+def config_positions(config: Mapping[str, Any]) -> list[str] | None:
     """Every position in execution order from the config alone; None for block types other than SDXL's."""
     down, up = config.get("down_block_types"), config.get("up_block_types")
     layers = config.get("layers_per_block", 2)
@@ -130,7 +131,7 @@ def _config_positions(config: Mapping[str, Any]) -> list[str] | None:
 
 def positions(config: Mapping[str, Any]) -> list[str]:
     """Every hookable position of the U-Net, by module path, in execution order."""
-    names = _config_positions(config)
+    names = config_positions(config)
     return names if names is not None else list(meta_shapes(config, VAE_FACTOR * 16))
 
 
@@ -155,7 +156,7 @@ def _config_shapes(config: Mapping[str, Any], resolution: int) -> dict[str, tupl
     """(C, H, W) per position as diffusers' forward gives it: channels from `block_out_channels` (reversed on the
     way up) and `out_channels`; sides halved by each stride-2 padding-1 downsampler (rounding up: 17 -> 9) and
     restored by each upsampler to its skip's size. None where the config has anything else."""
-    names, channels = _config_positions(config), config.get("block_out_channels")
+    names, channels = config_positions(config), config.get("block_out_channels")
     out = config.get("out_channels", 4)
     kernels = (config.get("conv_in_kernel", 3), config.get("conv_out_kernel", 3))
     if (names is None or not isinstance(channels, list) or len(channels) != len(config["down_block_types"])
@@ -207,14 +208,21 @@ def meta_inputs(config: Mapping[str, Any], resolution: int) -> tuple[tuple[Any, 
     return (sample, torch.tensor(50)), {"encoder_hidden_states": context, "added_cond_kwargs": added}
 
 
-def meta_shapes(config: Mapping[str, Any], resolution: int) -> dict[str, tuple[int, int, int]]:
-    """(C, H, W) of every position, from a U-Net built on the meta device (no memory, no weights) and one meta
-    forward with a hook on every module whose path is a position; the dict is in hook-firing order."""
+def meta_model(config: Mapping[str, Any]) -> Any:
+    """The U-Net built on the meta device (no memory, no weights)."""
     import torch
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(dict(config))
+        return UNet2DConditionModel.from_config(dict(config))
+
+
+def meta_shapes(config: Mapping[str, Any], resolution: int) -> dict[str, tuple[int, int, int]]:
+    """(C, H, W) of every position, from a U-Net built on the meta device (no memory, no weights) and one meta
+    forward with a hook on every module whose path is a position; the dict is in hook-firing order."""
+    import torch
+
+    unet = meta_model(config)
     found: dict[str, tuple[int, int, int]] = {}
 
     def record(name: str) -> Callable[..., None]:
@@ -319,7 +327,7 @@ def _pair(settings: Mapping[str, Any], key: str, default: tuple[int, int]) -> tu
     value = settings.get(key, default)
     if (not isinstance(value, (list, tuple)) or len(value) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
-        raise ArgumentError(f"settings '{key}': expected two non-negative integers (height, width), got {value!r}")
+        raise ArgumentError(f"field 'conditioning.{key}': expected two non-negative integers (height, width), got {value!r}")
     return int(value[0]), int(value[1])
 
 
@@ -328,7 +336,7 @@ def _time_ids(settings: Mapping[str, Any], resolution: int) -> list[int]:
     _check_resolution(resolution)
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
-        raise ArgumentError(f"settings '{unknown[0]}': unknown for SDXL; known: {', '.join(SETTINGS)}")
+        raise ArgumentError(f"field 'conditioning.{unknown[0]}': unknown for SDXL; known: {', '.join(SETTINGS)}")
     native = (resolution, resolution)
     return [*_pair(settings, "original_size", native), *_pair(settings, "crops_coords_top_left", (0, 0)),
             *_pair(settings, "target_size", native)]

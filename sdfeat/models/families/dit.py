@@ -1,5 +1,5 @@
 """The DiT family: DiT-XL/2 (`facebook/DiT-XL-2-256`), a class-conditional ImageNet transformer on SD-VAE latents,
-as a self-contained model family (see `sdfeat.families`).
+as a self-contained model family (see `sdfeat.models.families`).
 
 Blocks. The latent (B, 4, h, w) is cut into p x p patches (p = 2) and embedded with fixed 2-D sin-cos position
 embeddings added (`pos_embed`, a `PatchEmbed`); 28 `BasicTransformerBlock`s of width 1152 (adaLN-Zero: timestep and
@@ -21,7 +21,7 @@ modules, none of which a DiT has; `blocks` is the analogue of "every block outpu
 apply to the patch embedding (a stride-p convolution with kernel p and no padding), nor anywhere else: the DiT has no
 zero-padded convolution, which is what makes it the control for the paper's padding explanation.
 
-Conditioning (the job spec's `settings`, keys in `CONDITIONING_SPEC`). `class_labels` is `"null"` (default: the null
+Conditioning (the job spec's `conditioning`, keys in `CONDITIONING_SPEC`). `class_labels` is `"null"` (default: the null
 class, id 1000 = `num_embeds_ada_norm`, the class-dropout token used for classifier-free guidance: the paper's empty
 prompt's analogue) or `"label"` (each image's own ImageNet label 0..999; an image without one is refused). Prompts
 are not used (every prompt must be empty). At resolutions other than 256 px the position embedding is recomputed for
@@ -31,7 +31,7 @@ Protocols. `standard` only (`PROTOCOLS`): `paper` reproduces sdhelper 1.0.0 on t
 reproduces nothing for a DiT. The paper's t = 50 on SD's scaled-linear schedule (alpha-bar 0.952) is t = 65 on
 DiT's linear schedule by equal alpha-bar (equal signal-to-noise ratio); t = 50 itself is alpha-bar 0.970 there.
 
-The VAE is an SD VAE (`sdfeat.families.vae_precision`: the precision rule, and when DiT shares SD-1.x's cached
+The VAE is an SD VAE (`sdfeat.models.families.vae_precision`: the precision rule, and when DiT shares SD-1.x's cached
 latents).
 """
 
@@ -45,14 +45,15 @@ from pathlib import Path
 from typing import Any
 
 from sdfeat.errors import ArgumentError, ModelNotFoundError
-from sdfeat.families.loading import (created_in, encoder_only, not_available, prepare, require_local,
+from sdfeat.models.families.loading import (created_in, encoder_only, not_available, prepare, require_local,
                                      scheduler_from_config)
-from sdfeat.families.vae_precision import vae_dtype
+from sdfeat.models.families.vae_precision import vae_dtype
 
 NAME = "dit"
+DENOISER = "transformer"  # the pipeline's subfolder holding the denoiser
 REGISTRY: dict[str, str] = {"dit-xl-2": "facebook/DiT-XL-2-256"}
 NATIVE_RESOLUTION = {"dit-xl-2": 256}
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 VAE_FACTOR = 8
 NUM_CLASSES = 1000  # ImageNet; the null class is the next id
 CLASS_LABELS = ("null", "label")
@@ -114,6 +115,11 @@ def positions(config: Mapping[str, Any]) -> list[str]:
     return names + ["proj_out_2"]
 
 
+def config_positions(config: Mapping[str, Any]) -> list[str]:
+    """`positions`: a DiT's come from its config alone (no torch)."""
+    return positions(config)
+
+
 def presets(config: Mapping[str, Any]) -> dict[str, list[str]]:
     """`all` and `blocks` (no `paper`: see the module docstring)."""
     blocks = ["pos_embed"] + [f"transformer_blocks.{i}" for i in range(_layers(config))] + ["proj_out_2"]
@@ -155,14 +161,21 @@ def meta_inputs(config: Mapping[str, Any], resolution: int) -> tuple[tuple[Any, 
     return (sample,), {"timestep": timestep, "class_labels": label}
 
 
-def meta_shapes(config: Mapping[str, Any], resolution: int) -> dict[str, tuple[int, int, int]]:
-    """(C, H, W) of every position from a transformer built on the meta device (no weights) and one meta forward
-    with a hook on each position; the dict is in hook-firing order."""
+def meta_model(config: Mapping[str, Any]) -> Any:
+    """The transformer built on the meta device (no memory, no weights)."""
     import torch
     from diffusers import DiTTransformer2DModel
 
     with torch.device("meta"):
-        model = DiTTransformer2DModel.from_config(_model_config(config))
+        return DiTTransformer2DModel.from_config(_model_config(config))
+
+
+def meta_shapes(config: Mapping[str, Any], resolution: int) -> dict[str, tuple[int, int, int]]:
+    """(C, H, W) of every position from a transformer built on the meta device (no weights) and one meta forward
+    with a hook on each position; the dict is in hook-firing order."""
+    import torch
+
+    model = meta_model(config)
     side = _grid(config, resolution) * config.get("patch_size", 2)
     found: dict[str, tuple[int, int, int]] = {}
 
@@ -270,16 +283,16 @@ def _class_ids(labels: Sequence[int], settings: Mapping[str, Any], null_class: i
     """The class id per image: the null class, or each image's own label (settings `class_labels`)."""
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
-        raise ArgumentError(f"settings '{unknown[0]}': unknown for DiT; known: {', '.join(SETTINGS)}")
+        raise ArgumentError(f"field 'conditioning.{unknown[0]}': unknown for DiT; known: {', '.join(SETTINGS)}")
     mode = settings.get("class_labels", "null")
     if mode not in CLASS_LABELS:
-        raise ArgumentError(f"settings 'class_labels': {mode!r}; choose one of {', '.join(CLASS_LABELS)}")
+        raise ArgumentError(f"field 'conditioning.class_labels': {mode!r}; choose one of {', '.join(CLASS_LABELS)}")
     if mode == "null":
         return [null_class] * len(labels)
     for k, label in enumerate(labels):
         if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < null_class:
-            raise ArgumentError(f"labels[{k}] = {label!r}: settings 'class_labels: label' needs an ImageNet label "
-                                f"0..{null_class - 1} for every image")
+            raise ArgumentError(f"labels[{k}] = {label!r}: field 'conditioning.class_labels: label' needs an "
+                                f"ImageNet label 0..{null_class - 1} for every image")
     return list(labels)
 
 
@@ -291,7 +304,7 @@ def conditioning(components: Components, labels: Sequence[int], prompts: Sequenc
     if len(labels) != len(prompts):
         raise ArgumentError(f"prompts: {len(prompts)} prompts for {len(labels)} labels")
     if any(prompts):
-        raise ArgumentError("prompts: DiT is class-conditional and takes no prompt; settings 'class_labels' "
+        raise ArgumentError("prompts: DiT is class-conditional and takes no prompt; field 'conditioning.class_labels' "
                             "chooses the image's label or the null class")
     _grid(components.denoiser.config, resolution)
     ids = _class_ids(labels, settings, components.denoiser.config.num_embeds_ada_norm)

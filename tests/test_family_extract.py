@@ -1,0 +1,107 @@
+"""A whole job on each family's tiny model (`tiny-sdxl`, `tiny-dit`) through `run_local`: the stored activations equal
+a plain diffusers forward with plain hooks under `standard` inputs written out here (the VAE posterior, per-sample
+eps and noise, DDIM's add_noise), conditioned as diffusers' own SDXL pipeline and DiT pipeline condition; the
+spec refuses what a family does not define, in one line naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import small_spec
+from sdfeat import open_store
+from sdfeat.errors import SpecError, UnknownBlockError
+from sdfeat.extract import run_local
+from sdfeat.models.families import dit, sdxl
+from sdfeat.sources import plan_samples, read_images
+from test_family_dit import _plain_forward as dit_forward
+from test_family_sdxl import _pipeline
+from test_family_sdxl import _plain_forward as unet_forward
+
+RES, T, SEED = 64, 200, 42
+
+
+def _noisy(components, images: list, ids: list[str]) -> torch.Tensor:
+    """`standard` inputs of decoded images (B, 4, h, w), written out with diffusers."""
+    from diffusers import DDIMScheduler
+
+    from sdfeat.extract.protocol import standard_noise
+
+    pixels = torch.from_numpy(np.stack([im.pixels for im in images])).permute(0, 3, 1, 2)  # (B, 3, H, W) uint8
+    with torch.inference_mode():
+        dist = components.vae.encode(pixels.float() * 2 / 255 - 1).latent_dist
+    eps, noise = standard_noise(SEED, ids, dist.mean.shape[1:])
+    latents = (dist.mean + dist.std * eps) * components.vae_config["scaling_factor"]
+    return DDIMScheduler.from_config(components.scheduler.config).add_noise(latents, noise, torch.tensor([T]))
+
+
+def _images(source: str) -> tuple[list, list[str], list[int]]:
+    plan = plan_samples(source)
+    images = list(read_images(plan.refs, RES))
+    return images, [r.sample_id for r in plan.refs], [r.label for r in plan.refs]
+
+
+def _extract(tmp_path: Path, model: str, blocks: list[str], **extra) -> object:
+    spec = small_spec(str(tmp_path / model), model=model, source="synthetic:4", resolution=RES, blocks=blocks,
+                      timesteps=[T], seeds=[SEED], batch_size=2, dtype="float32", **extra)
+    run_local(spec, progress=False, device="cpu")
+    return open_store(str(tmp_path / model))
+
+
+def test_tiny_sdxl_job_equals_a_plain_diffusers_forward(tmp_path: Path) -> None:
+    blocks = ["conv_in", "down_blocks.1.attentions.0", "mid_block.resnets.1", "up_blocks.1.upsamplers.0"]
+    store = _extract(tmp_path, "tiny-sdxl", blocks, prompt="a photo")
+    tiny = sdxl.tiny_components(seed=0)
+    images, ids, _ = _images("synthetic:4")
+    pipe = _pipeline(tiny)
+    with torch.inference_mode():
+        embeds, _, pooled, _ = pipe.encode_prompt("a photo", device="cpu", do_classifier_free_guidance=False)
+    times = pipe._get_add_time_ids((RES, RES), (0, 0), (RES, RES), embeds.dtype,
+                                   text_encoder_projection_dim=pooled.shape[-1])
+    n = len(ids)
+    _, expected = unet_forward(tiny.denoiser, blocks, _noisy(tiny, images, ids), torch.tensor([T]),
+                               encoder_hidden_states=embeds.expand(n, -1, -1),
+                               added_cond_kwargs={"text_embeds": pooled.expand(n, -1), "time_ids": times.repeat(n, 1)})
+    assert store.sample_ids == ids
+    for block in blocks:
+        stored = store.read(block, timestep=T, seed=SEED)  # (n, C, h, w)
+        np.testing.assert_allclose(stored, expected[block].numpy(), rtol=1e-4, atol=1e-5, err_msg=block)
+
+
+@pytest.mark.parametrize("class_labels", ["null", "label"])
+def test_tiny_dit_job_equals_a_plain_diffusers_forward(tmp_path: Path, class_labels: str) -> None:
+    blocks = ["pos_embed", "transformer_blocks.0.attn1", "transformer_blocks.1", "proj_out_2"]
+    store = _extract(tmp_path, "tiny-dit", blocks, conditioning={"class_labels": class_labels})
+    tiny = dit.tiny_components(seed=0)
+    images, ids, labels = _images("synthetic:4")
+    classes = torch.tensor(labels if class_labels == "label" else [1000] * len(ids))
+    _, expected, _ = dit_forward(tiny.denoiser, blocks, _noisy(tiny, images, ids),
+                                 timestep=torch.tensor([T]).expand(len(ids)), class_labels=classes)
+    side = RES // 8 // 2  # tokens per side: latent side / patch 2
+    for block in blocks:
+        tokens = expected[block][0] if isinstance(expected[block], tuple) else expected[block]  # (n, N, D)
+        grid = tokens.transpose(1, 2).reshape(len(ids), -1, side, side)  # token k at (k // side, k % side)
+        np.testing.assert_allclose(store.read(block, timestep=T, seed=SEED), grid.numpy(), rtol=1e-4, atol=1e-5,
+                                   err_msg=block)
+
+
+@pytest.mark.parametrize(("model", "fields", "message"), [
+    ("tiny-sdxl", {"protocol": "paper"}, "field 'protocol': 'paper' reproduces sdhelper"),
+    ("tiny-dit", {"protocol": "paper"}, "runs: standard"),
+    ("tiny-dit", {"prompt": "a dog"}, "field 'prompt': a DiT is class-conditional"),
+    ("tiny-dit", {"conditioning": {"guidance": 4}}, "field 'conditioning.guidance': unknown for the dit family"),
+    ("tiny", {"conditioning": {"class_labels": "null"}}, "field 'conditioning.class_labels': unknown for the sd"),
+    ("tiny-dit", {"blocks": "paper"}, "field 'blocks': block preset 'paper': unknown for the dit family"),
+    ("tiny-dit", {"intervention": {"padding": "reflect"}, "resolution": 128},
+     "field 'intervention': a DiT has no zero-padded"),
+])
+def test_what_a_family_does_not_define_is_refused_in_one_line(tmp_path: Path, model: str, fields: dict,
+                                                              message: str) -> None:
+    spec = small_spec(str(tmp_path / "o"), model=model, source="synthetic:2",
+                      **{"resolution": RES, "blocks": ["conv_in"] if model != "tiny-dit" else ["pos_embed"], **fields})
+    with pytest.raises((SpecError, UnknownBlockError), match=message):
+        run_local(spec, progress=False, device="cpu")
+    assert not (tmp_path / "o").exists()  # refused before anything was written
