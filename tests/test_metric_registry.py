@@ -24,7 +24,7 @@ MEAN_NORM = Series(NAME, "mean_token_norm")
 BLOCKS = ["conv_in", "up_blocks.1.upsamplers.0"]
 
 
-# ---- the metric: what a new metric module holds ---------------------------------------------------------------------
+# ---- the metric: what a new metric module holds -------------------------------------------------------------------
 
 @dataclass
 class NormParts:
@@ -54,11 +54,11 @@ def norm_task(store_path: str, block: str, opts: MetricOptions) -> list[dict]:
     return label_rows(features, block, parts.rows(np.ones(parts.n_images())))
 
 
-NORM = MetricDef(NAME, norm_task, norm_parts, plot=Plot("mean token norm", (("mean", MEAN_NORM, "#444444"),), log=True),
-                 columns=(("mean token norm", MEAN_NORM),))
+NORM = MetricDef(NAME, norm_task, norm_parts, columns=(("mean token norm", MEAN_NORM),),
+                 plot=Plot("mean token norm", (("mean", MEAN_NORM, "#444444"),), log=True))
 
 
-# ---- the checks -------------------------------------------------------------------------------------------------------
+# ---- the checks ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture
 def norm_metric() -> MetricDef:
@@ -112,7 +112,8 @@ def test_a_registered_metric_runs_end_to_end(norm_metric: MetricDef, tiny_store:
 
     # bootstrap: per timestep and pooled, the documented resampling redone with numpy
     replicates, seed = 60, 3
-    boot = pd.read_parquet(run_metrics(tiny_store, metrics=[NAME], blocks=BLOCKS, local=True, results=str(tmp_path / "b"),
+    boot = pd.read_parquet(run_metrics(tiny_store, metrics=[NAME], blocks=BLOCKS, local=True,
+                                       results=str(tmp_path / "boot"),
                                        options=MetricOptions(bootstrap=replicates, bootstrap_seed=seed))[NAME])
     per_image = mean_norms(tiny_store, BLOCKS[1]).mean(axis=1)  # pooled over the timesteps
     n = len(per_image)

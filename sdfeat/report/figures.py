@@ -135,7 +135,8 @@ def _not_computed(ax: Axes, text: str) -> None:
 
 def figure_2(table: pa.Table, reference: pa.Table | None = None, title: str = "", label: str = STORE_LABEL) -> Figure:
     """The paper's Figure 2 for one model: probe accuracy, corner/border relative similarity, anomaly relative norm
-    over the blocks (a row per registered metric that has a plot); `reference` (a tidy table, e.g. `load_reference("sd15")`) is drawn dashed underneath."""
+    over the blocks (a row per registered metric that has a `MetricDef.plot`); `reference` (a tidy table, e.g.
+    `load_reference("sd15")`) is drawn dashed underneath."""
     blocks = block_axis(table, *([reference] if reference is not None else []))
     rows = figure_2_rows()
     fig, axes = _new_figure(len(rows), len(blocks), FIGURE2_ROW_HEIGHT * len(rows))
