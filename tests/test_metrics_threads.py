@@ -3,10 +3,12 @@ for threads to pay) and gives the process its thread count back afterwards."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from sdfeat.metrics import runner
+from sdfeat.metrics import catalog, runner
 
 
 @pytest.fixture
@@ -25,7 +27,7 @@ def test_local_tasks_run_with_one_thread_and_the_count_is_restored(tiny_store: s
         seen.append(torch.get_num_threads())
         return []
 
-    monkeypatch.setattr(runner, "position_task", position_task)
+    monkeypatch.setitem(catalog.METRICS, "position", replace(catalog.METRICS["position"], task=position_task))
     runner.run_metrics(tiny_store, metrics=["position"], blocks=["conv_in", "mid_block.resnets.1"], local=True)
     assert seen == [1, 1]
     assert torch.get_num_threads() == 2

@@ -14,7 +14,8 @@ import pytest
 from test_remote_store import BUCKET, s3_env  # noqa: F401  (fixture)
 from sdfeat import store
 from sdfeat.errors import StoreError
-from sdfeat.metrics.results import DETECTIONS, DETECTIONS_SCHEMA, LEAD_COLUMNS, TIDY_SCHEMA, excluded_blocks, load_results, read_results, results_path, write_results
+from sdfeat.metrics.catalog import excluded_blocks
+from sdfeat.metrics.results import DETECTIONS, DETECTIONS_SCHEMA, LEAD_COLUMNS, TIDY_SCHEMA, load_results, read_results, results_path, write_results
 
 ROWS = [  # as the metrics write them: some columns only on some rows, one all-null column, one column of its own
     {"model": "tiny", "block": "conv_in", "order": 0, "metric": "position", "statistic": "accuracy", "value": 0.5,

@@ -19,6 +19,7 @@ import typer
 from sdfeat.cli.console import console, err_console, print_error, print_json, print_rich, print_table, say, show_warning
 from sdfeat.cli.help import Command
 from sdfeat.errors import SdfeatError
+from sdfeat.metrics.catalog import METRICS
 
 # Plain click help (rich_markup_mode=None): no `<bool>` beside flags, nothing boxed or cut when piped.
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -101,10 +102,7 @@ class Reference(StrEnum):
     sdturbo = "sdturbo"
 
 
-class Metric(StrEnum):
-    position = "position"
-    corners = "corners"
-    anomalies = "anomalies"
+Metric = StrEnum("Metric", {name: name for name in METRICS})  # the registry's metrics (metrics.catalog)
 
 
 LocalOpt = Annotated[bool, typer.Option("--local", help="Run in this process, without Ray.")]
@@ -461,10 +459,10 @@ def metrics(
 ) -> None:
     """Compute the paper's metrics per block as Ray tasks; tidy Parquet tables land in STORE/results/ (or --results
     DIR). Where the tables go is checked first: a store you cannot write fails at once."""
-    from sdfeat.metrics.runner import METRICS, MetricOptions, run_metrics
+    from sdfeat.metrics.runner import MetricOptions, run_metrics
     from sdfeat.models.blocks import canonical_name
 
-    written = run_metrics(path, metrics=[m.value for m in metric or []] or METRICS,
+    written = run_metrics(path, metrics=[m.value for m in metric or []] or None,
                           blocks=[canonical_name(b) for b in block or []] or None,
                           local=local, address=address, labels=labels, allow_partial=allow_partial, progress=True,
                           options=MetricOptions(paper_counts=paper_counts, timestep=timestep, bootstrap=bootstrap,
@@ -498,10 +496,10 @@ def compare(
     same images; `*` flags intervals that exclude zero."""
     from sdfeat.cli.console import print_compare
     from sdfeat.metrics.compare import compare_stores
-    from sdfeat.metrics.runner import METRICS, MetricOptions
+    from sdfeat.metrics.runner import MetricOptions
     from sdfeat.models.blocks import canonical_name
 
-    rows = compare_stores(store_a, store_b, metrics=[m.value for m in metric or []] or METRICS,
+    rows = compare_stores(store_a, store_b, metrics=[m.value for m in metric or []] or None,
                           blocks=[canonical_name(b) for b in block or []] or None, local=local, address=address,
                           labels=labels, options=MetricOptions(timestep=timestep, bootstrap=bootstrap,
                                                                bootstrap_seed=bootstrap_seed,

@@ -1,12 +1,13 @@
 """Confidence intervals for every metric row: an image-level bootstrap over small per-image statistics.
 
-`sdfeat metrics STORE --bootstrap B` runs `bootstrap_task` where it would run `tasks.position_task`,
-`corners_task` or `anomaly_task`, in the same way (locally or as Ray tasks). A task reads its block once, in chunks, and keeps only per-image
-contributions (never the activations):
+`sdfeat metrics STORE --bootstrap B` runs `bootstrap_task` where it would run a metric's own task
+(`MetricDef.task` of `metrics.catalog`), in the same way (locally or as Ray tasks). A task reads its block once,
+in chunks, and keeps only per-image contributions (never the activations), the metric's parts (`MetricDef.parts`;
+the paper's three here):
   corners    per image the pair sums of each group, cropped and repr-cropped (`corners.group_similarity_sums`),
   anomalies  per label its relative norms and its image,
   position   per test image the correct coordinates per scale, cells, summed position error and token count.
-A table row is a function of weighted sums of these (`*Parts.rows(weights)`): all weights 1 give the point value
+A table row is a function of weighted sums of these (`Parts.rows(weights)`): all weights 1 give the point value
 (the same number as without the bootstrap, up to summation order), resampled weights give a replicate.
 
 Seed scheme (documented so an independent bootstrap can reproduce it): the population is the store's usable
@@ -34,11 +35,12 @@ import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Union
+from typing import Any, Protocol
 
 import numpy as np
 
 from sdfeat.metrics import anomalies, corners, position, tasks
+from sdfeat.metrics.catalog import MetricDef
 from sdfeat.store.query import FeatureStore, open_store
 
 log = logging.getLogger(__name__)
@@ -162,7 +164,18 @@ class ProbeParts:
         return replace(parts[0], per_image=[sum(found) for found in zip(*(p.per_image for p in parts))])
 
 
-Parts = Union[CornerParts, AnomalyParts, ProbeParts]
+class Parts(Protocol):
+    """What a metric's `parts` function returns: its per-image statistics of one block at one (timestep, seed)."""
+
+    def rows(self, w: np.ndarray, replicate: int = 0) -> list[dict]:
+        """The metric's rows with image i weighted w[i] (all ones: the point estimate)."""
+
+    def n_images(self) -> int:
+        """The number of images the rows stand on."""
+
+    @staticmethod
+    def pool(parts: Sequence[Any]) -> Any:
+        """The parts of several (timestep, seed) pooled into one."""
 
 
 @dataclass
@@ -186,7 +199,8 @@ class Collected:
         return self.with_pooled()[POOLED if len(self.parts) > 1 else next(iter(self.parts))]
 
 
-def _corner_parts(features: FeatureStore, b: tasks.Block, opts: tasks.MetricOptions) -> CornerParts | None:
+def corner_parts(features: FeatureStore, b: tasks.BlockReader, opts: tasks.MetricOptions) -> CornerParts | None:
+    """The corner metric's parts: None for maps under `tasks.MIN_CORNER_MAP` or without a crop variant."""
     n = b.height()
     if n < tasks.MIN_CORNER_MAP:
         return None
@@ -203,8 +217,11 @@ def _corner_parts(features: FeatureStore, b: tasks.Block, opts: tasks.MetricOpti
     return CornerParts(n - 2, np.searchsorted(b.rows, rows), sums, opts.paper_counts)
 
 
-def _anomaly_parts(features: FeatureStore, b: tasks.Block, opts: tasks.MetricOptions, labels: np.ndarray,
-                   source: str) -> AnomalyParts:
+def anomaly_parts(features: FeatureStore, b: tasks.BlockReader, opts: tasks.MetricOptions, labels: np.ndarray,
+                  source: str) -> AnomalyParts:
+    """The anomaly metric's parts of labels (L, >= 3: store row, x, y); labels on images that did not extract are
+    left out."""
+    labels = np.asarray(labels)[:, :3].astype(np.int64)
     index = np.searchsorted(b.rows, labels[:, 0])
     usable = (index < len(b.rows)) & (b.rows[np.minimum(index, len(b.rows) - 1)] == labels[:, 0])
     if not usable.all():
@@ -218,30 +235,26 @@ def _anomaly_parts(features: FeatureStore, b: tasks.Block, opts: tasks.MetricOpt
     return AnomalyParts(index, vs_mean, vs_median, source)
 
 
-def _probe_parts(features: FeatureStore, b: tasks.Block, opts: tasks.MetricOptions) -> ProbeParts:
+def probe_parts(features: FeatureStore, b: tasks.BlockReader, opts: tasks.MetricOptions) -> ProbeParts:
+    """The position probe's parts: `probe_repeats` trained probes' per-test-image counts."""
     results = [tasks.probe_result(features, b, opts, r) for r in range(max(1, opts.probe_repeats))]
     return ProbeParts(results[0].n, opts.protocol or features.spec.protocol, "tokens" if b.full else "summary_tokens",
                       tuple(opts.probe.scales), [np.asarray(r.test_images) for r in results],
                       [np.stack([e.per_image for e in r.epochs]) for r in results])
 
 
-def collect(store_path: str, block: str, metric: str, opts: tasks.MetricOptions, labels: np.ndarray | None = None,
-            source: str = "given") -> Collected:
+def collect(store_path: str, block: str, metric: MetricDef, opts: tasks.MetricOptions, *inputs: Any) -> Collected:
     """Per-image statistics of `metric` at `block` for every (timestep, seed) of the store, or the one `opts`
-    names; no parts where the metric does not apply to the block (corners on small maps or without crops)."""
+    names; no parts where the metric does not apply to the block (corners on small maps or without crops).
+    `inputs`: the metric's extra task arguments (the anomalies: labels and their source)."""
     features = open_store(store_path)
     timesteps = [opts.timestep] if opts.timestep is not None else features.timesteps
     seeds = [opts.seed] if opts.seed is not None else features.seeds
     parts: dict[tuple[int | None, int | None], Parts] = {}
     for t in timesteps:
         for s in seeds:
-            b = tasks.Block(features, block, replace(opts, timestep=t, seed=s))
-            if metric == "corners":
-                part = _corner_parts(features, b, opts)
-            elif metric == "anomalies":
-                part = _anomaly_parts(features, b, opts, np.asarray(labels)[:, :3].astype(np.int64), source)
-            else:
-                part = _probe_parts(features, b, opts)
+            b = tasks.BlockReader(features, block, replace(opts, timestep=t, seed=s))
+            part = metric.parts(features, b, opts, *inputs)
             if part is None:
                 return Collected(features, block, [features.sample_ids[r] for r in b.rows], {})
             parts[(t, s)] = part
@@ -268,10 +281,11 @@ def interval_rows(collected: Collected, replicates: int, seed: int, level: float
     return out
 
 
-def bootstrap_task(store_path: str, block: str, metric: str, opts: tasks.MetricOptions,
-                   labels: np.ndarray | None = None, source: str = "given") -> list[dict]:
-    """The metric task with intervals (what `metrics.runner` runs instead of `tasks`' own when `opts.bootstrap` > 0)."""
-    collected = collect(store_path, block, metric, opts, labels, source)
+def bootstrap_task(store_path: str, block: str, metric: MetricDef, opts: tasks.MetricOptions,
+                   *inputs: Any) -> list[dict]:
+    """The metric's task with intervals (what `metrics.runner` runs instead of the metric's own when
+    `opts.bootstrap` > 0)."""
+    collected = collect(store_path, block, metric, opts, *inputs)
     if not collected.parts:
         return []
     rows = interval_rows(collected, opts.bootstrap, opts.bootstrap_seed, opts.level)

@@ -10,9 +10,10 @@ seed)`, the seed scheme of `metrics.bootstrap`) and applies the same image weigh
 share cancels. Otherwise the stores are resampled *independently* (streams 0 and 1 of the same scheme). A row is
 flagged when its interval excludes zero.
 
-Compared series: position accuracy at every scale (and, under the standard protocol, cell accuracy and position
-error) at the last epoch; the corner, border and other relative similarity (cropped / repr-cropped, fixed counts);
-the anomaly relative norm (mean, both references). With several timesteps or seeds the pooled values are
+Compared series: each metric's rows its registry entry selects (`MetricDef.compared`, named by
+`MetricDef.series_name`): position accuracy at every scale (and, under the standard protocol, cell accuracy and
+position error) at the last epoch; the corner, border and other relative similarity (cropped / repr-cropped, fixed
+counts); the anomaly relative norm (mean, both references). With several timesteps or seeds the pooled values are
 compared; `MetricOptions.timestep`/`seed` pick one (it must be in both stores).
 """
 
@@ -25,11 +26,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from sdfeat.errors import ArgumentError, StoreError
+from sdfeat.errors import StoreError
 from sdfeat.metrics import runner, tasks
 from sdfeat.metrics.bootstrap import collect, percentile_interval, replicate_weights
 from sdfeat.metrics.labels import read_labels
-from sdfeat.metrics.results import METRICS
+from sdfeat.metrics.catalog import METRICS, MetricDef, chosen
 from sdfeat.store.query import open_store
 
 log = logging.getLogger(__name__)
@@ -40,29 +41,11 @@ COLUMNS = ("block", "metric", "series", "a", "b", "difference", "ci_low", "ci_hi
 Labels = tuple[np.ndarray, str] | None  # anomaly labels of one store and where they come from
 
 
-def series_name(row: dict) -> str:
-    """A short name of the statistic a row holds: `accuracy S=8`, `ratio corner`, `rel_norm_mean vs_mean`."""
-    if row["metric"] == "position":
-        return f"accuracy S={row['scale']}" if row["statistic"] == "accuracy" else row["statistic"]
-    if row["metric"] == "corners":
-        return f"{row['statistic']} {row['group']}"
-    return f"{row['statistic']} {row['variant']}"
-
-
-def _compared(row: dict, last_epoch: int | None) -> bool:
-    if row["metric"] == "position":
-        return row.get("epoch") == last_epoch
-    if row["metric"] == "corners":
-        return row["statistic"] == "ratio" and row["group"] in ("corner", "border", "other") \
-            and not row.get("paper_counts")
-    return row["statistic"] == "rel_norm_mean"
-
-
 def _key(row: dict) -> tuple:
     return tuple(row.get(k) for k in ("metric", "statistic", "group", "variant", "scale", "epoch", "paper_counts"))
 
 
-def compare_task(path_a: str, path_b: str, block: str, metric: str, opts: tasks.MetricOptions,
+def compare_task(path_a: str, path_b: str, block: str, metric: MetricDef, opts: tasks.MetricOptions,
                  labels_a: Labels = None, labels_b: Labels = None) -> list[dict]:
     """Difference rows (B − A) of one metric at one block; [] where the metric does not apply to the block."""
     a = collect(path_a, block, metric, opts, *(labels_a or ()))
@@ -79,8 +62,8 @@ def compare_task(path_a: str, path_b: str, block: str, metric: str, opts: tasks.
     rows_b = part_b.rows(np.ones(n_b, dtype=np.int64), 0)
     in_b = {_key(r): j for j, r in enumerate(rows_b)}
     last_epoch = max((r["epoch"] for r in rows_a if r.get("epoch") is not None), default=None)
-    chosen = [(i, in_b[_key(r)]) for i, r in enumerate(rows_a) if _key(r) in in_b and _compared(r, last_epoch)]
-    diffs = np.empty((opts.bootstrap, len(chosen)))
+    pairs = [(i, in_b[_key(r)]) for i, r in enumerate(rows_a) if _key(r) in in_b and metric.compared(r, last_epoch)]
+    diffs = np.empty((opts.bootstrap, len(pairs)))
     for rep in range(opts.bootstrap):
         if paired:
             w_a = replicate_weights(n_a, rep, opts.bootstrap_seed)
@@ -89,13 +72,13 @@ def compare_task(path_a: str, path_b: str, block: str, metric: str, opts: tasks.
             w_a = replicate_weights(n_a, rep, opts.bootstrap_seed, stream=0)
             w_b = replicate_weights(n_b, rep, opts.bootstrap_seed, stream=1)
         va, vb = part_a.rows(w_a, rep), part_b.rows(w_b, rep)
-        diffs[rep] = [vb[j]["value"] - va[i]["value"] for i, j in chosen]
+        diffs[rep] = [vb[j]["value"] - va[i]["value"] for i, j in pairs]
     low, high = percentile_interval(diffs, opts.level)
     out = []
-    for (i, j), lo, hi in zip(chosen, low, high):
+    for (i, j), lo, hi in zip(pairs, low, high):
         ra, rb = rows_a[i], rows_b[j]
-        out.append({"block": block, "order": tasks.block_order(a.features, block), "metric": metric,
-                    "series": series_name(ra), "a": ra["value"], "b": rb["value"],
+        out.append({"block": block, "order": tasks.block_order(a.features, block), "metric": metric.name,
+                    "series": metric.series_name(ra), "a": ra["value"], "b": rb["value"],
                     "difference": rb["value"] - ra["value"], "ci_low": float(lo), "ci_high": float(hi),
                     "excludes_zero": bool(lo > 0 or hi < 0), "n_a": part_a.n_images(), "n_b": part_b.n_images(),
                     "pairing": "paired" if paired else "independent"})
@@ -117,16 +100,15 @@ def _labels(paths: Sequence[str], labels: str | None, opts: tasks.MetricOptions,
     return found
 
 
-def compare_stores(path_a: str, path_b: str, metrics: Sequence[str] = METRICS,
+def compare_stores(path_a: str, path_b: str, metrics: Sequence[str] | None = None,
                    blocks: Sequence[str] | None = None, local: bool = False, address: str | None = None,
                    labels: str | None = None, options: tasks.MetricOptions | None = None) -> list[dict]:
-    """Difference rows (columns COLUMNS + order) for every metric and block both stores hold, in block order."""
+    """Difference rows (columns COLUMNS + order) for every metric (names in `catalog.METRICS`; default: all) and
+    block both stores hold, in block order."""
     opts = options or tasks.MetricOptions()
     if not opts.bootstrap:
         opts = replace(opts, bootstrap=DEFAULT_REPLICATES)
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ArgumentError(f"metrics: unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+    wanted = chosen(metrics)
     stores = [open_store(p) for p in (path_a, path_b)]
     for features in stores:
         runner.check_complete(features, allow_partial=False)  # unfinished units: refused, as by `sdfeat metrics`
@@ -138,16 +120,19 @@ def compare_stores(path_a: str, path_b: str, metrics: Sequence[str] = METRICS,
             raise StoreError(f"block '{missing[0]}' is not in {path}")
     if not names:
         raise StoreError(f"{path_a} and {path_b} have no block in common")
-    label_a, label_b = _labels([path_a, path_b], labels, opts, local, address) if "anomalies" in metrics \
-        else (None, None)
+    label_a, label_b = _labels([path_a, path_b], labels, opts, local, address) \
+        if any(m.needs_labels for m in wanted) else (None, None)
     calls = []
-    for metric in metrics:
-        if metric == "anomalies" and (label_a is None or label_b is None):
+    for metric in wanted:
+        if not metric.needs_labels:
+            calls += [(compare_task, (path_a, path_b, n, metric, opts)) for n in names]
+        elif label_a is None or label_b is None:
             log.warning("compare: no anomaly labels for one of the stores (none given, none detected); skipped")
-            continue
-        calls += [(compare_task, (path_a, path_b, n, metric, opts, label_a, label_b)) for n in names]
+        else:
+            calls += [(compare_task, (path_a, path_b, n, metric, opts, label_a, label_b)) for n in names]
     rows = [r for found in runner.execute(calls, local, address, opts.task_threads) for r in found]
-    return sorted(rows, key=lambda r: (r["order"], METRICS.index(r["metric"])))
+    order = list(METRICS)
+    return sorted(rows, key=lambda r: (r["order"], order.index(r["metric"])))
 
 
 HEADER = ["block", "metric", "series", "A", "B", "B-A", "ci_low", "ci_high", "*", "n_a", "n_b"]  # `table_rows`

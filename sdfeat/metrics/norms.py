@@ -1,6 +1,6 @@
 """Token norms: the L2 norm of every token's channel vector, in float32 (as the reference computes it). The one
 definition that the extraction summaries (`summaries.summarize`, torch on the device), the anomaly metric
-(`metrics.tasks.Block.norm_maps`), the maps (`maps.norm_map`, `maps.cosine_to`) and the explorer all use.
+(`metrics.tasks.BlockReader.norm_maps`), the maps (`maps.norm_map`, `maps.cosine_to`) and the explorer all use.
 
 A torch tensor is reduced with torch on its own device (the summaries' stored bytes come from this path); a numpy
 array with numpy, so the maps and `sdfeat show` never import torch. The two agreed bit for bit on every shape tried

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sdfeat.metrics.results import PROBE_SCALES
+from sdfeat.metrics.catalog import PROBE_SCALES
 
 log = logging.getLogger(__name__)
 

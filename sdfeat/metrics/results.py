@@ -11,14 +11,13 @@ atomically through `store.write_parquet`), to `<store>/results/` or a folder of 
 --results DIR`); the report, `sdfeat compare` and the explorer read with `read_results` / `load_results` (a store or
 such a folder: `results_folder`), which check every file against the schema (a missing or mistyped column is a
 one-line StoreError naming the file and column). A table measured over part of a store (`--allow-partial`) says so
-in its Parquet metadata (`partial_note`). `Series` names the rows that give one number per block. Torch-free:
-pyarrow and the store's fsspec helpers only.
+in its Parquet metadata (`partial_note`). Which tables there are says the metric registry (`catalog.METRICS`:
+one table per metric, in its order). Torch-free: pyarrow and the store's fsspec helpers only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,13 +25,11 @@ import pyarrow.parquet as pq
 
 from sdfeat import store
 from sdfeat.errors import StoreError
+from sdfeat.metrics.catalog import METRICS
 from sdfeat.models.blocks import canonical_name
 
-METRICS: tuple[str, ...] = ("position", "corners", "anomalies")  # each also its file: results/<metric>.parquet
 RESULTS = "results"  # the folder under a store
 DETECTIONS = "anomalies_detected"  # results/anomalies_detected.parquet (+ .csv in the paper's label format)
-PROBE_SCALES: tuple[int, ...] = (8, 16, 32, 64)  # the position probe's grid sizes S
-CORNERS_EXCLUDED = frozenset({"conv_out"})  # the paper plots corners over the first 44 blocks (negative ratios)
 
 LEAD_SCHEMA = pa.schema(
     [
@@ -72,27 +69,6 @@ DETECTIONS_SCHEMA = pa.schema(
         ("peak_ratio", pa.float64()),
     ]
 )
-
-
-@dataclass(frozen=True)
-class Series:
-    """The rows of a tidy table that give one number per block."""
-
-    metric: str  # also the results file: results/<metric>.parquet
-    statistic: str
-    scale: int | None = None
-    group: str | None = None
-
-
-PROBE = {s: Series("position", "accuracy", scale=s) for s in PROBE_SCALES}
-RATIO = {g: Series("corners", "ratio", group=g) for g in ("corner", "border")}
-ANOMALY_MEAN = Series("anomalies", "rel_norm_mean")
-ANOMALY_STD = Series("anomalies", "rel_norm_std")
-
-
-def excluded_blocks(metric: str) -> frozenset[str]:
-    """The blocks whose values of `metric` the figures and peaks leave out (`CORNERS_EXCLUDED` for corners)."""
-    return CORNERS_EXCLUDED if metric == "corners" else frozenset()
 
 
 def _schema(name: str) -> tuple[pa.Schema, list[str]]:

@@ -1,12 +1,15 @@
 """Run the metrics over a feature store: one task per (metric, block), tidy tables in `<store>/results/`.
 
-The tasks are `metrics.tasks` (point estimates) or, with `MetricOptions.bootstrap`, `metrics.bootstrap.
-bootstrap_task` (the same estimates with image-level intervals). With `local=True` they run in this process;
-otherwise each is a Ray task (`num_cpus=1`; `address` passed to `ray.init` when Ray is not yet initialised), with
-`MetricOptions.task_threads` torch threads either way. The driver writes `<store>/results/<metric>.parquet` (or
-`<results>/<metric>.parquet`) with `results.write_results` (the schema of `sdfeat.metrics.results`, written atomically), so
-re-running replaces the table with the same rows: idempotent. Where the tables go is checked first (a store that
-cannot be written fails before any work). `execute` and `check_complete` are public for `sdfeat compare`.
+The metrics and their tasks are the registry's (`metrics.catalog.METRICS`, in its order): each metric's `task`
+(point estimates) or, with `MetricOptions.bootstrap`, `metrics.bootstrap.bootstrap_task` over its `parts` (the
+same estimates with image-level intervals). A metric that `needs_labels` runs after the others, on the given
+labels or on those detected (`tasks.detect_task`, alongside the first tasks). With `local=True` the tasks run in
+this process; otherwise each is a Ray task (`num_cpus=1`; `address` passed to `ray.init` when Ray is not yet
+initialised), with `MetricOptions.task_threads` torch threads either way. The driver writes
+`<store>/results/<metric>.parquet` (or `<results>/<metric>.parquet`) with `results.write_results` (the schema of
+`sdfeat.metrics.results`, written atomically), so re-running replaces the table with the same rows: idempotent.
+Where the tables go is checked first (a store that cannot be written fails before any work). `execute` and
+`check_complete` are public for `sdfeat compare`.
 """
 
 from __future__ import annotations
@@ -18,18 +21,18 @@ from typing import Any
 import numpy as np
 
 from sdfeat import store as store_layout
-from sdfeat.errors import ArgumentError, StorageError, StoreError, storage_error
+from sdfeat.errors import StorageError, StoreError, storage_error
 from sdfeat.process import torch_threads
 from sdfeat.metrics import anomalies
 from sdfeat.metrics.bootstrap import bootstrap_task, detection_intervals
 from sdfeat.metrics.labels import read_labels, write_labels
-from sdfeat.metrics.results import DETECTIONS, METRICS, RESULTS, write_results
-from sdfeat.metrics.tasks import (MIN_CORNER_MAP, Block, MetricOptions, all_blocks, anomaly_task, corners_task,
-                                  detect_task, label_rows, position_task)
+from sdfeat.metrics.catalog import METRICS, MetricDef, chosen
+from sdfeat.metrics.results import DETECTIONS, RESULTS, write_results
+from sdfeat.metrics.tasks import MIN_CORNER_MAP, BlockReader, MetricOptions, all_blocks, detect_task, label_rows
 from sdfeat.store.schema import units_for
 from sdfeat.store.query import FeatureStore, open_store
 
-__all__ = ["METRICS", "MetricOptions", "check_complete", "execute", "run_metrics"]
+__all__ = ["METRICS", "MetricOptions", "block_call", "check_complete", "execute", "run_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ def _threaded(threads: int, fn: Callable[..., Any], *args: Any) -> Any:
 def _call_name(fn: Callable[..., Any], args: tuple) -> str:
     """'position up_blocks.1.upsamplers.0' for the progress bar (a bootstrap task: its metric's name)."""
     block = args[1] if len(args) > 1 and isinstance(args[1], str) else ""
-    name = args[2] if fn is bootstrap_task else fn.__name__.removesuffix("_task")
+    name = args[2].name if fn is bootstrap_task else fn.__name__.removesuffix("_task")
     return f"{name} {block}".strip()
 
 
@@ -74,11 +77,12 @@ def execute(calls: list[tuple[Callable[..., Any], tuple]], local: bool, address:
         return ray.get(refs)
 
 
-def _say_corner_skips(features: FeatureStore, names: list[str], opts: MetricOptions) -> None:
-    """Name, at the default log level, the blocks the corner metric cannot measure and what would enable it."""
+def say_corner_skips(features: FeatureStore, names: list[str], opts: MetricOptions) -> None:
+    """Name, at the default log level, the blocks the corner metric cannot measure and what would enable it (the
+    corner metric's `check`)."""
     no_variant, too_small = [], []
     for name in names:
-        b = Block(features, name, opts)
+        b = BlockReader(features, name, opts)
         n = b.height()
         if n < MIN_CORNER_MAP:
             too_small.append(f"{name} ({n}×{n})")
@@ -119,12 +123,21 @@ def check_complete(features: FeatureStore, allow_partial: bool) -> str | None:
             f"{len(features)} images left out")
 
 
-def run_metrics(store_path: str, metrics: Sequence[str] = METRICS, blocks: Sequence[str] | None = None,
+def block_call(metric: MetricDef, store_path: str, block: str, opts: MetricOptions,
+               *inputs: Any) -> tuple[Callable[..., Any], tuple]:
+    """The call of one (metric, block) task: the metric's own task, or `bootstrap_task` with `opts.bootstrap`."""
+    if opts.bootstrap:
+        return bootstrap_task, (store_path, block, metric, opts, *inputs)
+    return metric.task, (store_path, block, opts, *inputs)
+
+
+def run_metrics(store_path: str, metrics: Sequence[str] | None = None, blocks: Sequence[str] | None = None,
                 local: bool = False, address: str | None = None, labels: str | None = None,
                 options: MetricOptions | None = None, allow_partial: bool = False,
                 progress: bool = False, results: str | None = None) -> dict[str, str]:
-    """Compute `metrics` for `blocks` (default: every stored block), write the tables to `<store>/results` (or the
-    folder `results`, checked writable before any work); returns {metric: path}.
+    """Compute `metrics` (names in `catalog.METRICS`; default: all) for `blocks` (default: every stored block),
+    write the tables to `<store>/results` (or the folder `results`, checked writable before any work); returns
+    {metric: path}.
 
     A store with unfinished units is refused (StoreError) unless `allow_partial`; then the metrics use the
     finished, extracted rows and a warning names what was skipped. Failed images are always left out (logged).
@@ -133,9 +146,7 @@ def run_metrics(store_path: str, metrics: Sequence[str] = METRICS, blocks: Seque
     detected anomalies. Detections go to results/anomalies_detected.parquet (+ .csv in the paper's format)."""
     opts = options or MetricOptions()
     features = open_store(store_path)
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ArgumentError(f"metrics: unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+    wanted = chosen(metrics)
     partial = check_complete(features, allow_partial)
     folder = results or store_layout.join(features.path, RESULTS)
     _check_writable(folder, results is None)
@@ -143,43 +154,46 @@ def run_metrics(store_path: str, metrics: Sequence[str] = METRICS, blocks: Seque
     missing = [n for n in names if n not in all_blocks(features)]
     if missing:
         raise StoreError(f"block '{missing[0]}' is not in {features.path}")
-    if "corners" in metrics:
-        _say_corner_skips(features, names, opts)
+    ordered = [m for m in METRICS.values() if m in wanted]  # the tasks in the registry's order
+    for metric in ordered:
+        if metric.check is not None:
+            metric.check(features, names, opts)
     calls: list[tuple[Callable[..., Any], tuple]] = []
     tags: list[str] = []
-    for metric, task in (("position", position_task), ("corners", corners_task)):
-        if metric in metrics:
-            calls += [(bootstrap_task, (features.path, n, metric, opts)) if opts.bootstrap
-                      else (task, (features.path, n, opts)) for n in names]
-            tags += [metric] * len(names)
-    detecting = "anomalies" in metrics and opts.detect_block in all_blocks(features)
+    for metric in ordered:
+        if not metric.needs_labels:
+            calls += [block_call(metric, features.path, n, opts) for n in names]
+            tags += [metric.name] * len(names)
+    labelled = [m for m in ordered if m.needs_labels]
+    detecting = bool(labelled) and opts.detect_block in all_blocks(features)
     if detecting:
         calls.append((detect_task, (features.path, opts)))
         tags.append("detect")
     results = execute(calls, local, address, opts.task_threads, progress)
-    tables: dict[str, list[dict]] = {m: [] for m in metrics}
+    tables: dict[str, list[dict]] = {m.name: [] for m in wanted}
     detected = None
     for tag, result in zip(tags, results):
         if tag == "detect":
             detected = result
         else:
             tables[tag] += result
-    if "anomalies" in metrics:
+    if labelled:
         given = read_labels(labels) if labels else None
         use, source = (given, "given") if given is not None else (detected, "detected")
         if use is not None and len(use):
             found = use[:, :3].astype(np.int64)
-            runs = execute([(bootstrap_task, (features.path, n, "anomalies", opts, found, source)) if opts.bootstrap
-                            else (anomaly_task, (features.path, n, found, source, opts)) for n in names],
-                           local, address, opts.task_threads, progress)
-            tables["anomalies"] += [r for rows in runs for r in rows]
+            for metric in labelled:
+                runs = execute([block_call(metric, features.path, n, opts, found, source) for n in names],
+                               local, address, opts.task_threads, progress)
+                tables[metric.name] += [r for rows in runs for r in rows]
         if detected is not None:
-            tables["anomalies"] += _detection_rows(features, opts, detected, given)
+            for metric in labelled:
+                tables[metric.name] += _detection_rows(features, metric.name, opts, detected, given)
             write_results(features.path, DETECTIONS, [{"sample": int(d[0]), "sample_id": features.sample_ids[int(d[0])],
                                                        "x": int(d[1]), "y": int(d[2]), "peak_ratio": float(d[3])}
                                                       for d in detected], folder, partial)
             write_labels(store_layout.join(folder, f"{DETECTIONS}.csv"), detected)
-    return {m: write_results(features.path, m, tables[m], folder, partial) for m in metrics}
+    return {m.name: write_results(features.path, m.name, tables[m.name], folder, partial) for m in wanted}
 
 
 def _check_writable(folder: str, in_store: bool) -> None:
@@ -195,12 +209,13 @@ def _check_writable(folder: str, in_store: bool) -> None:
                               if in_store else "")) from None
 
 
-def _detection_rows(features: FeatureStore, opts: MetricOptions, detected: np.ndarray,
+def _detection_rows(features: FeatureStore, metric: str, opts: MetricOptions, detected: np.ndarray,
                     given: np.ndarray | None) -> list[dict]:
+    """The detection's rows of `metric`'s table: counts (and, against given labels, precision and recall)."""
     stats = {"n_detected": float(len(detected))}
     if given is not None:
         stats = anomalies.match(detected, given, opts.match_tolerance)
-    rows = [{"metric": "anomalies", "statistic": f"detection_{k}", "value": v, "variant": "detection"}
+    rows = [{"metric": metric, "statistic": f"detection_{k}", "value": v, "variant": "detection"}
             for k, v in stats.items()]
     if opts.bootstrap:
         intervals = detection_intervals(features, opts, detected, given)

@@ -1,10 +1,12 @@
-"""One metric task: what a (metric, block) pair reads from a feature store and the tidy rows it returns.
+"""The paper's metric tasks: what a (metric, block) pair reads from a feature store and the tidy rows it returns.
 
 A task opens the store itself and reads its block in chunks of `MetricOptions.chunk_images` images (the probe in
 `paper` mode loads its block's train tokens whole when they fit `ProbeSettings.memory_budget_bytes`), so memory
-does not grow with the number of images, and only small row lists travel back; `metrics.runner` runs the tasks
-here or as Ray tasks and writes the tables, `metrics.bootstrap` reuses `Block`, `probe_result`, `corner_sums`
-and `ref_size` for its intervals, and `sdfeat compare` uses `block_order`, `all_blocks` and `detect_task`.
+does not grow with the number of images, and only small row lists travel back. The metric registry
+(`metrics.catalog`) names the tasks; `metrics.runner` runs them here or as Ray tasks and writes the tables,
+`metrics.bootstrap` reuses `BlockReader`, `probe_result`, `corner_sums` and `ref_size` for its intervals, and
+`sdfeat compare` uses `block_order`, `all_blocks` and `detect_task`. A metric of its own module reads its blocks
+with `BlockReader` and labels its rows with `label_rows` too.
 
 Blocks stored only as per-image summaries (`summaries/<block>/...`) run from those: probe on the sampled tokens,
 corners from the group sums, anomalies from the norm maps.
@@ -47,7 +49,7 @@ class MetricOptions:
     detect_min_ratio: float = 1.5
     match_tolerance: int = 2
     # torch threads per task, locally and in Ray tasks (one CPU each): a probe's Adam steps on (512, C) batches are
-    # too small for threads to pay (120 images × 46 blocks here: 433 s with the default threads, 53 s with one)
+    # too small for more threads to pay
     task_threads: int = 1
     # Confidence intervals (`metrics.bootstrap`): replicates (0: none), their seed, the probe's repeated splits
     bootstrap: int = 0
@@ -56,8 +58,9 @@ class MetricOptions:
     level: float = 0.95
 
 
-class Block:
-    """One block of an open store: reads full tensors or summaries, ok rows only, in store-row terms."""
+class BlockReader:
+    """Reads one block of an open store at one (timestep, seed): full tensors or summaries, ok rows only, in
+    store-row terms."""
 
     def __init__(self, features: FeatureStore, block: str, opts: MetricOptions) -> None:
         self.features, self.name, self.opts = features, block, opts
@@ -125,14 +128,14 @@ def _prior_blocks(features: FeatureStore, block: str, n_train_images: int) -> li
 
 def position_task(store_path: str, block: str, opts: MetricOptions) -> list[dict]:
     features = open_store(store_path)
-    b = Block(features, block, opts)
+    b = BlockReader(features, block, opts)
     rows = position.probe_rows(probe_result(features, b, opts), opts.protocol or features.spec.protocol)
     for r in rows:
         r["variant"] = "tokens" if b.full else "summary_tokens"
     return label_rows(features, block, rows)
 
 
-def probe_result(features: FeatureStore, b: Block, opts: MetricOptions, repeat: int = 0) -> position.ProbeResult:
+def probe_result(features: FeatureStore, b: BlockReader, opts: MetricOptions, repeat: int = 0) -> position.ProbeResult:
     """The probe on one block. `repeat` > 0: the standard protocol on another image-level split (seed + repeat),
     one of the bootstrap's repeated splits."""
     block = b.name
@@ -159,7 +162,7 @@ def probe_result(features: FeatureStore, b: Block, opts: MetricOptions, repeat: 
 
 def corners_task(store_path: str, block: str, opts: MetricOptions) -> list[dict]:
     features = open_store(store_path)
-    b = Block(features, block, opts)
+    b = BlockReader(features, block, opts)
     n = b.height()
     if n < MIN_CORNER_MAP:
         return []
@@ -183,7 +186,7 @@ def corners_task(store_path: str, block: str, opts: MetricOptions) -> list[dict]
 CORNER_KEYS = ("groups", "groups_diag", "corner_groups")
 
 
-def corner_sums(features: FeatureStore, b: Block) -> tuple[np.ndarray, Iterator[tuple[dict, dict]]] | None:
+def corner_sums(features: FeatureStore, b: BlockReader) -> tuple[np.ndarray, Iterator[tuple[dict, dict]]] | None:
     """The rows the corner metric uses (those with crops: `variants.samples`) and, chunk by chunk, the group
     similarity sums of (reprcropped, cropped), from the full tensors or the stored summaries; None when the block
     has no crop variant. Shared by the point estimate and the bootstrap."""
@@ -209,13 +212,13 @@ def corner_sums(features: FeatureStore, b: Block) -> tuple[np.ndarray, Iterator[
 def ref_size(features: FeatureStore, opts: MetricOptions) -> int:
     """The labels' map size: the detection block's height (32 at 512 px), else resolution // 16."""
     if opts.detect_block in all_blocks(features):
-        return Block(features, opts.detect_block, opts).height()
+        return BlockReader(features, opts.detect_block, opts).height()
     return features.spec.resolution // 16
 
 
-def anomaly_task(store_path: str, block: str, labels: np.ndarray, source: str, opts: MetricOptions) -> list[dict]:
+def anomaly_task(store_path: str, block: str, opts: MetricOptions, labels: np.ndarray, source: str) -> list[dict]:
     features = open_store(store_path)
-    b = Block(features, block, opts)
+    b = BlockReader(features, block, opts)
     images = np.unique(labels[:, 0])
     local = labels.copy()
     local[:, 0] = np.searchsorted(images, labels[:, 0])
@@ -229,7 +232,7 @@ def anomaly_task(store_path: str, block: str, labels: np.ndarray, source: str, o
 def detect_task(store_path: str, opts: MetricOptions) -> np.ndarray:
     """(M, 4) detections (store row, x, y, peak ratio) on the detection block, label-free."""
     features = open_store(store_path)
-    b = Block(features, opts.detect_block, opts)
+    b = BlockReader(features, opts.detect_block, opts)
     pooled = np.concatenate([anomalies.pooled_ratios(b.norm_maps(c)) for c in b.chunks(b.rows)])
     threshold = anomalies.robust_threshold(pooled, opts.detect_k, opts.detect_min_ratio)
     found = anomalies.detect(pooled, threshold)

@@ -1,8 +1,9 @@
 """Metric tables -> the paper's figures and a Markdown summary (`sdfeat report`).
 
 Input: the tidy tables `sdfeat metrics` writes to `<store>/results/{position,corners,anomalies}.parquet`, read with
-`results.load_results` (their schema, `results.TIDY_SCHEMA`, and the `results.Series` vocabulary of the rows
-drawn live in `sdfeat.metrics.results`), and optionally the published numbers of Loos & Linhardt (2025), converted by
+`results.load_results` (their schema, `results.TIDY_SCHEMA`, lives in `sdfeat.metrics.results`; which metrics
+there are and what the report draws of each, the `Series` vocabulary of the rows included, in
+`sdfeat.metrics.catalog`), and optionally the published numbers of Loos & Linhardt (2025), converted by
 `tables.load_reference` into the same tidy form so that one plotting path draws both. A metric that is absent is
 drawn as "not computed".
 
@@ -20,7 +21,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from sdfeat.errors import ArgumentError
-from sdfeat.metrics.results import ANOMALY_MEAN, ANOMALY_STD, PROBE, RATIO, TIDY_SCHEMA, load_results, partial_note
+from sdfeat.metrics.catalog import ANOMALY_MEAN, ANOMALY_STD, PROBE, RATIO
+from sdfeat.metrics.results import TIDY_SCHEMA, load_results, partial_note
 from sdfeat.report.figures import (PUBLISHED_LABEL, STORE_LABEL, figure_2, figure_cross_model, figure_interventions,
                                    save_figure)
 from sdfeat.report.stores import intervention_label, token_maps

@@ -1,8 +1,10 @@
 """The report's figures over the blocks: the paper's Figure 2 for one store, one line per store across models,
 one curve per padding intervention, and `save_figure` (PNG + SVG, local or through fsspec).
 
-Each row of a figure draws a `results.Series` per block from the values `tables.select` picks, with the bootstrap
-interval as a band where the table has one; a series a store lacks is written "not computed". Matplotlib is used
+Each row of a figure draws a `catalog.Series` per block from the values `tables.select` picks, with the bootstrap
+interval as a band where the table has one; a series a store lacks is written "not computed". Figure 2 has one row
+per registered metric with a `MetricDef.plot` (the paper's three: probe, corners, anomalies); the cross-model and
+intervention figures draw the paper's picks of their series. Matplotlib is used
 through its Agg canvas only (no pyplot state).
 """
 
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
-from sdfeat.metrics.results import ANOMALY_MEAN, ANOMALY_STD, PROBE, PROBE_SCALES, RATIO, Series, excluded_blocks
+from sdfeat.metrics.catalog import ANOMALY_MEAN, ANOMALY_STD, METRICS, PROBE, RATIO, Plot, Series, excluded_blocks
 from sdfeat.report.tables import (block_axis, block_orders, detected_none, model_family, select, select_interval,
                                   weights_note)
 
@@ -30,28 +31,14 @@ STORE_LABEL = "this store"
 DPI = 150
 
 
-@dataclass(frozen=True)
-class Row:
-    """One row of Figure 2."""
-
-    ylabel: str
-    curves: tuple[tuple[str, Series, str], ...]  # (legend label, series, colour)
-    log: bool
+FIGURE2_ROW_HEIGHT = 9.5 / 3  # inches per row of Figure 2
 
 
-FIGURE2_ROWS = (
-    Row(
-        "probe accuracy",
-        tuple((f"S={s}", PROBE[s], c) for s, c in zip(PROBE_SCALES, ("#1b9e77", "#d95f02", "#7570b3", "#e7298a"))),
-        log=False,
-    ),
-    Row(
-        "relative similarity\n(cropped / repr-cropped)",
-        (("corner", RATIO["corner"], "#d62728"), ("border", RATIO["border"], "#1f77b4")),
-        log=True,
-    ),
-    Row("anomaly relative norm", (("mean ± std", ANOMALY_MEAN, "#9467bd"),), log=True),
-)
+def figure_2_rows() -> list[Plot]:
+    """The rows of Figure 2: each registered metric's `MetricDef.plot`, in the registry's order."""
+    return [m.plot for m in METRICS.values() if m.plot is not None]
+
+
 CROSS_MODEL_ROWS = (
     ("probe accuracy (S=8)", PROBE[8], False),
     ("corner relative\nsimilarity", RATIO["corner"], True),
@@ -149,13 +136,15 @@ def _not_computed(ax: Axes, text: str) -> None:
 
 def figure_2(table: pa.Table, reference: pa.Table | None = None, title: str = "", label: str = STORE_LABEL) -> Figure:
     """The paper's Figure 2 for one model: probe accuracy, corner/border relative similarity, anomaly relative norm
-    over the blocks; `reference` (a tidy table, e.g. `load_reference("sd15")`) is drawn dashed underneath."""
+    over the blocks (a row per registered metric that has a `MetricDef.plot`); `reference` (a tidy table, e.g.
+    `load_reference("sd15")`) is drawn dashed underneath."""
     blocks = block_axis(table, *([reference] if reference is not None else []))
-    fig, axes = _new_figure(3, len(blocks), 9.5)
+    rows = figure_2_rows()
+    fig, axes = _new_figure(len(rows), len(blocks), FIGURE2_ROW_HEIGHT * len(rows))
     x = np.arange(len(blocks))
     orders = np.asarray(block_orders(blocks, table, reference))
     sources = [(table, "-", 1.0, label)] + ([(reference, "--", 0.6, PUBLISHED_LABEL)] if reference is not None else [])
-    for ax, row in zip(axes, FIGURE2_ROWS):
+    for ax, row in zip(axes, rows):
         _style_axis(ax, row.ylabel, row.log)
         exclude = excluded_blocks(row.curves[0][1].metric)
         store_drawn = False

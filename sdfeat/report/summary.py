@@ -1,6 +1,7 @@
 """The Markdown side of the report: one `summary.md` section per store (model, random-weights and partial-store
-warnings, its Figure 2, the peak of each series beside the published one, and a per-block table of the plotted
-values), and the file names the stores go by (`figure2_<name>.png`)."""
+warnings, its Figure 2, the peak of each of the paper's series beside the published one, and a per-block table of
+the plotted values: the `MetricDef.columns` of every registered metric), and the file names the stores go by
+(`figure2_<name>.png`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from sdfeat.metrics.results import ANOMALY_MEAN, ANOMALY_STD, PROBE, PROBE_SCALES, RATIO, excluded_blocks, partial_note
+from sdfeat.metrics.catalog import ANOMALY_MEAN, METRICS, PROBE, RATIO, excluded_blocks
+from sdfeat.metrics.results import partial_note
 from sdfeat.report.tables import block_axis, detected_none, select, weights_note
 
 PEAKS = (
@@ -53,10 +55,10 @@ def model_section(name: str, store: str | Path, table: pa.Table, reference: pa.T
         if published:
             line += f" (published: {published[1]:.3f} at `{published[0]}`)"
         lines.append(line)
-    columns = [*(PROBE[s] for s in PROBE_SCALES), RATIO["corner"], RATIO["border"], ANOMALY_MEAN, ANOMALY_STD]
-    values = [select(table, s) for s in columns]
+    columns = [column for metric in METRICS.values() for column in metric.columns]
+    values = [select(table, series) for _, series in columns]
     lines += ["",
-              "| block | probe S=8 | S=16 | S=32 | S=64 | corner ratio | border ratio | anomaly mean | anomaly std |",
+              "| block | " + " | ".join(header for header, _ in columns) + " |",
               "|---|" + "---:|" * len(columns)]
     for block in block_axis(table):
         lines.append(f"| `{block}` | " + " | ".join(_fmt(v.get(block)) for v in values) + " |")

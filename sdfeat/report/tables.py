@@ -2,8 +2,8 @@
 
 `load_reference` converts the per-block numbers of Loos & Linhardt (2025) shipped in `sdfeat/data/reference/`
 into the tidy form of `results.TIDY_SCHEMA`, so that the figures draw a store and the paper through one path.
-`select` / `select_interval` pick, per block, the row of a `results.Series` the report plots (`PREFERRED_VARIANT`,
-pooled rows, last epoch). No drawing here (`figures`), no Markdown (`summary`).
+`select` / `select_interval` pick, per block, the row of a `catalog.Series` the report plots (the metric's
+`MetricDef.preferred_variant`, pooled rows, last epoch). No drawing here (`figures`), no Markdown (`summary`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 import pyarrow as pa
 
 from sdfeat.errors import ArgumentError
-from sdfeat.metrics.results import ANOMALY_MEAN, ANOMALY_STD, PROBE, PROBE_SCALES, RATIO, TIDY_SCHEMA, Series
+from sdfeat.metrics.catalog import ANOMALY_MEAN, ANOMALY_STD, PROBE, PROBE_SCALES, RATIO, Series, preferred_variant
+from sdfeat.metrics.results import TIDY_SCHEMA
 from sdfeat.models.blocks import canonical_name
 
 REFERENCE_DIR = Path(__file__).parent.parent / "data" / "reference"
@@ -22,9 +23,6 @@ REFERENCE_MODELS = ("sd15", "sd21", "sdturbo")
 PAPER_PROBE_EPOCHS = 5
 # The paper's 45-block list omits up_blocks.0.resnets.2, which is index 23 of the `all` (execution order) list.
 PAPER_OMITTED_ORDER = 23
-# Where a table holds several variants of a series, the report plots this one (else the alphabetically first);
-# corner rows with paper_counts=True come after the fixed ones. The anomaly ratio to the map mean is the paper's.
-PREFERRED_VARIANT = {"position": None, "corners": "cropped/reprcropped", "anomalies": "vs_mean"}
 
 
 def load_reference(model: str) -> pa.Table:
@@ -44,7 +42,7 @@ def load_reference(model: str) -> pa.Table:
 
             def add(series: Series, column: str, **extra: object) -> None:
                 rows.append({**base, "metric": series.metric, "statistic": series.statistic, "scale": series.scale,
-                             "group": series.group, "variant": PREFERRED_VARIANT[series.metric],
+                             "group": series.group, "variant": preferred_variant(series.metric),
                              "value": float(record[column]), **extra})
 
             for s in PROBE_SCALES:
@@ -61,9 +59,10 @@ def load_reference(model: str) -> pa.Table:
 
 
 def _best_rows(table: pa.Table, series: Series) -> dict[str, dict]:
-    """{block: row} of one series: the preferred variant, the pooled row where a bootstrap table has several
-    (timestep, seed), and the last epoch where there are several."""
-    preferred = PREFERRED_VARIANT[series.metric]
+    """{block: row} of one series: the preferred variant (`MetricDef.preferred_variant`; else the alphabetically
+    first, corner rows with paper_counts=True after the fixed ones), the pooled row where a bootstrap table has
+    several (timestep, seed), and the last epoch where there are several."""
+    preferred = preferred_variant(series.metric)
     best: dict[str, tuple[tuple, dict]] = {}
     for row in table.to_pylist():
         if (row["metric"], row["statistic"], row["scale"], row["group"]) != (
