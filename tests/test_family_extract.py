@@ -88,6 +88,27 @@ def test_tiny_dit_job_equals_a_plain_diffusers_forward(tmp_path: Path, class_lab
                                    err_msg=block)
 
 
+@pytest.mark.slow
+def test_full_dit_xl_2_with_random_weights_equals_a_plain_forward(tmp_path: Path) -> None:
+    """The whole DiT-XL/2 architecture (random weights, 64 px: a 4 x 4 token grid), the deepest block and the
+    final projection, against a plain forward of the same random model."""
+    blocks = ["transformer_blocks.27", "proj_out_2"]
+    spec = small_spec(str(tmp_path / "dit"), model="random:dit-xl-2", source="synthetic:2", resolution=RES,
+                      blocks=blocks, timesteps=[T], seeds=[SEED], batch_size=2, dtype="float32")
+    run_local(spec, progress=False, device="cpu")
+    store = open_store(str(tmp_path / "dit"))
+    model = dit.random_components("dit-xl-2", dtype=torch.float32)
+    images, ids, _ = _images("synthetic:2")
+    _, expected, _ = dit_forward(model.denoiser, blocks, _noisy(model, images, ids),
+                                 timestep=torch.tensor([T]).expand(len(ids)), class_labels=torch.tensor([1000, 1000]))
+    assert store.shape("transformer_blocks.27")[-3:] == (1152, 4, 4) and store.shape("proj_out_2")[-3:] == (32, 4, 4)
+    for block in blocks:
+        tokens = expected[block][0] if isinstance(expected[block], tuple) else expected[block]  # (2, 16, D)
+        grid = tokens.transpose(1, 2).reshape(len(ids), -1, 4, 4)
+        np.testing.assert_allclose(store.read(block, timestep=T, seed=SEED), grid.numpy(), rtol=1e-3, atol=1e-4,
+                                   err_msg=block)
+
+
 @pytest.mark.parametrize(("model", "fields", "message"), [
     ("tiny-sdxl", {"protocol": "paper"}, "field 'protocol': 'paper' reproduces sdhelper"),
     ("tiny-dit", {"protocol": "paper"}, "runs: standard"),
@@ -105,3 +126,41 @@ def test_what_a_family_does_not_define_is_refused_in_one_line(tmp_path: Path, mo
     with pytest.raises((SpecError, UnknownBlockError), match=message):
         run_local(spec, progress=False, device="cpu")
     assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_the_cross_model_figure_puts_families_on_a_relative_depth_axis() -> None:
+    """A U-Net and a DiT share no block names: each line sits at order / (its model's positions - 1)."""
+    import pyarrow as pa
+
+    from sdfeat.metrics.catalog import PROBE
+    from sdfeat.metrics.results import TIDY_SCHEMA
+    from sdfeat.report import figure_cross_model
+
+    def table(model: str, blocks: list[tuple[str, int]]) -> pa.Table:
+        rows = [{"model": model, "block": b, "order": o, "metric": "position", "statistic": "accuracy",
+                 "value": 0.5, "epoch": 3, "scale": s} for b, o in blocks for s in (8, 16, 32, 64)]
+        return pa.Table.from_pylist(rows, schema=TIDY_SCHEMA)  # columns a row does not have are null
+
+    # tiny-sdxl has 34 positions (conv_in .. conv_out), tiny-dit 11 (pos_embed, 3 x (attn1, ff, block), proj_out_2)
+    sdxl_t = table("tiny-sdxl", [("conv_in", 0), ("mid_block.resnets.1", 15), ("conv_out", 33)])
+    dit_t = table("tiny-dit", [("pos_embed", 0), ("transformer_blocks.1", 6), ("proj_out_2", 10)])
+    fig = figure_cross_model({"sdxl": sdxl_t, "dit": dit_t},
+                             rows=(("probe", PROBE[8], False),))
+    ax = fig.axes[0]
+    xs = [[v for v in np.asarray(line.get_xdata(), float) if not np.isnan(v)] for line in ax.lines]
+    assert len(xs) == 2 and np.allclose(xs[0], [0.0, 15 / 33, 1.0]) and np.allclose(xs[1], [0.0, 0.6, 1.0])
+    assert "relative depth" in ax.get_xlabel()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["sdxl (sdxl)", "dit (dit)"]
+
+
+def test_plan_budgets_other_families_with_their_analogues() -> None:
+    from typer.testing import CliRunner
+
+    from sdfeat.cli.app import app
+
+    result = CliRunner().invoke(app, ["plan", "jobs/sd15-imagenet-full.yaml", "--imagenet", "--models",
+                                      "sd15,sdxl,dit-xl-2"], terminal_width=250)
+    assert result.exit_code == 0, result.output
+    lines = {line.split("\t")[0]: line for line in result.output.splitlines()}
+    assert "sd15" in lines and "sdxl (summaries: all)" in lines and "dit-xl-2 (summaries: all)" in lines
+    assert "× 3 models" in result.output
