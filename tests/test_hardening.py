@@ -24,6 +24,7 @@ import imagegen
 from conftest import deadline, small_spec
 from sdfeat import store
 from sdfeat.errors import SourceError, StoreError
+from sdfeat.store.schema import UnitReport
 from sdfeat.sources import plan_samples, read_images
 
 RES = 16
@@ -349,14 +350,14 @@ def test_markers_are_written_atomically(tmp_path, monkeypatch, where):
 
     output = str(tmp_path / "out") if where == "local" else "memory://sdfeat-hardening/out"
     fs, _ = store.filesystem(output)
-    store.write_marker(output, 0, {"unit": 0, "rows": 4, "ok": 4, "failures": []})
+    store.write_marker(output, UnitReport(unit=0, rows=4, ok=4, failures=()))
 
     def crash(self, *args, **kwargs):
         raise KeyboardInterrupt  # killed between writing the temporary file and the rename
 
     monkeypatch.setattr(type(fs), "mv", crash)
     with pytest.raises(KeyboardInterrupt):
-        store.write_marker(output, 1, {"unit": 1, "rows": 4, "ok": 4, "failures": []})
+        store.write_marker(output, UnitReport(unit=1, rows=4, ok=4, failures=()))
     monkeypatch.undo()
     names = [p.rsplit("/", 1)[-1] for p in fs.ls(store.join(store.filesystem(output)[1], store.PROGRESS),
                                                  detail=False)]

@@ -28,7 +28,7 @@ def _spec(output: Path | str, cache: Path | str | None, **overrides):
 def _run(spec) -> tuple[UnitRunner, int]:
     """Run every unit with one runner; (the runner, VAE encoder calls it made)."""
     plan = prepare_job(spec)
-    runner = UnitRunner(spec, plan.output, device="cpu")
+    runner = UnitRunner(plan, device="cpu")
     calls = []
     if runner.model.vae_loaded:
         runner.model.vae.encoder.register_forward_hook(lambda *args: calls.append(1))
