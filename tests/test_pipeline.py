@@ -54,7 +54,7 @@ def test_each_row_group_is_read_once_by_a_worker(tmp_path: Path, monkeypatch: py
     runner = UnitRunner(plan, device="cpu", threads=1)
     reports = list(runner.run_many(plan.units))
     runner.close()
-    assert [r["ok"] for r in reports] == [4] * 6
+    assert [r.ok for r in reports] == [4] * 6
     assert reads == [0, 1]
 
 

@@ -99,7 +99,7 @@ class UnitRunner:
         self.manifest = store.read_manifest(self.output)  # one row per store row; read once per worker
         self.group = store.open_features(self.output, mode="r+")
         self._opened: dict = {}  # the store's arrays, opened once by the writer (`store.write_unit`)
-        self.unit_size = len(job.attrs.rows_of(0))  # the largest unit
+        self.unit_size = job.units[0].rows  # the largest unit (only the last may be shorter)
         # Arrays limited to the store's first rows (crop variants under `variants.samples`): path -> row count.
         self._row_limits = {a.path: a.rows for a in self.layout.arrays if a.rows is not None}
         self.model: LoadedModel | None = None
