@@ -33,6 +33,7 @@ def build_store(path: str, images: int) -> None:
     from sdfeat import store
     from sdfeat.extract import pending_units, prepare_job
     from sdfeat.spec import parse_spec
+    from sdfeat.store.schema import UnitReport
 
     spec = parse_spec({"model": "sd15", "protocol": "standard", "source": f"synthetic:{images}",
                        "resolution": 512, "blocks": [BLOCK], "timesteps": [50], "seeds": [42], "batch_size": 1,
@@ -45,8 +46,7 @@ def build_store(path: str, images: int) -> None:
         channel = rng.standard_normal((rows, 1, 1, 1280, 1, 1), dtype=np.float32)
         values = (channel + rng.standard_normal((rows, 1, 1, 1280, 32, 32), dtype=np.float32)).astype(np.float16)
         store.write_unit(group, unit.start, unit.stop, {BLOCK: values}, np.ones(rows, dtype=bool))
-        store.write_marker(path, unit.index, {"unit": unit.index, "rows": rows, "ok": rows, "failures": [],
-                                              "seconds": {}})
+        store.write_marker(path, UnitReport(unit=unit.index, rows=rows, ok=rows, failures=()))
         print(f"  built unit {unit.index} ({unit.stop}/{plan.n_samples} rows)", flush=True)
 
 
@@ -143,12 +143,11 @@ def main() -> None:
     from sdfeat import store
     from sdfeat.errors import StoreError
     from sdfeat.explore.app import create_app
-    from sdfeat.planning.units import units_for
     from sdfeat.store.query import open_store
 
     try:
         features = open_store(path)
-        ready = len(store.done_units(path)) == units_for(len(features), int(features.attrs["unit_size"]))
+        ready = len(store.done_units(path)) == features.attrs.units
     except StoreError:
         ready = False
     if not ready:

@@ -122,7 +122,7 @@ def child_sdfeat(job: dict) -> dict:
 
     from sdfeat.spec import parse_spec
     from sdfeat.store.query import open_store
-    import sdfeat.extract as extract
+    import sdfeat.extract.local as extract  # run_local's module: it looks UnitRunner up there at call time
 
     timing: dict[str, float] = {"units_s": 0.0}
 
@@ -141,7 +141,7 @@ def child_sdfeat(job: dict) -> dict:
             yield from super().run_many(units)
             timing["units_s"] += time.perf_counter() - t
 
-    extract.UnitRunner = TimedRunner  # run_local looks the class up at call time
+    extract.UnitRunner = TimedRunner
     out = tempfile.mkdtemp(prefix="sdfeat-bench-", dir=job["tmp"])
     try:
         spec = parse_spec({

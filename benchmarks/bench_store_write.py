@@ -29,6 +29,7 @@ import numpy as np
 
 from sdfeat import store
 from sdfeat.planning.layout import activation_layout
+from sdfeat.store.schema import StoreAttrs
 
 SHAPES = [(1280, 16, 16)] * 6 + [(1280, 32, 32)]  # up_blocks.1 resnets/attentions, then its upsampler
 
@@ -110,8 +111,11 @@ def measure(directory: str, rows: int, codec: str, repeats: int) -> tuple[dict[s
         data = {a.path: _activations(rows, a.sample_shape[2:], i) for i, a in enumerate(layouts)}
         roots = {"zarr": str(work / "zarr"), "direct": str(work / "direct")}
         for root in roots.values():
+            attrs = StoreAttrs(spec={}, spec_hash="bench", protocol="standard", model="none", revision=None,
+                               n_samples=rows, unit_size=rows, blocks=tuple(a.path for a in layouts), crops=(),
+                               summary_blocks=(), crop_samples=rows, class_names=None, source_format=None, versions={})
             store.create_template(root, layouts, rows, rows, [str(i) for i in range(rows)], [0] * rows, [50], [42],
-                                  attrs={}, codec=codec)
+                                  attrs=attrs, codec=codec)
         plain = work / "plain"
         paths = list(data)
         writers: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {

@@ -1,4 +1,5 @@
-"""What the owner of a process sets for the units it runs: torch's thread count, and whether freed memory stays.
+"""What the owner of a process sets for the units it runs: torch's thread count, whether freed memory stays, and
+which libraries stay quiet.
 
 `torch_threads(n)` sets torch's intra-op thread count for a block and restores it afterwards (`run_local`, each
 metric task); a Ray actor owns its process and sets it once. The rest keeps freed memory in the process while
@@ -6,11 +7,8 @@ units run (glibc's malloc; a no-op elsewhere).
 
 A CPU forward allocates and frees the same large activations batch after batch. By default glibc serves blocks
 above its mmap threshold (at most 32 MB) with fresh mmaps and trims the heap's free top, so every batch can fault
-its activations in again. Measured on SD-1.5 (random weights) at 256 px, batch 4, 45 blocks, 12 images, 2
-threads: ≈0.5 M page faults per U-Net forward and ≈0.9 M per VAE encode, 45.2 CPU-s; with the memory held, none
-after the first batch's VAE, 37.3 CPU-s (-17 %). Before the lean loader (`sdfeat.models.weights`) the heap happened to
-keep that memory (37.1 CPU-s, ≈0 faults per U-Net forward after the first). Through `run_local` (8 images): 2.82
-against 3.52 CPU-s per image, for 0.3 GB more peak RSS (5.39 against 5.09 GB: freed blocks are not handed back).
+its activations in again (hundreds of thousands of page faults per SD-1.5 forward on a CPU; the CPU time and peak
+memory this saves and costs are measured by benchmarks/bench_extract.py).
 
 `hold_freed_memory()` turns both off for this process (large blocks come from the heap, the heap is not trimmed);
 `release_freed_memory()` turns both back on and hands free memory back. What owns the process calls them
@@ -22,10 +20,22 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
+
+# The environment that keeps library notices and weight-loading bars out of a run without -v: set by the CLI, and
+# handed to Ray actors, so a joined cluster's workers are as quiet as the driver.
+QUIET_LIBRARIES: dict[str, str] = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error",
+                                   "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+def quiet_libraries() -> None:
+    """`QUIET_LIBRARIES` in this process's environment (values already set are kept), so in its children too."""
+    for name, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(name, value)
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Mapping
 from types import TracebackType
 
 from rich.console import Console
@@ -73,16 +74,16 @@ class UnitProgress:
         self._partial[unit] = self._partial.get(unit, 0) + rows
         self._redraw()
 
-    def update(self, report: dict) -> None:
-        """A unit finished: its report's rows replace its batches' partial count."""
-        if "unit" in report:
-            self._partial.pop(report["unit"], None)
-            self._finished.add(report["unit"])
-        self.done += report["rows"]
-        self.new_rows += report["rows"]
+    def update(self, unit: int, rows: int, failures: int, seconds: Mapping[str, float]) -> None:
+        """Unit `unit` finished (its report: `rows`, how many `failures`, busy `seconds` per stage): its rows
+        replace its batches' partial count."""
+        self._partial.pop(unit, None)
+        self._finished.add(unit)
+        self.done += rows
+        self.new_rows += rows
         self.units_run += 1
-        self.failures += len(report["failures"])
-        self.seconds.update(report.get("seconds", {}))
+        self.failures += failures
+        self.seconds.update(seconds)
         self._redraw()
 
     def this_run(self) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,19 +68,27 @@ class Summaries(_Strict):
     tokens_per_image: int = Field(default=16, ge=1, le=4096)
 
 
+Protocol = Literal["paper", "standard"]  # what each means: PROTOCOL.md; which a model runs: its family's PROTOCOLS
+PROTOCOLS: tuple[str, ...] = typing.get_args(Protocol)
+PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
+PADDING_MODES: tuple[str, ...] = typing.get_args(PaddingMode)
+PaddingScope = Literal["unet", "unet+vae"]
+PADDING_SCOPES: tuple[str, ...] = typing.get_args(PaddingScope)
+
+
 class Intervention(_Strict):
     """Change the model at load time (`sdfeat.models.interventions`): every padded Conv2d in `scope` pads with `padding`
     instead of zeros (weights untouched). `zeros` is the model as released and counts as no intervention."""
 
-    padding: Literal["zeros", "reflect", "replicate", "circular"] = "zeros"
-    scope: Literal["unet", "unet+vae"] = "unet"
+    padding: PaddingMode = "zeros"
+    scope: PaddingScope = "unet"
 
 
 class JobSpec(_Strict):
     spec_version: Literal[1] = SPEC_VERSION
     model: str = "tiny"
     revision: str | None = None
-    protocol: Literal["paper", "standard"] = "standard"
+    protocol: Protocol = "standard"
     source: str
     source_format: Literal["auto", "parquet", "folder", "webdataset", "synthetic"] = "auto"
     limit: int | None = Field(default=None, ge=1)

@@ -102,8 +102,11 @@ def test_ctrl_c_says_how_many_units_are_done_and_exits_130(tmp_path: Path) -> No
     job = tmp_path / "job.yaml"
     job.write_text(f"model: tiny\nsource: synthetic:64\nresolution: 128\nunit_size: 4\nbatch_size: 4\n"
                    f"blocks: [conv_in, up_blocks.1.upsamplers.0]\ntimesteps: [50, 200, 400]\noutput: {out}\n")
+    # a shell without job control starts background commands with SIGINT ignored, and Python keeps an ignored
+    # SIGINT ignored: give the child the default, as a terminal would
     proc = subprocess.Popen([*SDFEAT, "extract", str(job), "--local", "-q"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not list((out / "progress").glob("unit-*.json")) if (out / "progress").exists() else True:
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()

@@ -40,7 +40,7 @@ def standard_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 def _crop_paths(features) -> list[str]:
     paths = [f"crops/{m}/{k}" for m in features.crops for k in features.group[f"crops/{m}"].array_keys()]
-    for block in features.attrs.get("summary_blocks", []):
+    for block in features.attrs.summary_blocks:
         paths += [f"summaries/{block}/{k}" for k in features.group[f"summaries/{block}"].array_keys()
                   if k.startswith("crop_")]
     return paths
@@ -49,7 +49,7 @@ def _crop_paths(features) -> list[str]:
 def _all_paths(features) -> list[str]:
     paths = list(features.blocks) + [f"crops/{m}/{k}" for m in features.crops
                                      for k in features.group[f"crops/{m}"].array_keys()]
-    for block in features.attrs.get("summary_blocks", []):
+    for block in features.attrs.summary_blocks:
         paths += [f"summaries/{block}/{k}" for k in features.group[f"summaries/{block}"].array_keys()]
     return paths
 
@@ -58,7 +58,7 @@ def test_crop_arrays_hold_the_first_rows_equal_to_the_unlimited_job(standard_pai
     full, limited = (open_store(p) for p in standard_pair)
     crop_paths = _crop_paths(limited)
     assert any(p.startswith("crops/") for p in crop_paths) and any("/crop_" in p for p in crop_paths)
-    assert limited.attrs["crop_samples"] == N and full.attrs["crop_samples"] == 13
+    assert limited.attrs.crop_samples == N and full.attrs.crop_samples == 13
     assert sorted(_all_paths(full)) == sorted(_all_paths(limited))
     for path in _all_paths(limited):
         a, b = np.asarray(full.group[path][:]), np.asarray(limited.group[path][:])

@@ -1,7 +1,7 @@
 """Every code name the docs mention exists, and the docs link only to files inside the repository.
 
 Checked: backticked dotted names whose first part is an sdfeat module (`store.write_unit`,
-`sdfeat.metrics.runner.METRICS`) or a top-level name of one (`UnitRunner.run`, `JobPlan.units`); backticked calls
+`sdfeat.metrics.runner.METRICS`) or a top-level name of one (`UnitRunner.run`, `Job.units`); backticked calls
 (`run_local(...)`); and in fenced Python blocks under a `## <module>.py` heading, every `def`/`class` (methods
 inside their class)."""
 

@@ -93,7 +93,7 @@ def test_store_list_and_samples_describe_the_store(client: TestClient, tiny_stor
     page = client.get("/api/stores/0/samples", params={"offset": 10, "limit": 5}).json()
     assert [i["row"] for i in page["items"]] == [10, 11]
     assert page["items"][0] == {"row": 10, "id": features.sample_ids[10], "label": int(features.labels[10]),
-                                "label_name": features.attrs["class_names"][int(features.labels[10])], "finished": True,
+                                "label_name": features.attrs.class_names[int(features.labels[10])], "finished": True,
                                 "ok": True, "reason": None}
 
 

@@ -24,6 +24,7 @@ import imagegen
 from conftest import deadline, small_spec
 from sdfeat import store
 from sdfeat.errors import SourceError, StoreError
+from sdfeat.store.schema import UnitReport
 from sdfeat.sources import plan_samples, read_images
 
 RES = 16
@@ -349,14 +350,14 @@ def test_markers_are_written_atomically(tmp_path, monkeypatch, where):
 
     output = str(tmp_path / "out") if where == "local" else "memory://sdfeat-hardening/out"
     fs, _ = store.filesystem(output)
-    store.write_marker(output, 0, {"unit": 0, "rows": 4, "ok": 4, "failures": []})
+    store.write_marker(output, UnitReport(unit=0, rows=4, ok=4, failures=()))
 
     def crash(self, *args, **kwargs):
         raise KeyboardInterrupt  # killed between writing the temporary file and the rename
 
     monkeypatch.setattr(type(fs), "mv", crash)
     with pytest.raises(KeyboardInterrupt):
-        store.write_marker(output, 1, {"unit": 1, "rows": 4, "ok": 4, "failures": []})
+        store.write_marker(output, UnitReport(unit=1, rows=4, ok=4, failures=()))
     monkeypatch.undo()
     names = [p.rsplit("/", 1)[-1] for p in fs.ls(store.join(store.filesystem(output)[1], store.PROGRESS),
                                                  detail=False)]
@@ -385,7 +386,7 @@ def test_torn_marker_is_redone_and_finalize_does_not_crash(tiny_store, tmp_path,
 
 def _other_versions(output: str) -> None:
     attrs = store.read_attrs(output)
-    store.update_attrs(output, {"versions": {**attrs["versions"], "torch": "1.0.0", "diffusers": "0.1.0"}})
+    store.update_attrs(output, {"versions": {**attrs.versions, "torch": "1.0.0", "diffusers": "0.1.0"}})
 
 
 def test_resume_under_other_library_versions_is_refused_unless_allowed(tiny_store, tmp_path):
@@ -407,7 +408,7 @@ def test_resume_under_other_library_versions_is_refused_unless_allowed(tiny_stor
     assert result.exit_code == 2 and "other library versions (torch 1.0.0 ->" in result.output
     summary = run_local(spec, progress=False, allow_version_change=True)
     assert summary["ok"] == 12
-    (change,) = store.read_attrs(output)["version_changes"]
+    (change,) = store.read_attrs(output).version_changes
     assert change["from"] == {"torch": "1.0.0", "diffusers": "0.1.0"} and change["units_done"] == 2
 
 
@@ -515,7 +516,7 @@ def test_start_killed_while_writing_the_template_is_written_again(tiny_store, tm
     with pytest.raises(KeyboardInterrupt):
         prepare_job(spec)
     monkeypatch.undo()
-    assert store.read_attrs(output)["spec_hash"] and not store.template_complete(output)
+    assert store.read_attrs(output).spec_hash and not store.template_complete(output)
     assert run_local(spec, progress=False)["ok"] == 12
     assert_same_store(output, tiny_store)
 

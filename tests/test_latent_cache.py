@@ -14,6 +14,7 @@ from conftest import small_spec
 from storecompare import assert_same_store
 from sdfeat.errors import StoreError
 from sdfeat.extract import UnitRunner, finalize_job, prepare_job, run_local
+from sdfeat.store.schema import UnitReport
 from test_remote_store import BUCKET, s3_env  # noqa: F401  (the moto S3 fixture)
 
 BLOCKS = ["conv_in", "mid_block.resnets.1", "up_blocks.1.upsamplers.0"]
@@ -28,7 +29,7 @@ def _spec(output: Path | str, cache: Path | str | None, **overrides):
 def _run(spec) -> tuple[UnitRunner, int]:
     """Run every unit with one runner; (the runner, VAE encoder calls it made)."""
     plan = prepare_job(spec)
-    runner = UnitRunner(spec, plan.output, device="cpu")
+    runner = UnitRunner(plan, device="cpu")
     calls = []
     if runner.model.vae_loaded:
         runner.model.vae.encoder.register_forward_hook(lambda *args: calls.append(1))
@@ -42,7 +43,7 @@ def _run(spec) -> tuple[UnitRunner, int]:
 
         runner.model._vae_loader = counted
     reports = list(runner.run_many(plan.units))
-    assert all("error" not in r for r in reports)
+    assert all(isinstance(r, UnitReport) for r in reports)  # no UnitFailure
     finalize_job(plan)
     return runner, len(calls)
 

@@ -51,10 +51,10 @@ def test_each_row_group_is_read_once_by_a_worker(tmp_path: Path, monkeypatch: py
                       blocks=["up_blocks.1.upsamplers.0"], timesteps=[50], resolution=64)
     plan = prepare_job(spec)  # planning reads the label column only
     reads = _count_row_group_reads(monkeypatch)
-    runner = UnitRunner(spec, spec.output, device="cpu", threads=1)
+    runner = UnitRunner(plan, device="cpu", threads=1)
     reports = list(runner.run_many(plan.units))
     runner.close()
-    assert [r["ok"] for r in reports] == [4] * 6
+    assert [r.ok for r in reports] == [4] * 6
     assert reads == [0, 1]
 
 
@@ -72,19 +72,19 @@ def test_decoding_runs_ahead_into_the_next_unit_while_the_device_works(tmp_path:
         decodes.append(index)
         return decode(index, load, resolution)
 
-    def noted_marker(output, unit, report):
-        at_marker[unit] = len(decodes)
-        write_marker(output, unit, report)
+    def noted_marker(output, report):
+        at_marker[report.unit] = len(decodes)
+        write_marker(output, report)
 
     monkeypatch.setattr(feed, "decode_one", counted_decode)
     monkeypatch.setattr(store, "write_marker", noted_marker)
     spec = small_spec(str(tmp_path / "out"), source="synthetic:8", batch_size=4, unit_size=4, timesteps=[50],
                       blocks=["up_blocks.1.upsamplers.0"], resolution=64)
     plan = prepare_job(spec)
-    runner = UnitRunner(spec, spec.output, threads=1, simulate=Simulation(images_per_second=8.0))  # 0.5 s a batch
+    runner = UnitRunner(plan, threads=1, simulate=Simulation(images_per_second=8.0))  # 0.5 s a batch
     reports = list(runner.run_many(plan.units))
     runner.close()
-    assert [r["ok"] for r in reports] == [4, 4]
+    assert [r.ok for r in reports] == [4, 4]
     assert at_marker == {0: 8, 1: 8}
 
 

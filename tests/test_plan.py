@@ -154,7 +154,8 @@ def test_a_store_measures_rates_that_reproduce_its_own_stage_seconds(tiny_store:
 
 
 def test_imagenet_budget_sums_models_and_says_whether_it_fits() -> None:
-    from sdfeat.planning.budget import AIM_GPU_HOURS, imagenet_budget, render_budget
+    from sdfeat.cli.console import render_budget
+    from sdfeat.planning.budget import AIM_GPU_HOURS, imagenet_budget
     from sdfeat.planning.rates import Rates
 
     rates = Rates("test", vae_flops_per_s=1e12, unet_flops_per_s=1e12, write_bytes_per_s=1e9)

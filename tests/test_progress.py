@@ -22,11 +22,11 @@ def test_batches_move_the_bar_and_the_report_replaces_them() -> None:
     bar.advance(1, 2)
     bar.advance(2, 2)
     assert bar.completed == 8
-    bar.update({"unit": 1, "rows": 4, "failures": [{"sample_id": "x"}], "seconds": {"unet": 1.5}})
+    bar.update(1, 4, 1, {"unet": 1.5})
     assert bar.completed == 10                     # unit 1: 4 final rows, not 2 + 4
     bar.advance(1, 2)                              # a late batch message for a finished unit
     assert bar.completed == 10
-    bar.update({"unit": 2, "rows": 4, "failures": [], "seconds": {"unet": 0.5}})
+    bar.update(2, 4, 0, {"unet": 0.5})
     assert bar.completed == 12
     assert bar.this_run()["units"] == 2 and bar.this_run()["rows"] == 8
     assert bar.this_run()["seconds"] == {"unet": 2.0}
@@ -37,7 +37,7 @@ def test_the_runner_reports_every_batch(tmp_path: Path) -> None:
 
     spec = small_spec(str(tmp_path / "s"), source="synthetic:6", batch_size=2, unit_size=4, timesteps=[50])
     plan = prepare_job(spec)
-    runner = UnitRunner(spec, plan.output, "cpu")
+    runner = UnitRunner(plan, "cpu")
     seen: list[tuple[int, int]] = []
     runner.on_batch = lambda unit, rows: seen.append((unit, rows))
     for unit in pending_units(plan):

@@ -16,6 +16,7 @@ import zarr
 from conftest import small_spec
 from sdfeat import store
 from sdfeat.planning.layout import ArrayLayout, activation_layout
+from sdfeat.store.schema import StoreAttrs
 from sdfeat.store import shard_writer
 from storecompare import array_paths, assert_same_store
 from test_remote_store import BUCKET, s3_env  # noqa: F401  (fixture: a moto S3 server)
@@ -54,8 +55,11 @@ def _values(layout: ArrayLayout, rows: int, seed: int) -> np.ndarray:
 
 
 def _template(output: str, codec: str) -> None:
+    attrs = StoreAttrs(spec={}, spec_hash="test", protocol="standard", model="tiny", revision=None,
+                       n_samples=N_SAMPLES, unit_size=UNIT, blocks=(), crops=(), summary_blocks=(),
+                       crop_samples=N_SAMPLES, class_names=None, source_format=None, versions={})
     store.create_template(output, LAYOUTS, N_SAMPLES, UNIT, [f"s{i}" for i in range(N_SAMPLES)], [0] * N_SAMPLES,
-                          [50, 200], [0, 1], attrs={"test": True}, codec=codec)
+                          [50, 200], [0, 1], attrs=attrs, codec=codec)
 
 
 def _write(output: str, start: int, stop: int, direct: bool) -> dict[str, np.ndarray]:

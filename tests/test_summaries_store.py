@@ -40,7 +40,7 @@ def _values(output: str, metric: str, **match: object) -> dict[tuple, float]:
 
 def test_summary_store_holds_summaries_only(stores: dict[str, str]) -> None:
     features = open_store(stores["summary"])
-    assert features.blocks == [] and features.attrs["summary_blocks"] == BLOCKS
+    assert features.blocks == [] and list(features.attrs.summary_blocks) == BLOCKS
     assert features.group["summaries/up_blocks.1.upsamplers.0/norms"].shape == (12, 1, 1, 8, 8)
     assert features.group["summaries/conv_in/tokens"].shape == (12, 1, 1, 8, 32)
     assert "summaries/conv_in/crop_groups" in features.group

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import warnings
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -70,11 +69,10 @@ def _print_version(value: bool) -> None:
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
          version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
                                                help="Print the version and exit.")] = False) -> None:
-    if not verbose:  # only sdfeat's own lines: no transformers/diffusers notices or weight-loading bars (also in
-        # the processes a private Ray instance starts, which inherit this environment)
-        for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
-                            ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1")):
-            os.environ.setdefault(name, value)
+    if not verbose:  # only sdfeat's own lines (also in the processes a private Ray instance starts)
+        from sdfeat.process import quiet_libraries
+
+        quiet_libraries()
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.showwarning = show_warning  # sdfeat's warnings as one `warning:` line
 
@@ -195,9 +193,10 @@ def plan(
 
     spec = _load(job, output)
     check_spec(spec)  # model and block names: before the planners' imports
-    from sdfeat.planning.budget import IMAGENET_TRAIN, estimate_stages, imagenet_budget, render_budget, render_stages
+    from sdfeat.cli.console import render_budget, render_estimate, render_stages
+    from sdfeat.planning.budget import IMAGENET_TRAIN, estimate_stages, imagenet_budget
     from sdfeat.planning.rates import peak_flops, plan_rates
-    from sdfeat.planning.units import estimate_job, render_estimate
+    from sdfeat.planning.units import estimate_job
 
     est = estimate_job(spec, images_per_second, IMAGENET_TRAIN if imagenet else samples)
     rates = plan_rates(spec.compile, device, from_store, write_gbps * 1e9 if write_gbps else None)

@@ -121,10 +121,7 @@ def _check_output_is_ours(spec: JobSpec) -> None:
         attrs = store.read_attrs(spec.output)
     except (SdfeatError, OSError, ImportError, ValueError):
         return                                   # no store there yet, or not reachable from this machine
-    existing = attrs.get("spec_hash")
-    if existing and existing != spec_hash(spec):
-        raise StoreError(f"output {spec.output} holds a store of another spec ({existing}); choose another "
-                         "output, or pass --overwrite to replace it")
+    attrs.require_spec(spec_hash(spec), spec.output)
 
 
 def _check_output_is_free(spec: JobSpec) -> None:

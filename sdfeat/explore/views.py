@@ -29,7 +29,6 @@ from sdfeat.metrics import results
 from sdfeat.metrics.norms import token_norms
 from sdfeat.metrics.tasks import MetricOptions, ref_size
 from sdfeat.models.blocks import canonical_name
-from sdfeat.planning.units import units_for
 from sdfeat.report.maps import cosine_to, norm_map, similarity_map
 from sdfeat.store.query import FeatureStore, open_store
 
@@ -63,7 +62,7 @@ class StoreView:
         self.index = index
         self.features: FeatureStore = open_store(path)
         self.n = len(self.features)
-        self.unit_size = int(self.features.attrs["unit_size"])
+        self.attrs = self.features.attrs
         self.images = SourceImages(path, self.features.spec.resolution, self.n)
         self._acts: ByteLRU[tuple[np.ndarray, np.ndarray]] = ByteLRU(ACTS_CACHE_BYTES)
         self._norms: ByteLRU[np.ndarray] = ByteLRU(NORMS_CACHE_BYTES)  # top-k chunks' token norms (small)
@@ -78,7 +77,7 @@ class StoreView:
     @property
     def crop_rows(self) -> int:
         """Crop variants exist for rows 0..crop_rows-1 (the job's `variants.samples`; all rows by default)."""
-        return int(self.features.attrs.get("crop_samples", self.n))
+        return self.attrs.crop_samples
 
     def status(self) -> tuple[np.ndarray, np.ndarray, int]:
         """(finished (n,) bool, ok (n,) bool, units done): re-read from the store at most every STATUS_TTL_S."""
@@ -89,7 +88,8 @@ class StoreView:
                 done = store.done_units(self.features.path)
                 finished = np.zeros(self.n, dtype=bool)
                 for unit in done:
-                    finished[unit * self.unit_size:(unit + 1) * self.unit_size] = True
+                    rows = self.attrs.rows_of(unit)
+                    finished[rows.start:rows.stop] = True
                 self._status = (time.monotonic(), finished, self.features.ok & finished, len(done))
             return self._status[1], self._status[2], self._status[3]
 
@@ -105,13 +105,13 @@ class StoreView:
         finished, ok, units_done = self.status()
         crops = self._crop_blocks()
         return {
-            "index": self.index, "path": self.features.path, "model": self.features.attrs["model"],
-            "protocol": self.features.attrs["protocol"], "resolution": self.features.spec.resolution, "samples": self.n,
+            "index": self.index, "path": self.features.path, "model": self.attrs.model,
+            "protocol": self.attrs.protocol, "resolution": self.features.spec.resolution, "samples": self.n,
             "finished": int(finished.sum()), "ok": int(ok.sum()), "failed": int((finished & ~ok).sum()),
-            "units": units_for(self.n, self.unit_size), "units_done": units_done, "unit_size": self.unit_size,
+            "units": self.attrs.units, "units_done": units_done, "unit_size": self.attrs.unit_size,
             "timesteps": self.features.timesteps, "seeds": self.features.seeds, "crops": self.features.crops,
             "crop_samples": self.crop_rows,
-            "class_names": self.features.attrs.get("class_names"),
+            "class_names": None if self.attrs.class_names is None else list(self.attrs.class_names),
             "blocks": [{"name": b, "shape": list(self.features.shape(b)[-3:]), "crops": crops.get(b, [])}
                        for b in self.features.blocks],
             "has_labels": len(self._stored_labels()) > 0,
@@ -121,7 +121,7 @@ class StoreView:
         if offset < 0 or not 1 <= limit <= MAX_PAGE:
             raise ArgumentError(f"offset/limit: need offset >= 0 and 1 <= limit <= {MAX_PAGE}")
         finished, ok, _ = self.status()
-        names = self.features.attrs.get("class_names") or []
+        names = self.attrs.class_names or ()
         rows = range(offset, min(offset + limit, self.n))
         reasons = self.failure_reasons([row for row in rows if finished[row] and not ok[row]])
         items = []
@@ -152,12 +152,12 @@ class StoreView:
     def failure_reasons(self, rows: list[int]) -> dict[int, str]:
         """{row: why its image could not be used} for finished, failed rows: the reasons their units' done markers
         record (each marker read once)."""
-        units = sorted({row // self.unit_size for row in rows})
+        units = sorted({self.attrs.unit_of(row) for row in rows})
         try:
             reports = store.read_markers(self.features.path, units)
         except StoreError:
             reports = []
-        recorded = {f.get("sample_id"): f["reason"] for r in reports for f in r.get("failures", [])}
+        recorded = {f.get("sample_id"): f["reason"] for r in reports for f in r.failures}
         return {row: recorded.get(self.features.sample_ids[row], "its image could not be used") for row in rows}
 
     def failure_reason(self, row: int) -> str:
@@ -177,7 +177,7 @@ class StoreView:
         self.check_not_failed(row)
         finished, _, _ = self.status()
         if not finished[row]:
-            raise RowNotReadyError(f"row {row} is not finished yet (unit {row // self.unit_size} has no done marker)")
+            raise RowNotReadyError(f"row {row} is not finished yet (unit {self.attrs.unit_of(row)} has no done marker)")
         if sel is not None and sel.crop is not None and row >= self.crop_rows:
             raise StoreError(f"crop: row {row} has no crop variant (crops cover the first "
                              f"{self.crop_rows} rows)")

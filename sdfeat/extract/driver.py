@@ -3,7 +3,8 @@ imports Ray; a work unit itself is `worker.UnitRunner.run`, unchanged.
 
 Driver (`run_on_ray`): holds the output's writer lock (`writer_lock`), joins a Ray cluster (or starts a local
 one), checks the weights where the actors will run, writes the store template (`prepare_job`) before any actor
-exists, skips units that already have a done marker (resume), and keeps every actor busy with one unit in flight
+exists (resolving the `job.Job` once; each actor gets it pickled), skips units that already have a done marker
+(resume), and keeps every actor busy with one unit in flight
 plus one queued. A unit whose actor died (killed, node lost) or which raised is queued again, up to `max_retries`
 times; a dead actor is replaced. A unit that still fails is named in a `UnitFailedError` once the other units are
 done (they are kept; running again redoes only the missing ones). Unit reports feed the progress bar;
@@ -31,7 +32,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from sdfeat.errors import ArgumentError, SdfeatError, storage_error
 from sdfeat import process
-from sdfeat.extract.job import JobPlan, end_job, pending_units, prepare_job
+from sdfeat.extract.job import Job, end_job, pending_units, prepare_job
 from sdfeat.extract.simdevice import Simulation
 from sdfeat.extract.worker import UnitRunner
 from sdfeat.models.registry import require_weights
@@ -40,6 +41,7 @@ from sdfeat.planning.units import Unit
 from sdfeat.progress import UnitProgress
 from sdfeat.spec import JobSpec
 from sdfeat.store import writer_lock
+from sdfeat.store.schema import UnitReport
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,8 @@ class ExtractionWorker:
     instead of as an anonymous actor death.
     """
 
-    def __init__(self, spec: JobSpec, output: str, device: str | None, threads: int | None,
-                 tally: Any = None, simulate: Simulation | None = None) -> None:
+    def __init__(self, job: Job, device: str | None, threads: int | None, tally: Any = None,
+                 simulate: Simulation | None = None) -> None:
         self.error: Exception | None = None
         decode_threads = None
         if device == "cuda":  # sized from the CPUs Ray gave this actor on the node it landed on
@@ -71,8 +73,7 @@ class ExtractionWorker:
         if threads:  # the actor owns its process: torch's thread count is set here, for its life
             torch.set_num_threads(threads)
         try:
-            self.runner = UnitRunner(spec, output, device, threads, decode_threads=decode_threads,
-                                     simulate=simulate)
+            self.runner = UnitRunner(job, device, threads, decode_threads=decode_threads, simulate=simulate)
         except SdfeatError as err:
             self.error = err
             return
@@ -91,7 +92,7 @@ class ExtractionWorker:
             raise self.error
         return self.runner.worker, self.runner.compile_seconds
 
-    def run(self, unit: Unit) -> dict:
+    def run(self, unit: Unit) -> UnitReport:
         return self.runner.run(unit)
 
 
@@ -109,12 +110,6 @@ class BatchTally:
         taken = dict(self.rows)
         self.rows.clear()
         return taken
-
-
-# Environment that keeps library notices out of a run without -v (set by the CLI); given to the actors too, so a
-# joined cluster's workers are as quiet as the driver.
-QUIET_ENV = ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "TRANSFORMERS_NO_ADVISORY_WARNINGS",
-             "HF_HUB_DISABLE_PROGRESS_BARS")
 
 
 @dataclass(frozen=True)
@@ -197,7 +192,7 @@ class _Slot:
 
 @dataclass
 class _Outcome:
-    reports: list[dict] = field(default_factory=list)
+    reports: list[UnitReport] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)     # unit -> last error, after all retries
     retries: int = 0
     actor_restarts: int = 0
@@ -205,9 +200,9 @@ class _Outcome:
 
 
 class _Driver:
-    def __init__(self, plan: JobPlan, layout: ActorLayout, max_retries: int, runtime_env: dict | None,
+    def __init__(self, job: Job, layout: ActorLayout, max_retries: int, runtime_env: dict | None,
                  worker_class: type, unit_timeout_s: float | None = None, simulate: Simulation | None = None) -> None:
-        self.plan = plan
+        self.job = job
         self.simulate = simulate
         self.layout = layout
         self.max_retries = max_retries
@@ -225,8 +220,8 @@ class _Driver:
         self._take_ref: Any = None      # a tally read in flight
 
     def _start(self, index: int) -> _Slot:
-        actor = self.actor_class.remote(self.plan.spec, self.plan.output, self.layout.device, self.layout.threads,
-                                        self.tally, self.simulate)
+        actor = self.actor_class.remote(self.job, self.layout.device, self.layout.threads, self.tally,
+                                        self.simulate)
         return _Slot(index, actor, actor.ready.remote())
 
     def _drain_tally(self, bar: UnitProgress) -> None:
@@ -310,7 +305,7 @@ class _Driver:
             slot.last_activity = time.monotonic()
             self.failed_starts = 0
         except RayTaskError as err:           # a domain error while loading: the same on every actor
-            raise _domain_error(err, self.plan.output) or err
+            raise _domain_error(err, self.job.output) or err
         except RayActorError as err:
             self.failed_starts += 1
             self.last_start_error = _first_line(err)
@@ -327,7 +322,7 @@ class _Driver:
                 self._replace(slot, _first_line(err))
             return
         except RayTaskError as err:               # the unit raised; the actor is fine
-            refused = _domain_error(err, self.plan.output)
+            refused = _domain_error(err, self.job.output)
             if refused is not None and not isinstance(err.cause, SdfeatError):
                 raise refused                     # the storage refuses (full, read-only): so would every retry
             slot.inflight -= 1
@@ -336,7 +331,7 @@ class _Driver:
         slot.inflight -= 1
         slot.last_activity = time.monotonic()
         self.out.reports.append(report)
-        bar.update(report)
+        bar.update(report.unit, report.rows, len(report.failures), report.seconds)
 
     def _retry_or_fail(self, unit: Unit, reason: str) -> None:
         self.attempts[unit.index] += 1
@@ -432,7 +427,7 @@ def _run_on_ray(spec: JobSpec, address: str | None, workers: int | None, gpus_pe
                 overwrite: bool, progress: bool, max_retries: int, runtime_env: dict | None,
                 worker_class: type[ExtractionWorker], unit_timeout_s: float | None,
                 allow_version_change: bool, simulate: Simulation | None) -> dict:
-    quiet = {k: os.environ[k] for k in QUIET_ENV if k in os.environ}
+    quiet = {k: os.environ[k] for k in process.QUIET_LIBRARIES if k in os.environ}  # as the CLI set them
     if quiet:
         runtime_env = {**(runtime_env or {}), "env_vars": {**quiet, **(runtime_env or {}).get("env_vars", {})}}
     connected_here, cluster = _connect(address)
@@ -442,19 +437,19 @@ def _run_on_ray(spec: JobSpec, address: str | None, workers: int | None, gpus_pe
         layout = _cluster_layout(workers, gpus_per_worker)
         if simulate is None:  # a simulated device loads no model
             _check_weights_where_actors_run(spec, layout, runtime_env)
-        plan = prepare_job(spec, overwrite, allow_version_change)  # store template complete before any actor
-        todo = pending_units(plan)
+        job = prepare_job(spec, overwrite, allow_version_change)  # store template complete before any actor
+        todo = pending_units(job)
         log.info("%d of %d units to run on %d actor(s) (%s, %s CPU / %s GPU each, %d threads)", len(todo),
-                 len(plan.units), min(layout.count, len(todo)), layout.device, layout.num_cpus, layout.num_gpus,
+                 len(job.units), min(layout.count, len(todo)), layout.device, layout.num_cpus, layout.num_gpus,
                  layout.threads)
-        driver = _Driver(plan, layout, max_retries, runtime_env, worker_class, unit_timeout_s, simulate)
-        with UnitProgress(plan.n_samples, plan.n_samples - sum(u.rows for u in todo), enabled=progress,
-                          total_units=len(plan.units), done_units=len(plan.units) - len(todo)) as bar:
+        driver = _Driver(job, layout, max_retries, runtime_env, worker_class, unit_timeout_s, simulate)
+        with UnitProgress(job.n_samples, job.n_samples - sum(u.rows for u in todo), enabled=progress,
+                          total_units=len(job.units), done_units=len(job.units) - len(todo)) as bar:
             outcome = driver.run(todo, bar) if todo else _Outcome()
-        summary = end_job(plan, todo, outcome.failed, time.perf_counter() - start, bar.this_run())
+        summary = end_job(job, todo, outcome.failed, time.perf_counter() - start, bar.this_run())
         summary["ray"] = {"cluster": cluster, "actors": min(layout.count, len(todo)), "device": layout.device,
                           "num_cpus": layout.num_cpus, "num_gpus": layout.num_gpus, "threads": layout.threads,
-                          "units_run": len(outcome.reports), "units_skipped": len(plan.units) - len(todo),
+                          "units_run": len(outcome.reports), "units_skipped": len(job.units) - len(todo),
                           "retries": outcome.retries, "actor_restarts": outcome.actor_restarts,
                           "compile_seconds": round(outcome.compile_seconds, 2)}
         return summary

@@ -1,5 +1,5 @@
-"""`run_local`: a job in this process (no Ray), start to end: checks, the writer lock, `job.prepare_job`, one
-`worker.UnitRunner` over every pending unit, `job.end_job`.
+"""`run_local`: a job in this process (no Ray), start to end: checks, the writer lock, `job.prepare_job` (the
+`job.Job`, resolved once), one `worker.UnitRunner` of that job over every pending unit, `job.end_job`.
 """
 
 from __future__ import annotations
@@ -7,13 +7,14 @@ from __future__ import annotations
 import time
 
 from sdfeat import process
-from sdfeat.extract.job import end_job, pending_units, prepare_job
+from sdfeat.extract.job import Job, end_job, pending_units, prepare_job
 from sdfeat.extract.simdevice import Simulation
 from sdfeat.extract.worker import UnitRunner
 from sdfeat.models.registry import require_weights
 from sdfeat.planning.checks import check_job
 from sdfeat.spec import JobSpec
 from sdfeat.store import writer_lock
+from sdfeat.store.schema import UnitFailure
 
 
 def run_local(spec: JobSpec, overwrite: bool = False, progress: bool = True, device: str | None = None,
@@ -28,37 +29,36 @@ def run_local(spec: JobSpec, overwrite: bool = False, progress: bool = True, dev
     if simulate is None:
         require_weights(spec.model, spec.revision)
     with writer_lock.hold(spec.output), process.torch_threads(threads):
-        return _run_units(spec, overwrite, progress, device, threads, allow_version_change, simulate)
+        return _run_units(prepare_job(spec, overwrite, allow_version_change), progress, device, threads, simulate)
 
 
-def _run_units(spec: JobSpec, overwrite: bool, progress: bool, device: str | None, threads: int | None,
-               allow_version_change: bool, simulate: Simulation | None) -> dict:
+def _run_units(job: Job, progress: bool, device: str | None, threads: int | None,
+               simulate: Simulation | None) -> dict:
     from sdfeat.progress import UnitProgress
 
-    plan = prepare_job(spec, overwrite, allow_version_change)
-    todo = pending_units(plan)
+    todo = pending_units(job)
     failed: dict[int, str] = {}
     start = time.perf_counter()
-    runner = UnitRunner(spec, plan.output, device, threads, simulate=simulate) if todo else None
+    runner = UnitRunner(job, device, threads, simulate=simulate) if todo else None
     load_seconds = time.perf_counter() - start
     start = time.perf_counter()
     held = runner is not None and process.hold_freed_memory()  # batches reuse their memory (no page faults)
     try:
-        with UnitProgress(plan.n_samples, plan.n_samples - sum(u.rows for u in todo), enabled=progress,
-                          total_units=len(plan.units), done_units=len(plan.units) - len(todo)) as bar:
+        with UnitProgress(job.n_samples, job.n_samples - sum(u.rows for u in todo), enabled=progress,
+                          total_units=len(job.units), done_units=len(job.units) - len(todo)) as bar:
             if runner is not None:
                 runner.on_batch = bar.advance
             for report in runner.run_many(todo) if runner is not None else ():
-                if "error" in report:
-                    failed[report["unit"]] = report["error"]
+                if isinstance(report, UnitFailure):
+                    failed[report.unit] = report.error
                 else:
-                    bar.update(report)
+                    bar.update(report.unit, report.rows, len(report.failures), report.seconds)
     finally:
         if runner is not None:
             runner.close()
         if held:
             process.release_freed_memory()
-    summary = end_job(plan, todo, failed, time.perf_counter() - start, bar.this_run())
+    summary = end_job(job, todo, failed, time.perf_counter() - start, bar.this_run())
     summary["load_seconds"] = round(load_seconds, 2)  # the model's load and, with `compile: true`, its compiling
     summary["compile_seconds"] = round(runner.compile_seconds, 2) if runner is not None else 0.0
     return summary

@@ -23,8 +23,8 @@ import torch
 
 from sdfeat.errors import SpecError
 from sdfeat.models.loading import LoadedModel
+from sdfeat.spec import PROTOCOLS
 
-PROTOCOLS = ("paper", "standard")
 
 
 def _check(protocol: str) -> None:

@@ -6,7 +6,7 @@ bracketed by CUDA events (on the stream doing the work) and read once the writer
 stages (`decode`, `write`) and every stage on a CPU use `time.perf_counter`. `stall` is how long the compute
 loop waited for decoded images: near zero when decoding overlaps the device's work.
 
-A unit report carries `seconds` (busy time per stage) and `wall` (the unit's own compute wall time); the job
+A unit report (`store.schema.UnitReport`) carries `seconds` (busy time per stage) and `wall` (the unit's own compute wall time); the job
 summary adds `share` = busy / wall per stage, so a reader sees which stage bounds the rate. Stages that overlap
 (decode in its thread, writes beside the next unit's compute on a GPU) can together exceed 100 %.
 """
@@ -18,6 +18,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
+
+from sdfeat.store.schema import UnitReport
 
 DEVICE_STAGES: tuple[str, ...] = ("h2d", "vae", "noise", "unet", "d2h")
 STAGES: tuple[str, ...] = ("decode", "stall", *DEVICE_STAGES, "write")
@@ -74,10 +76,10 @@ def shares(seconds: Mapping[str, float], wall: float) -> dict[str, float]:
     return {k: round(v / wall, 3) if wall > 0 else 0.0 for k, v in seconds.items()}
 
 
-def steady_rate(reports: list[dict]) -> float | None:
+def steady_rate(reports: list[UnitReport]) -> float | None:
     """Images per second between the first and the last unit to finish (their reports' `finished` times): the rate
     once the pipeline is full, without starting and loading. None with fewer than two timed reports."""
-    timed = sorted((r for r in reports if "finished" in r), key=lambda r: r["finished"])
-    if len(timed) < 2 or timed[-1]["finished"] <= timed[0]["finished"]:
+    timed = sorted((r for r in reports if r.finished is not None), key=lambda r: r.finished)
+    if len(timed) < 2 or timed[-1].finished <= timed[0].finished:
         return None
-    return sum(r["rows"] for r in timed[1:]) / (timed[-1]["finished"] - timed[0]["finished"])
+    return sum(r.rows for r in timed[1:]) / (timed[-1].finished - timed[0].finished)

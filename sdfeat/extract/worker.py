@@ -14,7 +14,8 @@ runs the units given to it, in order, with the host never letting the device wai
    row gets `store.missing_value`), writes the unit's whole shards, adds new posteriors to the latent cache, and
    writes the done marker, last. The unit's report resolves its future.
 
-`extract.run_local` runs a runner in this process, the Ray actors (`cluster.py`) one per actor, unchanged; a
+A runner is given its `job.Job`, resolved once by `job.prepare_job` (or `job.open_job`): the spec, the layout, the
+store's attrs. `extract.run_local` runs a runner in this process, the Ray actors (`driver.py`) one per actor; a
 `simdevice.SimulatedDevice` can stand in for the device stages (benchmarks, tests). Constructing a runner changes
 nothing process-wide (torch's thread count is the process owner's: `process.torch_threads`). Never imports Ray.
 """
@@ -36,14 +37,14 @@ from sdfeat import store
 from sdfeat.errors import SourceError, StoreError
 from sdfeat.extract.feed import Feeder, FeedSettings, HostBatch, UnitError
 from sdfeat.extract.forward import Forward, UnitWork
+from sdfeat.extract.job import Job
 from sdfeat.extract.latent_cache import LatentCache, cache_key
 from sdfeat.extract.simdevice import SimulatedDevice, Simulation
 from sdfeat.extract.stages import StageClock
 from sdfeat.models.loading import LoadedModel, load_model
-from sdfeat.models.registry import unet_config
-from sdfeat.planning.layout import job_layout
 from sdfeat.planning.units import Unit
-from sdfeat.spec import JobSpec, spec_hash
+from sdfeat.spec import JobSpec
+from sdfeat.store.schema import UnitFailure, UnitReport
 
 log = logging.getLogger(__name__)
 
@@ -77,30 +78,28 @@ def spread_rows(values: np.ndarray, rows: list[int]) -> None:
 
 
 class UnitRunner:
-    """Holds the loaded model and the open store; runs the units submitted to it. One per process or actor.
+    """Holds the loaded model and the open store of `job`; runs the units submitted to it. One per process or actor.
 
     `threads` sizes torch's share and, unless `decode_threads` is given, the image decoding (default: torch's
     thread count); constructing a runner changes nothing process-wide. `simulate`: a `simdevice.SimulatedDevice`
     in place of the device stages (no model is loaded)."""
 
-    def __init__(self, spec: JobSpec, output: str | None = None, device: str | None = None,
-                 threads: int | None = None, *, decode_threads: int | None = None,
-                 simulate: Simulation | None = None) -> None:
-        self.spec = spec
-        self.output = output or spec.output
+    def __init__(self, job: Job, device: str | None = None, threads: int | None = None, *,
+                 decode_threads: int | None = None, simulate: Simulation | None = None) -> None:
+        spec = self.spec = job.spec
+        self.job = job
+        self.output = job.output
         self.device = torch.device("cpu" if simulate else device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes per job: let cuDNN pick the fastest kernels
         self.decode_threads = decode_threads or max(1, min(8, (threads or torch.get_num_threads())))
-        self.layout = job_layout(spec)
-        attrs = store.read_attrs(self.output)
-        if attrs["spec_hash"] != spec_hash(spec):
-            raise StoreError(f"{self.output} was made by another spec; run prepare_job first")
-        self.class_names: list[str] | None = attrs.get("class_names")
+        self.layout = job.layout
+        names = job.attrs.class_names
+        self.class_names: list[str] | None = None if names is None else list(names)
         self.manifest = store.read_manifest(self.output)  # one row per store row; read once per worker
         self.group = store.open_features(self.output, mode="r+")
         self._opened: dict = {}  # the store's arrays, opened once by the writer (`store.write_unit`)
-        self.unit_size = min(int(attrs["unit_size"]), int(attrs["n_samples"]))
+        self.unit_size = job.units[0].rows  # the largest unit (only the last may be shorter)
         # Arrays limited to the store's first rows (crop variants under `variants.samples`): path -> row count.
         self._row_limits = {a.path: a.rows for a in self.layout.arrays if a.rows is not None}
         self.model: LoadedModel | None = None
@@ -115,7 +114,7 @@ class UnitRunner:
         self.cache: LatentCache | None = self._open_cache(simulate) if spec.latent_cache is not None else None
         self.forward: Forward | SimulatedDevice
         if simulate is not None:
-            self.forward = SimulatedDevice(simulate, int(unet_config(spec.model)["in_channels"]),
+            self.forward = SimulatedDevice(simulate, job.latent_channels,
                                            _numpy_dtype(self._compute_dtype()), self.cache is not None)
         else:
             self.forward = Forward(self.model, spec, self.layout, self.device, self._unit_rows,
@@ -177,7 +176,7 @@ class UnitRunner:
         spec = self.spec
         settings = FeedSettings(
             resolution=spec.resolution, batch_size=spec.batch_size, protocol=spec.protocol, seeds=list(spec.seeds),
-            margins=[p.margin for p in self.layout.passes], latent_channels=int(unet_config(spec.model)["in_channels"]),
+            margins=[p.margin for p in self.layout.passes], latent_channels=self.job.latent_channels,
             summary_blocks=list(self.layout.passes[0].summarized),
             tokens_per_image=spec.summaries.tokens_per_image if spec.summaries else 0,
             crop_rows=self._crop_rows, latent_dtype=_numpy_dtype(self._compute_dtype()), pin=self.forward.pinned)
@@ -220,23 +219,23 @@ class UnitRunner:
             self._feeder.put(unit)
         return future
 
-    def run(self, unit: Unit) -> dict:
+    def run(self, unit: Unit) -> UnitReport:
         """Extract one unit, write its shards, then its done marker; returns the unit report. Safe to call from
         several threads at once (a Ray actor keeps units in flight this way): units run in the order submitted."""
         return self.submit(unit).result()
 
-    def run_many(self, units: Iterable[Unit]) -> Iterator[dict]:
+    def run_many(self, units: Iterable[Unit]) -> Iterator[UnitReport | UnitFailure]:
         """Reports of `units` in order, all submitted at once so reading and decoding run ahead. A unit whose
-        source cannot be read yields `{"unit": k, "error": reason}` and the others go on."""
+        source cannot be read yields a `UnitFailure` (its reason) and the others go on."""
         futures = [(unit, self.submit(unit)) for unit in units]
         for unit, future in futures:
             try:
                 yield future.result()
             except SourceError as err:
                 log.error("unit %d failed: %s", unit.index, err)
-                yield {"unit": unit.index, "error": str(err)}
+                yield UnitFailure(unit.index, str(err))
 
-    def _resolve(self, unit: Unit, report: dict | None, error: BaseException | None) -> None:
+    def _resolve(self, unit: Unit, report: UnitReport | None, error: BaseException | None) -> None:
         with self._lock:
             future = self._futures.pop(unit.index)
         if error is not None:
@@ -323,7 +322,7 @@ class UnitRunner:
             finally:
                 self._buffers.put(work.buffers)
 
-    def _commit(self, work: UnitWork) -> dict:
+    def _commit(self, work: UnitWork) -> UnitReport:
         start = time.thread_time()
         unit, clock, end = work.unit, work.clock, work.end
         wall = clock.wall()  # the unit's compute; its write may overlap the next unit's compute
@@ -344,10 +343,10 @@ class UnitRunner:
         cpu = {**end.cpu, "launch": round(work.launch_cpu, 4),
                "write": round(time.thread_time() - start + shard_cpu, 4), "process": round(now - self._process_cpu, 4)}
         self._process_cpu = now
-        report = {"unit": unit.index, "rows": unit.rows, "ok": int(ok.sum()), "failures": end.failures,
-                  "seconds": clock.seconds(), "wall": round(wall, 4), "cpu": cpu, "worker": self.worker,
-                  "finished": round(time.time(), 3)}
-        store.write_marker(self.output, unit.index, report)
+        report = UnitReport(unit=unit.index, rows=unit.rows, ok=int(ok.sum()), failures=tuple(end.failures),
+                            seconds=clock.seconds(), wall=round(wall, 4), cpu=cpu, worker=self.worker,
+                            finished=round(time.time(), 3))
+        store.write_marker(self.output, report)
         return report
 
     def _store_latents(self, work: UnitWork, failures: list[dict]) -> None:

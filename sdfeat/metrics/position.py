@@ -29,13 +29,13 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from sdfeat.metrics.catalog import PROBE_SCALES
+from sdfeat.spec import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # features (b, C), labels (b, 2) int6
 
 @dataclass(frozen=True)
 class ProbeSettings:
-    protocol: Literal["paper", "standard"] = "paper"
+    protocol: Protocol = "paper"
     epochs: int = 5
     batch_size: int = 512
     lr: float = 1e-3

@@ -29,7 +29,6 @@ from sdfeat.metrics.labels import read_labels, write_labels
 from sdfeat.metrics.catalog import METRICS, MetricDef, chosen
 from sdfeat.metrics.results import DETECTIONS, RESULTS, write_results
 from sdfeat.metrics.tasks import MIN_CORNER_MAP, BlockReader, MetricOptions, all_blocks, detect_task, label_rows
-from sdfeat.store.schema import units_for
 from sdfeat.store.query import FeatureStore, open_store
 
 __all__ = ["METRICS", "MetricOptions", "block_call", "check_complete", "execute", "run_metrics"]
@@ -101,15 +100,14 @@ def say_corner_skips(features: FeatureStore, names: list[str], opts: MetricOptio
 def check_complete(features: FeatureStore, allow_partial: bool) -> str | None:
     """Refuse an unfinished store unless `allow_partial`; say which units and failed images are left out. Returns
     what a partial measurement leaves out (the tables' `results.partial_note`), None for a finished store."""
-    size = int(features.attrs["unit_size"])
-    n_units = units_for(len(features), size)
+    n_units = features.attrs.units
     unfinished = sorted(set(range(n_units)) - store_layout.done_units(features.path))
     shown = ", ".join(map(str, unfinished[:10])) + (" …" if len(unfinished) > 10 else "")
     if unfinished and not allow_partial:
         raise StoreError(f"{features.path} is incomplete: {len(unfinished)} of {n_units} units have no done marker "
                          f"(units {shown}); finish the job (run it again), or pass --allow-partial to measure the "
                          "finished units only")
-    skipped_rows = sum(min(len(features), (u + 1) * size) - u * size for u in unfinished)
+    skipped_rows = sum(len(features.attrs.rows_of(u)) for u in unfinished)
     if unfinished:
         log.warning("metrics on a partial store: skipped %d of %d units (%s; %d images)", len(unfinished), n_units,
                     shown, skipped_rows)

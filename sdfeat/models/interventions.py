@@ -19,11 +19,9 @@ import logging
 import torch
 
 from sdfeat.errors import SpecError
+from sdfeat.spec import PADDING_MODES, PADDING_SCOPES
 
 log = logging.getLogger(__name__)
-
-PADDING_MODES: tuple[str, ...] = ("zeros", "reflect", "replicate", "circular")
-SCOPES: tuple[str, ...] = ("unet", "unet+vae")
 
 
 def is_padded(conv: torch.nn.Conv2d) -> bool:
@@ -46,8 +44,8 @@ def set_padding(module: torch.nn.Module, mode: str) -> int:
 
 def apply_padding(unet: torch.nn.Module, vae: torch.nn.Module, mode: str = "zeros", scope: str = "unet") -> int:
     """The spec's padding intervention on a loaded model; `zeros` changes nothing. Returns the convs switched."""
-    if scope not in SCOPES:
-        raise ValueError(f"intervention scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    if scope not in PADDING_SCOPES:
+        raise ValueError(f"intervention scope must be one of {', '.join(PADDING_SCOPES)}, got {scope!r}")
     if mode == "zeros":
         return 0
     switched = set_padding(unet, mode)

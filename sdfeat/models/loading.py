@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -150,7 +150,7 @@ def _tiny_tokenizer(max_length: int = 77) -> Any:
     chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
     tokens = chars + [c + "</w>" for c in chars] + ["th", "the</w>", "<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(tokens)}
-    # transformers 5: CLIPTokenizer(vocab_file=..., merges_file=...) silently ignores its files (FACTS.md)
+    # transformers 5: CLIPTokenizer(vocab_file=..., merges_file=...) silently ignores its files: pass them in memory
     return CLIPTokenizer(vocab=vocab, merges=[("t", "h"), ("th", "e</w>")], model_max_length=max_length)
 
 
@@ -200,7 +200,16 @@ def _scheduler_from_config(config: dict[str, Any]) -> Any:
     return cls.from_config(config)
 
 
-def _components_random(name: str) -> tuple[Any, Any, Any, TextLoader]:
+class _Components(NamedTuple):
+    """How a model's SD-family components are had: the U-Net (a loader), the VAE, the scheduler, the text encoder."""
+
+    unet: Callable[[], torch.nn.Module]
+    vae: _VaeSource
+    scheduler: Any
+    text: TextLoader
+
+
+def _components_random(name: str) -> _Components:
     """Full architecture from the shipped configs, deterministic random weights (seeds 0, 1, 2).
 
     The text encoder is built from the real config too, but with random weights prompt text means nothing, so
@@ -222,7 +231,7 @@ def _components_random(name: str) -> tuple[Any, Any, Any, TextLoader]:
         return tokenizer, _text_encoder_from_config(shipped_config(name, "text_encoder"), tokenizer, 2)
 
     vae = _VaeSource(shipped_config(name, "vae"), vae_built, lambda: vae_built().state_dict().items())
-    return unet, vae, _scheduler_from_config(shipped_config(name, "scheduler")), text_loader
+    return _Components(unet, vae, _scheduler_from_config(shipped_config(name, "scheduler")), text_loader)
 
 
 def _weights_file(source: str, subfolder: str, revision: str | None) -> Path | None:
@@ -241,7 +250,7 @@ def _weights_file(source: str, subfolder: str, revision: str | None) -> Path | N
 
 
 def _components_pretrained(model: str, source: str, revision: str | None, dtype: torch.dtype,
-                           fp16_rounded: bool, device: torch.device) -> tuple[Any, Any, Any, TextLoader]:
+                           fp16_rounded: bool, device: torch.device) -> _Components:
     """U-Net and VAE read tensor by tensor into modules built on the meta device (`weights.load_module`): the
     load peak is the final weights plus one tensor. Both come back already rounded and cast (`prepared`).
     Checkpoints that do not map name for name (old attention names) go through diffusers' `from_pretrained`."""
@@ -303,14 +312,14 @@ def _components_pretrained(model: str, source: str, revision: str | None, dtype:
             raise _not_found(model, source, type(err).__name__) from None
         return tokenizer, text_encoder
 
-    return unet, vae, scheduler, text_loader
+    return _Components(unet, vae, scheduler, text_loader)
 
 
-def _components_tiny() -> tuple[Any, Any, Any, TextLoader]:
+def _components_tiny() -> _Components:
     pipe = build_tiny_pipeline()
     tokenizer, text_encoder, vae = pipe.tokenizer, pipe.text_encoder, _encoder_only(pipe.vae)
     source = _VaeSource(dict(TINY_VAE_CONFIG), lambda: vae, lambda: vae.state_dict().items())
-    return lambda: pipe.unet, source, pipe.scheduler, lambda: (tokenizer, text_encoder)
+    return _Components(lambda: pipe.unet, source, pipe.scheduler, lambda: (tokenizer, text_encoder))
 
 
 ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # the VAE weights extraction uses (and the latent cache keys)
@@ -399,13 +408,13 @@ def load_model(model: str, device: str | torch.device = "cpu", dtype: torch.dtyp
         return _load_family(family, model, kind, source, device, dtype, revision, compiled, padding, padding_scope,
                             shapes)
     if kind == "tiny":
-        unet_loader, vae_source, scheduler, raw_text_loader = _components_tiny()
+        components = _components_tiny()
     elif kind == "random":
-        unet_loader, vae_source, scheduler, raw_text_loader = _components_random(source)
+        components = _components_random(source)
         source = model
     else:  # the U-Net comes back rounded and cast already
-        unet_loader, vae_source, scheduler, raw_text_loader = _components_pretrained(
-            model, source, revision, dtype, fp16_rounded_weights, device)
+        components = _components_pretrained(model, source, revision, dtype, fp16_rounded_weights, device)
+    unet_loader, vae_source, scheduler, raw_text_loader = components
 
     def vae_loader() -> Any:
         vae = vae_source.load()
@@ -436,7 +445,7 @@ def load_model(model: str, device: str | torch.device = "cpu", dtype: torch.dtyp
     unet = unet_loader()
     apply_padding(unet, torch.nn.Module(), padding, padding_scope)  # the VAE's convs: in `vae_loader`
     # channels_last speeds up the U-Net's convolutions on a GPU but slows the VAE encoder, whose time goes to
-    # GroupNorm/SiLU at 512x512 (H200, batch 32: 132 img/s channels_last vs 180 contiguous, 312 compiled).
+    # GroupNorm/SiLU (benchmarks/bench_gpu.py measures both layouts).
     _prepare(unet, device, dtype, fp16_rounded_weights and kind in ("tiny", "random"),
              channels_last=device.type == "cuda")
     if compiled and device.type == "cuda":

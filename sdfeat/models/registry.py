@@ -31,8 +31,7 @@ DATA_DIR = Path(__file__).parent.parent / "data"
 
 _SD15_DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
 _SD15_UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-# Tiny: SD-1.5's block types and nesting (46 positions), narrow; 2 heads and a narrow VAE keep CPU tests fast
-# (CPU attention with SD's 8 heads of width 4 took 2.7x longer, a 32-64 wide VAE 6.6x).
+# Tiny: SD-1.5's block types and nesting (46 positions), narrow; 2 heads and a narrow VAE keep CPU tests fast.
 TINY_UNET_CONFIG: dict[str, Any] = {
     "block_out_channels": [32, 64, 64, 64], "layers_per_block": 2, "down_block_types": _SD15_DOWN,
     "up_block_types": _SD15_UP, "cross_attention_dim": 32, "attention_head_dim": 2, "norm_num_groups": 32,

@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from sdfeat.errors import SpecError, StoreError
+from sdfeat.store.schema import UnitReport
 
 RATES_FILE = Path(__file__).parent.parent / "data" / "gpu_rates.json"
 
@@ -86,8 +87,8 @@ def plan_rates(compiled_vae: bool, device: str, from_store: str | None = None,
     return replace(rates, write_bytes_per_s=write_bytes_per_s) if write_bytes_per_s else rates
 
 
-def _seconds(reports: list[dict], *stages: str) -> float:
-    return float(sum(r["seconds"].get(k, 0.0) for r in reports for k in stages))
+def _seconds(reports: list[UnitReport], *stages: str) -> float:
+    return float(sum(r.seconds.get(k, 0.0) for r in reports for k in stages))
 
 
 def store_rates(path: str) -> Rates:
@@ -103,13 +104,13 @@ def store_rates(path: str) -> Rates:
         raise StoreError(f"{path}: no finished units (progress/*.json) to measure rates from")
     reports = store.read_markers(path, done)
     layout = job_layout(features.spec)
-    size, n, crop_rows = int(features.attrs["unit_size"]), len(features), features.crop_samples
+    n, crop_rows = len(features), features.crop_samples
     ok = features.ok
     images = crop_images = encoded = crop_encoded = 0   # encoded: images of units that ran the VAE (not cached)
     written = 0
     for r in reports:
-        start = int(r["unit"]) * size
-        stop = min(start + size, n)
+        rows = features.attrs.rows_of(r.unit)
+        start, stop = rows.start, rows.stop
         unit_images, unit_crops = int(ok[start:stop].sum()), int(ok[start:min(stop, crop_rows)].sum())
         images += unit_images
         crop_images += unit_crops

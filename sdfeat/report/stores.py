@@ -43,7 +43,7 @@ def intervention_label(store: str | Path) -> str | None:
     from sdfeat.store.files import read_attrs
 
     try:
-        found = read_attrs(str(store))["spec"].get("intervention")
+        found = read_attrs(str(store)).spec.get("intervention")
     except StoreError:
         return None
     return f"padding {found['padding']} ({found['scope']})" if found else "padding zeros (as released)"

@@ -39,6 +39,7 @@ from sdfeat.store import shard_writer
 
 if TYPE_CHECKING:
     from sdfeat.store.schema import ArrayLayout
+from sdfeat.store.schema import StoreAttrs, UnitReport
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def _group_path(group: zarr.Group, path: str) -> tuple[zarr.Group, str]:
 
 def create_template(output: str, arrays: Sequence[ArrayLayout], n_samples: int, unit_size: int,
                     sample_ids: Sequence[str], labels: Sequence[int], timesteps: Sequence[int],
-                    seeds: Sequence[int], attrs: dict, codec: str = "none") -> None:
+                    seeds: Sequence[int], attrs: StoreAttrs, codec: str = "none") -> None:
     """Write features.zarr with every array at its final shape (no activation data) and consolidate metadata.
 
     Shards along `sample` are exactly `unit_size` long for every array, so a unit owns whole shards. An array limited
@@ -103,7 +104,7 @@ def create_template(output: str, arrays: Sequence[ArrayLayout], n_samples: int, 
     # `coordinates` (the CF convention xarray decodes): plain `xr.open_zarr(".../features.zarr")` gives what
     # `FeatureStore.to_xarray()` gives: sample_id, label and ok as coordinates, and an index by sample id (`sample`)
     root = zarr.open_group(join(output, FEATURES), mode="w",
-                           attributes={ATTRS_KEY: attrs, "coordinates": "sample_id label ok"})
+                           attributes={ATTRS_KEY: attrs.to_json(), "coordinates": "sample_id label ok"})
     chunk = (unit_size,)
     sid = root.create_array("sample_id", shape=(n_samples,), chunks=chunk, dtype=str, dimension_names=["sample"])
     sid[:] = np.asarray(sample_ids, dtype=str)
@@ -176,11 +177,16 @@ def template_complete(output: str) -> bool:
     return open_features(output).metadata.consolidated_metadata is not None
 
 
-def read_attrs(output: str) -> dict:
+def read_attrs(output: str) -> StoreAttrs:
+    """The store's attrs; StoreError for a Zarr group that is no sdfeat store, or for attrs that lack a required
+    field (its cause a ValueError or TypeError, as for metadata that does not parse)."""
     attrs = open_features(output).attrs.asdict()
     if ATTRS_KEY not in attrs:
         raise StoreError(f"{join(output, FEATURES)} is a Zarr group but not an sdfeat store (no '{ATTRS_KEY}' attrs)")
-    return attrs[ATTRS_KEY]
+    try:
+        return StoreAttrs.from_json(attrs[ATTRS_KEY])
+    except (ValueError, TypeError) as err:
+        raise StoreError(f"{output}: the store's attributes have {err}") from err
 
 
 def write_unit(group: zarr.Group, start: int, stop: int, data: dict[str, np.ndarray], ok: np.ndarray, *,
@@ -268,31 +274,28 @@ def write_parquet(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> 
     write_whole(fs, path, buffer.getvalue().to_pybytes())
 
 
-def write_marker(output: str, unit: int, report: dict) -> None:
+def write_marker(output: str, report: UnitReport) -> None:
     """Written after the unit's data, atomically: a marker that exists and parses says the unit is done."""
     fs, _ = filesystem(output)
-    path = marker_path(output, unit)
+    path = marker_path(output, report.unit)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    write_atomic(fs, path, json.dumps(report).encode())
+    write_atomic(fs, path, json.dumps(report.to_json()).encode())
 
 
-def _parse_marker(data: bytes | Exception, unit: int) -> dict | None:
+def _parse_marker(data: bytes | Exception, unit: int) -> UnitReport | None:
     """The report of a sound marker, else None (a torn, foreign or unreadable file: the unit is redone)."""
     if isinstance(data, Exception):
         return None
     try:
-        report = json.loads(data)
+        return UnitReport.from_json(json.loads(data), unit)
     except ValueError:
         return None
-    sound = (isinstance(report, dict) and report.get("unit") == unit and isinstance(report.get("rows"), int)
-             and isinstance(report.get("ok"), int) and isinstance(report.get("failures"), list))
-    return report if sound else None
 
 
 # Reports of sound markers already read in this process, per progress folder: {path: (identity, report)}. A marker
 # is written once, atomically, and replaced only by a rename (a new inode / ETag / time), so a listing entry whose
 # identity matches was verified before and need not be read again; stores are few, so at most _KEEP are kept.
-_SOUND: dict[str, dict[str, tuple[tuple, dict]]] = {}
+_SOUND: dict[str, dict[str, tuple[tuple, UnitReport]]] = {}
 _SOUND_LOCK = threading.Lock()  # the explorer refreshes stores from several threads
 _KEEP = 8
 # Listing fields that change when an object is replaced (s3, gcs, memory); size alone does not say enough.
@@ -339,7 +342,7 @@ def _read_all(fs: fsspec.AbstractFileSystem, paths: list[str]) -> dict[str, byte
     return found
 
 
-def _markers(output: str) -> dict[int, dict]:
+def _markers(output: str) -> dict[int, UnitReport]:
     """{unit: report} of every sound marker; a marker that does not parse is logged and counts as not done.
 
     One listing of the progress folder; only markers not verified before in this process (new or replaced ones)
@@ -356,8 +359,8 @@ def _markers(output: str) -> dict[int, dict]:
     known = _SOUND.get(key, {})
     unread = [p for p, (_, identity) in listed.items() if identity is None or known.get(p, ((),))[0] != identity]
     found = _read_all(fs, unread)
-    sound: dict[str, tuple[tuple, dict]] = {}
-    reports: dict[int, dict] = {}
+    sound: dict[str, tuple[tuple, UnitReport]] = {}
+    reports: dict[int, UnitReport] = {}
     for path, (unit, identity) in listed.items():
         if path in found:
             report = _parse_marker(found[path], unit)
@@ -382,13 +385,13 @@ def done_units(output: str) -> set[int]:
     return set(_markers(output))
 
 
-def read_markers(output: str, units: Iterable[int]) -> list[dict]:
+def read_markers(output: str, units: Iterable[int]) -> list[UnitReport]:
     """The reports of `units`, which must have sound markers (`done_units`)."""
     reports = _markers(output)
     missing = [u for u in units if u not in reports]
     if missing:
         raise StoreError(f"{output}: unit {missing[0]} has no sound done marker")
-    return [dict(reports[u]) for u in units]  # copies: the cached reports stay as read
+    return [reports[u] for u in units]
 
 
 def clear_markers(output: str) -> None:

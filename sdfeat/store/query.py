@@ -18,7 +18,7 @@ import zarr
 
 from sdfeat import store
 from sdfeat.errors import MissingRowsWarning, RowNotReadyError, StoreError, UnknownBlockError
-from sdfeat.store.schema import units_for
+from sdfeat.store.schema import StoreAttrs
 from sdfeat.spec import JobSpec, parse_spec, spec_hash
 
 Samples = None | slice | int | str | Sequence[int] | Sequence[str]
@@ -29,7 +29,7 @@ class FeatureStore:
     path: str
 
     @cached_property
-    def attrs(self) -> dict:
+    def attrs(self) -> StoreAttrs:
         return store.read_attrs(self.path)
 
     @cached_property
@@ -38,20 +38,20 @@ class FeatureStore:
 
     @cached_property
     def spec(self) -> JobSpec:
-        return parse_spec(self.attrs["spec"], origin=f"{self.path} (stored spec)")
+        return parse_spec(self.attrs.spec, origin=f"{self.path} (stored spec)")
 
     @property
     def blocks(self) -> list[str]:
-        return list(self.attrs["blocks"])
+        return list(self.attrs.blocks)
 
     @property
     def crops(self) -> list[int]:
-        return list(self.attrs.get("crops", []))
+        return list(self.attrs.crops)
 
     @property
     def crop_samples(self) -> int:
         """Crop variants (arrays and summaries) exist for store rows 0..crop_samples-1 (`variants.samples`)."""
-        return int(self.attrs.get("crop_samples", self.attrs["n_samples"]))
+        return self.attrs.crop_samples
 
     @cached_property
     def sample_ids(self) -> list[str]:
@@ -74,7 +74,7 @@ class FeatureStore:
         return [int(s) for s in self.group["seed"][:]]
 
     def __len__(self) -> int:
-        return int(self.attrs["n_samples"])
+        return self.attrs.n_samples
 
     def array(self, block: str, crop: int | None = None) -> zarr.Array:
         from sdfeat.models.blocks import canonical_name
@@ -145,10 +145,10 @@ class FeatureStore:
         bad = index[~np.asarray(self.group["ok"][lo:hi])[index - lo]]  # only the rows asked about, not all
         if not len(bad):
             return {}
-        size = int(self.attrs["unit_size"])
         done = store.done_units(self.path)
-        return {int(r): (f"unfinished (unit {r // size} has no done marker; run the job again to finish it)"
-                         if r // size not in done else
+        unit_of = self.attrs.unit_of
+        return {int(r): (f"unfinished (unit {unit_of(r)} has no done marker; run the job again to finish it)"
+                         if unit_of(r) not in done else
                          f"failed (its reason is in {store.join(self.path, store.FAILURES)})") for r in bad}
 
     def read(self, block: str, samples: Samples = None, timestep: int | None = None, seed: int | None = None,
@@ -193,7 +193,7 @@ class FeatureStore:
                      allow_missing: bool = False) -> Iterator[tuple[slice, np.ndarray]]:
         """Read a block in row batches (default: one shard) so memory does not grow with the sample count; rows
         without activations as `read` treats them (an error, or NaN with `allow_missing`)."""
-        step = batch or int(self.attrs["unit_size"])
+        step = batch or self.attrs.unit_size
         total = len(self) if crop is None else self.crop_samples
         for start in range(0, total, step):
             rows = slice(start, min(start + step, total))
@@ -210,22 +210,22 @@ class FeatureStore:
     def verify(self) -> list[str]:
         """Problems found (empty = sound): missing units, spec hash, counts, NaN/Inf in rows marked ok."""
         problems = []
-        if spec_hash(self.spec) != self.attrs["spec_hash"]:
+        if spec_hash(self.spec) != self.attrs.spec_hash:
             problems.append("stored spec does not match its spec hash")
-        size = int(self.attrs["unit_size"])
-        n_units = units_for(len(self), size)
+        n_units = self.attrs.units
         done = store.done_units(self.path)
         missing = sorted(set(range(n_units)) - done)
         if missing:
             problems.append(f"{len(missing)} of {n_units} units have no done marker (first: {missing[0]})")
         reports = store.read_markers(self.path, sorted(done & set(range(n_units))))
         ok = self.ok
-        if sum(r["ok"] for r in reports) != int(ok.sum()):
-            problems.append(f"unit reports count {sum(r['ok'] for r in reports)} ok rows, the store {int(ok.sum())}")
+        if sum(r.ok for r in reports) != int(ok.sum()):
+            problems.append(f"unit reports count {sum(r.ok for r in reports)} ok rows, the store {int(ok.sum())}")
         for name in self._all_array_paths():
             arr = self.group[name]
-            for start in range(0, len(self), size):
-                rows = slice(start, min(start + size, len(self)))
+            for unit in range(n_units):
+                unit_rows = self.attrs.rows_of(unit)
+                rows = slice(unit_rows.start, unit_rows.stop)
                 values = np.asarray(arr[rows])  # fewer rows (or none) in an array limited to the first rows
                 values = values[ok[rows][: len(values)]]
                 if not np.isfinite(values).all():
@@ -237,7 +237,7 @@ class FeatureStore:
         paths = list(self.blocks)
         for margin in self.crops:
             paths += [f"crops/{margin}/{name}" for name in self.group[f"crops/{margin}"].array_keys()]
-        for block in self.attrs.get("summary_blocks", []):
+        for block in self.attrs.summary_blocks:
             paths += [f"summaries/{block}/{name}" for name in self.group[f"summaries/{block}"].array_keys()]
         return paths
 
@@ -250,16 +250,16 @@ class FeatureStore:
         stored = fs.du(store.join(root, store.FEATURES))
         arrays = [self.group[p] for p in self._all_array_paths()]
         raw = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in arrays)
-        size = int(self.attrs["unit_size"])
-        n_units = units_for(len(self), size)
+        n_units = self.attrs.units
         done = store.done_units(self.path) & set(range(n_units))
         finished = np.zeros(len(self), dtype=bool)  # rows of finished units: the only ones written
         for unit in done:
-            finished[unit * size:(unit + 1) * size] = True
+            rows = self.attrs.rows_of(unit)
+            finished[rows.start:rows.stop] = True
         written = sum(int(finished[:a.shape[0]].sum()) * int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in arrays)
         return {
-            "path": self.path, "model": self.attrs["model"], "protocol": self.attrs["protocol"],
-            "spec_hash": self.attrs["spec_hash"], "samples": len(self), "ok": int(self.ok.sum()),
+            "path": self.path, "model": self.attrs.model, "protocol": self.attrs.protocol,
+            "spec_hash": self.attrs.spec_hash, "samples": len(self), "ok": int(self.ok.sum()),
             "timesteps": self.timesteps, "seeds": self.seeds, "crops": self.crops,
             "units_done": len(done), "units": n_units,
             "blocks": [{"name": p, "shape": list(a.shape), "dtype": str(a.dtype)}
@@ -274,16 +274,14 @@ class FeatureStore:
 def open_store(path: str) -> FeatureStore:
     """Open a store for reading; a path without an sdfeat store raises `StoreError` here, not at first use."""
     feature_store = FeatureStore(str(path))
-    if not feature_store.attrs.get("spec_hash"):
-        raise StoreError(f"{path}: the store's attributes have no spec hash")
+    feature_store.attrs  # read now: StoreError for a path without an sdfeat store
     return feature_store
 
 
 def unit_progress(path: str) -> tuple[int, int]:
     """(finished units, all units) of the store at `path`, also one whose job is still running or was stopped: a
     finished unit has its done marker and is what a rerun of the job skips."""
-    attrs = store.read_attrs(path)
-    total = units_for(int(attrs["n_samples"]), int(attrs["unit_size"]))
+    total = store.read_attrs(path).units
     return len(store.done_units(path) & set(range(total))), total
 
 

@@ -19,11 +19,13 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from sdfeat.spec import PROTOCOLS as ALL_PROTOCOLS
+
 NAME = "sd"
 DENOISER = "unet"  # the pipeline's subfolder holding the denoiser
 REGISTRY = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1",
             "sdturbo": "stabilityai/sd-turbo"}
-PROTOCOLS = ("paper", "standard")
+PROTOCOLS = ALL_PROTOCOLS  # `paper` is defined for this family alone
 SETTINGS: tuple[str, ...] = ()  # no `conditioning` keys: the prompt is the conditioning
 VAE_FACTOR = 8  # pixels per latent token in every SD VAE
 _POSITION = re.compile(r"^(conv_in|conv_out|(down_blocks\.\d+|up_blocks\.\d+|mid_block)"
