@@ -5,6 +5,7 @@ spec refuses what a family does not define, in one line naming the field."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -38,15 +39,15 @@ def _noisy(components, images: list, ids: list[str]) -> torch.Tensor:
     return DDIMScheduler.from_config(components.scheduler.config).add_noise(latents, noise, torch.tensor([T]))
 
 
-def _images(source: str) -> tuple[list, list[str], list[int]]:
+def _images(source: str, resolution: int = RES) -> tuple[list, list[str], list[int]]:
     plan = plan_samples(source)
-    images = list(read_images(plan.refs, RES))
+    images = list(read_images(plan.refs, resolution))
     return images, [r.sample_id for r in plan.refs], [r.label for r in plan.refs]
 
 
 def _extract(tmp_path: Path, model: str, blocks: list[str], **extra) -> object:
-    spec = small_spec(str(tmp_path / model), model=model, source="synthetic:4", resolution=RES, blocks=blocks,
-                      timesteps=[T], seeds=[SEED], batch_size=2, dtype="float32", **extra)
+    spec = small_spec(str(tmp_path / model), model=model, source="synthetic:4", blocks=blocks, timesteps=[T],
+                      seeds=[SEED], batch_size=2, dtype="float32", **{"resolution": RES, **extra})
     run_local(spec, progress=False, device="cpu")
     return open_store(str(tmp_path / model))
 
@@ -86,6 +87,49 @@ def test_tiny_dit_job_equals_a_plain_diffusers_forward(tmp_path: Path, class_lab
         grid = tokens.transpose(1, 2).reshape(len(ids), -1, side, side)  # token k at (k // side, k % side)
         np.testing.assert_allclose(store.read(block, timestep=T, seed=SEED), grid.numpy(), rtol=1e-4, atol=1e-5,
                                    err_msg=block)
+
+
+def test_tiny_sdxl_padding_intervention_equals_a_plain_forward_with_that_padding(tmp_path: Path) -> None:
+    """The padding study applies to SDXL's U-Net: every padded convolution pads circularly (independently: each
+    nn.Conv2d with padding switched here), and the values differ from the model as released."""
+    blocks = ["down_blocks.1.attentions.0", "up_blocks.1.upsamplers.0"]
+    store = _extract(tmp_path, "tiny-sdxl", blocks, resolution=128, intervention={"padding": "circular"})
+    tiny = sdxl.tiny_components(seed=0)
+    switched = 0
+    for module in tiny.denoiser.modules():
+        if isinstance(module, torch.nn.Conv2d) and any(p > 0 for p in module.padding):
+            module.padding_mode, switched = "circular", switched + 1
+    assert switched > 10
+    images, ids, _ = _images("synthetic:4", 128)
+    pipe = _pipeline(tiny)
+    with torch.inference_mode():
+        embeds, _, pooled, _ = pipe.encode_prompt("", device="cpu", do_classifier_free_guidance=False)
+    times = pipe._get_add_time_ids((128, 128), (0, 0), (128, 128), embeds.dtype,
+                                   text_encoder_projection_dim=pooled.shape[-1])
+    n = len(ids)
+    _, expected = unet_forward(tiny.denoiser, blocks, _noisy(tiny, images, ids), torch.tensor([T]),
+                               encoder_hidden_states=embeds.expand(n, -1, -1),
+                               added_cond_kwargs={"text_embeds": pooled.expand(n, -1), "time_ids": times.repeat(n, 1)})
+    released = _extract(tmp_path / "released", "tiny-sdxl", blocks, resolution=128)
+    for block in blocks:
+        got = store.read(block, timestep=T, seed=SEED)
+        np.testing.assert_allclose(got, expected[block].numpy(), rtol=1e-4, atol=1e-5, err_msg=block)
+        assert np.abs(got - released.read(block, timestep=T, seed=SEED)).max() > 1e-3, block
+
+
+def test_tiny_dit_reads_its_latents_back_from_the_cache(tmp_path: Path) -> None:
+    """A second DiT job over the same images takes every posterior from the latent cache (no VAE) and stores the
+    same values as the cold one."""
+    blocks = ["transformer_blocks.0", "proj_out_2"]
+    cold = _extract(tmp_path / "cold", "tiny-dit", blocks, latent_cache=str(tmp_path / "cache"))
+    warm = _extract(tmp_path / "warm", "tiny-dit", blocks, latent_cache=str(tmp_path / "cache"))
+    def vae_seconds(run: str) -> list[float]:
+        return [json.loads(p.read_text())["seconds"]["vae"]
+                for p in sorted((tmp_path / run / "tiny-dit" / "progress").glob("*.json"))]
+
+    assert all(s > 0 for s in vae_seconds("cold")) and vae_seconds("warm") == [0.0]
+    for block in blocks:
+        np.testing.assert_array_equal(warm.read(block, timestep=T, seed=SEED), cold.read(block, timestep=T, seed=SEED))
 
 
 @pytest.mark.slow
