@@ -424,7 +424,7 @@ def logs(submission_id: SubmissionArg, address: AddressOpt = None,
     raise typer.Exit(exit_code(state))
 
 
-MetricOpt = Annotated[Optional[list[Metric]], typer.Option(help="Repeatable (default: all three).")]
+MetricOpt = Annotated[Optional[list[Metric]], typer.Option(help="Repeatable (default: every registered metric).")]
 BootstrapSeedOpt = Annotated[int, typer.Option(min=0, help="Seed of the image resampling (replicate b draws with "
                                                          "numpy default_rng([seed, b])).")]
 ProbeRepeatsOpt = Annotated[int, typer.Option(min=1, help="With intervals: image-level splits the probe is trained "
