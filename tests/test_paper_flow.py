@@ -49,7 +49,18 @@ def test_readme_paper_flow_on_a_fake_imagenet(tmp_path: Path) -> None:
     assert result.returncode == 0 and "13/13 images extracted" in result.stdout, result.stdout + result.stderr
     result = _sdfeat(work, "metrics", "out/sd15-paper", "--local")
     assert result.returncode == 0, result.stderr
-    assert (work / "out" / "sd15-paper" / "results" / "position.parquet").exists()
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rows = pq.read_table(work / "out" / "sd15-paper" / "results" / "position.parquet").to_pylist()
+    accuracy = [r for r in rows if r["statistic"] == "accuracy"]
+    assert {r["block"] for r in accuracy} == set(spec["blocks"]) and {r["scale"] for r in accuracy} == {8, 16, 32, 64}
+    assert all(r["model"] == "tiny" and 0.0 <= r["value"] <= 1.0 for r in accuracy)
     result = _sdfeat(work, "report", "out/sd15-paper", "-o", "out/sd15-paper/report")
     assert result.returncode == 0, result.stderr
-    assert (work / "out" / "sd15-paper" / "report" / "summary.md").exists()
+    report = work / "out" / "sd15-paper" / "report"
+    summary = (report / "summary.md").read_text()
+    assert all(block in summary for block in spec["blocks"])
+    (figure,) = report.glob("figure2_*.png")
+    with Image.open(figure) as image:  # a drawn figure, not an empty file
+        assert image.size[0] >= 800 and len(image.convert("RGB").getcolors(1 << 24)) > 2
