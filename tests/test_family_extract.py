@@ -156,12 +156,12 @@ def test_full_dit_xl_2_with_random_weights_equals_a_plain_forward(tmp_path: Path
 @pytest.mark.parametrize(("model", "fields", "message"), [
     ("tiny-sdxl", {"protocol": "paper"}, "field 'protocol': 'paper' reproduces sdhelper"),
     ("tiny-dit", {"protocol": "paper"}, "runs: standard"),
-    ("tiny-dit", {"prompt": "a dog"}, "field 'prompt': a DiT is class-conditional"),
+    ("tiny-dit", {"prompt": "a dog"}, "field 'prompt': model 'tiny-dit' .dit family. takes no prompt"),
     ("tiny-dit", {"conditioning": {"guidance": 4}}, "field 'conditioning.guidance': unknown for the dit family"),
     ("tiny", {"conditioning": {"class_labels": "null"}}, "field 'conditioning.class_labels': unknown for the sd"),
     ("tiny-dit", {"blocks": "paper"}, "field 'blocks': block preset 'paper': unknown for the dit family"),
     ("tiny-dit", {"intervention": {"padding": "reflect"}, "resolution": 128},
-     "field 'intervention': a DiT has no zero-padded"),
+     "field 'intervention': model 'tiny-dit' .dit family. has no zero-padded convolution"),
 ])
 def test_what_a_family_does_not_define_is_refused_in_one_line(tmp_path: Path, model: str, fields: dict,
                                                               message: str) -> None:

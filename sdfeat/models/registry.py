@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from sdfeat.errors import ModelNotFoundError
 from sdfeat.models.families import FAMILIES, dit, for_config, for_registry_name, sd, sdxl
 
 REGISTRY = sd.REGISTRY  # the paper's three models
-TINY_MODELS = {"tiny": "sd", "tiny-sdxl": "sdxl", "tiny-dit": "dit"}  # offline tiny model -> its family
 NAMES = [name for family in FAMILIES.values() for name in family.REGISTRY]  # every registry name, by family
 RANDOM_PREFIX = "random:"
 DATA_DIR = Path(__file__).parent.parent / "data"
@@ -90,7 +90,7 @@ def family_of(model: str) -> str:
     config (a local directory's, or the HF cache's)."""
     kind, source = locate(model)
     if kind == "tiny":
-        return TINY_MODELS[model]
+        return TINY_MODELS[model][0].NAME
     family = for_registry_name(source if kind == "random" else model)
     return family.NAME if family is not None else for_config(unet_config(model)).NAME
 
@@ -125,8 +125,12 @@ def require_weights(model: str, revision: str | None = None) -> None:
             raise not_available(model, source, f"no {component} weights in the Hugging Face cache")
 
 
-_TINY_CONFIGS = {"tiny": TINY_UNET_CONFIG, "tiny-sdxl": sdxl.TINY_UNET_CONFIG,
-                 "tiny-dit": dit.TINY_TRANSFORMER_CONFIG}
+# The offline tiny models: name -> (family, denoiser config, VAE config).
+TINY_MODELS: dict[str, tuple[ModuleType, dict[str, Any], dict[str, Any]]] = {
+    "tiny": (sd, TINY_UNET_CONFIG, TINY_VAE_CONFIG),
+    "tiny-sdxl": (sdxl, sdxl.TINY_UNET_CONFIG, sdxl.TINY_VAE_CONFIG),
+    "tiny-dit": (dit, dit.TINY_TRANSFORMER_CONFIG, dit.TINY_VAE_CONFIG),
+}
 
 
 def _denoiser_folder(model: str, kind: str, source: str) -> str:
@@ -144,7 +148,7 @@ def unet_config(model: str) -> dict[str, Any]:
     configs, a local directory's or the HF cache's."""
     kind, source = locate(model)
     if kind == "tiny":
-        return json.loads(json.dumps(_TINY_CONFIGS[model]))
+        return json.loads(json.dumps(TINY_MODELS[model][1]))
     family = for_registry_name(source if kind == "random" else model)
     if family is sd:
         return shipped_config(model.removeprefix(RANDOM_PREFIX), "unet")

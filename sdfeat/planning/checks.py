@@ -87,12 +87,12 @@ def check_family(spec: JobSpec) -> None:
     if unknown:
         raise SpecError(f"field 'conditioning.{unknown[0]}': unknown for the {family.NAME} family; known: "
                         f"{', '.join(family.SETTINGS) or 'none (the prompt conditions it)'}")
-    if family.NAME == "dit" and spec.prompt:
-        raise SpecError("field 'prompt': a DiT is class-conditional and takes no prompt; field "
-                        "'conditioning.class_labels' chooses the image's own label or the null class")
-    if family.NAME == "dit" and spec.intervention is not None and spec.intervention.padding != "zeros":
-        raise SpecError("field 'intervention': a DiT has no zero-padded convolution (its patch embedding is a "
-                        "stride-p, kernel-p convolution without padding); padding interventions do not apply")
+    if spec.prompt and not family.TAKES_PROMPT:
+        raise SpecError(f"field 'prompt': model {spec.model!r} ({family.NAME} family) takes no prompt; its "
+                        f"field 'conditioning' keys: {', '.join(family.SETTINGS)}")
+    if spec.intervention is not None and spec.intervention.padding != "zeros" and not family.PADDING_INTERVENTIONS:
+        raise SpecError(f"field 'intervention': model {spec.model!r} ({family.NAME} family) has no zero-padded "
+                        "convolution; padding interventions do not apply")
 
 
 def check_spec(spec: JobSpec) -> None:

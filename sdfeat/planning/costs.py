@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from sdfeat.errors import SpecError
 from sdfeat.models.blocks import VAE_FACTOR
 from sdfeat.models.flops import unet_flops, vae_encoder_flops
-from sdfeat.models.families import dit, for_registry_name, sd, sdxl
-from sdfeat.models.registry import RANDOM_PREFIX, TINY_MODELS, TINY_VAE_CONFIG, shipped_config, unet_config
+from sdfeat.models.families import for_registry_name, sd
+from sdfeat.models.registry import RANDOM_PREFIX, TINY_MODELS, shipped_config, unet_config
 
 if TYPE_CHECKING:
     from sdfeat.planning.layout import Layout
@@ -34,7 +34,7 @@ def vae_config(model: str) -> dict[str, Any]:
     log line."""
     name = model.removeprefix(RANDOM_PREFIX)
     if model in TINY_MODELS:
-        return dict({"tiny": TINY_VAE_CONFIG, "tiny-sdxl": sdxl.TINY_VAE_CONFIG, "tiny-dit": dit.TINY_VAE_CONFIG}[model])
+        return dict(TINY_MODELS[model][2])
     family = for_registry_name(name)
     if family is not None:
         return shipped_config(name, "vae") if family is sd else family.shipped_config(name, "vae")

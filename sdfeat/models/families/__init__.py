@@ -38,11 +38,8 @@ FAMILIES: dict[str, ModuleType] = {family.NAME: family for family in (sd, sdxl, 
 
 
 def for_config(denoiser_config: Mapping[str, Any]) -> ModuleType:
-    """The family whose denoiser `denoiser_config` describes (SDXL and DiT by their own marks, else SD)."""
-    for family in (sdxl, dit):
-        if family.owns(denoiser_config):
-            return family
-    return sd
+    """The family whose denoiser `denoiser_config` describes (each family's `owns`); SD where none claims it."""
+    return next((family for family in FAMILIES.values() if family.owns(denoiser_config)), sd)
 
 
 def for_registry_name(name: str) -> ModuleType | None:

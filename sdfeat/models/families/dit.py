@@ -63,6 +63,8 @@ CONDITIONING_SPEC: dict[str, str] = {
                     "analogue; 'label': on its own ImageNet label 0..999 (an image without one is refused)",
 }
 SETTINGS = tuple(CONDITIONING_SPEC)
+TAKES_PROMPT = False  # class-conditional
+PADDING_INTERVENTIONS = False  # no zero-padded convolution: the patch embedding has kernel = stride = p
 # `paper` reproduces sdhelper 1.0.0's handling of SD-1.5/2.1/SD-Turbo (PROTOCOL.md); it is not defined for DiT.
 PROTOCOLS = ("standard",)
 _CLASS_NAMES = ("DiTTransformer2DModel", "Transformer2DModel")  # the hub config says Transformer2DModel

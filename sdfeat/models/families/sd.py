@@ -27,15 +27,17 @@ REGISTRY = {"sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd21": "stab
             "sdturbo": "stabilityai/sd-turbo"}
 PROTOCOLS = ALL_PROTOCOLS  # `paper` is defined for this family alone
 SETTINGS: tuple[str, ...] = ()  # no `conditioning` keys: the prompt is the conditioning
+TAKES_PROMPT = True
+PADDING_INTERVENTIONS = True  # its convolutions pad with zeros: the padding study applies
 VAE_FACTOR = 8  # pixels per latent token in every SD VAE
 _POSITION = re.compile(r"^(conv_in|conv_out|(down_blocks\.\d+|up_blocks\.\d+|mid_block)"
                        r"\.(resnets|attentions|downsamplers|upsamplers)\.\d+)$")
 
 
 def owns(denoiser_config: Mapping[str, Any]) -> bool:
-    """True for a U-Net without SDXL's added conditioning (the SD-1.x/2.x kind)."""
+    """True for a U-Net (down blocks) without SDXL's added conditioning: the SD-1.x/2.x kind."""
     return (denoiser_config.get("_class_name", "UNet2DConditionModel") == "UNet2DConditionModel"
-            and denoiser_config.get("addition_embed_type") is None)
+            and "down_block_types" in denoiser_config and denoiser_config.get("addition_embed_type") is None)
 
 
 def _sd_positions() -> list[str]:

@@ -68,6 +68,8 @@ CONDITIONING_SPEC: dict[str, str] = {
                    "default [resolution, resolution]",
 }
 SETTINGS = tuple(CONDITIONING_SPEC)
+TAKES_PROMPT = True
+PADDING_INTERVENTIONS = True  # its convolutions pad with zeros: the padding study applies
 # `paper` reproduces sdhelper 1.0.0's handling of SD-1.5/2.1/SD-Turbo (PROTOCOL.md); it is not defined for SDXL.
 PROTOCOLS = ("standard",)
 
