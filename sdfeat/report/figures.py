@@ -181,44 +181,22 @@ def figure_cross_model(tables: Mapping[str, pa.Table], reference: tuple[str, pa.
                        rows: Sequence[tuple[str, Series, bool]] = CROSS_MODEL_ROWS,
                        title: str = "Across models") -> Figure:
     """One line per store (label -> tidy table) per metric; `reference` = (label, table) drawn dashed grey;
-    bootstrap intervals as bands where the tables have them."""
+    bootstrap intervals as bands where the tables have them. Stores of one model family share a block axis; stores
+    of several families (U-Nets and a DiT: their block names differ) are drawn on the relative-depth axis, a
+    block's execution order over its model's positions (0 = the first position, 1 = the last)."""
     all_tables = list(tables.values()) + ([reference[1]] if reference else [])
-    if len({model_family(t)[0] for t in all_tables}) > 1:
-        return _cross_family(tables, reference, rows, title)
-    blocks = block_axis(*all_tables)
-    fig, axes = _new_figure(len(rows), len(blocks), 11.0)
-    x = np.arange(len(blocks))
-    orders = np.asarray(block_orders(blocks, *all_tables))
-    colours = [f"C{i}" for i in range(len(tables))]
-    lines = [(name, t, "-", c) for (name, t), c in zip(tables.items(), colours)]
-    if reference:
-        lines.append((reference[0], reference[1], "--", "0.45"))
-    for ax, (ylabel, series, log_scale) in zip(axes, rows):
-        _style_axis(ax, ylabel, log_scale)
-        exclude = excluded_blocks(series.metric)
-        handles = []
-        for name, table, linestyle, colour in lines:
-            y = _on_axis(select(table, series), blocks, log_scale, exclude)
-            if np.isnan(y).all():  # as in Figure 2: a detection that found nothing is no missing metric
-                name += ": detected none" if series == ANOMALY_MEAN and detected_none(table) else ": not computed"
-            else:
-                _plot(ax, x, y, orders, linestyle=linestyle, color=colour)
-                _band(ax, x, select_interval(table, series), blocks, log_scale, exclude, orders, color=colour)
-            handles.append(Line2D([], [], color=colour, linestyle=linestyle, label=name))
-        _legend(ax, handles)
-    _block_ticks(axes[-1], blocks)
-    axes[-1].set_xlabel("block (execution order)", fontsize=9)
-    fig.suptitle(title, fontsize=11)
-    _random_weights_note(fig, *tables.values())
-    return fig
+    relative = len({model_family(t)[0] for t in all_tables}) > 1
+    shared = block_axis(*all_tables)
 
+    def axis(table: pa.Table) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(blocks, x, execution orders) of one line."""
+        if not relative:
+            return shared, np.arange(len(shared)), np.asarray(block_orders(shared, *all_tables))
+        blocks = block_axis(table)
+        orders = np.asarray(block_orders(blocks, table))
+        return blocks, orders / max(model_family(table)[1] - 1, 1), orders
 
-def _cross_family(tables: Mapping[str, pa.Table], reference: tuple[str, pa.Table] | None,
-                  rows: Sequence[tuple[str, Series, bool]], title: str) -> Figure:
-    """`figure_cross_model` for stores of several model families (U-Nets and a DiT): their block names differ, so
-    each line is drawn on the relative-depth axis, a block's execution order over its model's positions (0 = the
-    first position, 1 = the last)."""
-    fig, axes = _new_figure(len(rows), 20, 11.0)
+    fig, axes = _new_figure(len(rows), 20 if relative else len(shared), 11.0)
     lines = [(name, t, "-", f"C{i}") for i, (name, t) in enumerate(tables.items())]
     if reference:
         lines.append((reference[0], reference[1], "--", "0.45"))
@@ -227,20 +205,22 @@ def _cross_family(tables: Mapping[str, pa.Table], reference: tuple[str, pa.Table
         exclude = excluded_blocks(series.metric)
         handles = []
         for name, table, linestyle, colour in lines:
-            family, positions = model_family(table)
-            blocks = block_axis(table)
-            orders = np.asarray(block_orders(blocks, table))
-            x = orders / max(positions - 1, 1)
+            blocks, x, orders = axis(table)
             y = _on_axis(select(table, series), blocks, log_scale, exclude)
-            if np.isnan(y).all():
-                name += ": not computed"
+            if np.isnan(y).all():  # as in Figure 2: a detection that found nothing is no missing metric
+                name += ": detected none" if series == ANOMALY_MEAN and detected_none(table) else ": not computed"
             else:
                 _plot(ax, x, y, orders, linestyle=linestyle, color=colour)
                 _band(ax, x, select_interval(table, series), blocks, log_scale, exclude, orders, color=colour)
-            handles.append(Line2D([], [], color=colour, linestyle=linestyle, label=f"{name} ({family})"))
+            label = f"{name} ({model_family(table)[0]})" if relative else name
+            handles.append(Line2D([], [], color=colour, linestyle=linestyle, label=label))
         _legend(ax, handles)
-    axes[-1].set_xlim(-0.02, 1.02)
-    axes[-1].set_xlabel("relative depth (block's execution order / its model's positions)", fontsize=9)
+    if relative:
+        axes[-1].set_xlim(-0.02, 1.02)
+        axes[-1].set_xlabel("relative depth (block's execution order / its model's positions)", fontsize=9)
+    else:
+        _block_ticks(axes[-1], shared)
+        axes[-1].set_xlabel("block (execution order)", fontsize=9)
     fig.suptitle(title, fontsize=11)
     _random_weights_note(fig, *tables.values())
     return fig

@@ -45,6 +45,7 @@ from sdfeat.errors import ArgumentError, ModelNotFoundError
 from sdfeat.models.families import sdxl_text
 from sdfeat.models.families.loading import (created_in, encoder_only, not_available, prepare, require_local,
                                      scheduler_from_config)
+from sdfeat.models.families.sd import meta_model  # the same UNet2DConditionModel, on the meta device
 from sdfeat.models.families.sdxl_text import TextLoader
 from sdfeat.models.families.vae_precision import vae_dtype
 
@@ -208,15 +209,6 @@ def meta_inputs(config: Mapping[str, Any], resolution: int) -> tuple[tuple[Any, 
         context = torch.empty(1, 77, config["cross_attention_dim"])  # (1, 77, 2048)
         added = {"text_embeds": torch.empty(1, pooled), "time_ids": torch.empty(1, 6)}  # (1, 1280), (1, 6)
     return (sample, torch.tensor(50)), {"encoder_hidden_states": context, "added_cond_kwargs": added}
-
-
-def meta_model(config: Mapping[str, Any]) -> Any:
-    """The U-Net built on the meta device (no memory, no weights)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(dict(config))
 
 
 def meta_shapes(config: Mapping[str, Any], resolution: int) -> dict[str, tuple[int, int, int]]:
