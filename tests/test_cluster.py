@@ -212,8 +212,10 @@ def test_killed_driver_resumes_where_it_stopped(ray_cluster, reference: Path, tm
     done_before = _markers(out)
     assert 1 <= len(done_before) < N_UNITS
     summary = run_on_ray(job_spec(out), workers=2, progress=False)
-    assert summary["ray"]["units_skipped"] == len(done_before)
-    assert summary["ray"]["units_run"] == N_UNITS - len(done_before)
+    # Ray ends a dead driver's actors a moment later, so a unit they had in flight may still be marked done
+    # before the resume looks: it skips at least the units done at the kill, and runs exactly the others
+    assert summary["ray"]["units_skipped"] >= len(done_before)
+    assert summary["ray"]["units_run"] == N_UNITS - summary["ray"]["units_skipped"]
     assert_same_store(out, reference)
 
 
