@@ -45,6 +45,23 @@ def _images(source: str, resolution: int = RES) -> tuple[list, list[str], list[i
     return images, [r.sample_id for r in plan.refs], [r.label for r in plan.refs]
 
 
+def _sdxl_expected(components, blocks: list[str], prompt: str, resolution: int = RES) -> dict[str, torch.Tensor]:
+    """Block outputs of a plain U-Net forward on the job's images, conditioned by diffusers' own SDXL pipeline
+    code (`encode_prompt`, `_get_add_time_ids` for an uncropped image at `resolution`)."""
+    images, ids, _ = _images("synthetic:4", resolution)
+    pipe = _pipeline(components)
+    with torch.inference_mode():
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+    times = pipe._get_add_time_ids((resolution, resolution), (0, 0), (resolution, resolution), embeds.dtype,
+                                   text_encoder_projection_dim=pooled.shape[-1])
+    del pipe  # its text encoders (a full SDXL's are 0.8 G parameters)
+    n = len(ids)
+    _, expected = unet_forward(components.denoiser, blocks, _noisy(components, images, ids), torch.tensor([T]),
+                               encoder_hidden_states=embeds.expand(n, -1, -1),
+                               added_cond_kwargs={"text_embeds": pooled.expand(n, -1), "time_ids": times.repeat(n, 1)})
+    return expected
+
+
 def _extract(tmp_path: Path, model: str, blocks: list[str], **extra) -> object:
     spec = small_spec(str(tmp_path / model), model=model, source="synthetic:4", blocks=blocks, timesteps=[T],
                       seeds=[SEED], batch_size=2, dtype="float32", **{"resolution": RES, **extra})
@@ -55,18 +72,8 @@ def _extract(tmp_path: Path, model: str, blocks: list[str], **extra) -> object:
 def test_tiny_sdxl_job_equals_a_plain_diffusers_forward(tmp_path: Path) -> None:
     blocks = ["conv_in", "down_blocks.1.attentions.0", "mid_block.resnets.1", "up_blocks.1.upsamplers.0"]
     store = _extract(tmp_path, "tiny-sdxl", blocks, prompt="a photo")
-    tiny = sdxl.tiny_components(seed=0)
-    images, ids, _ = _images("synthetic:4")
-    pipe = _pipeline(tiny)
-    with torch.inference_mode():
-        embeds, _, pooled, _ = pipe.encode_prompt("a photo", device="cpu", do_classifier_free_guidance=False)
-    times = pipe._get_add_time_ids((RES, RES), (0, 0), (RES, RES), embeds.dtype,
-                                   text_encoder_projection_dim=pooled.shape[-1])
-    n = len(ids)
-    _, expected = unet_forward(tiny.denoiser, blocks, _noisy(tiny, images, ids), torch.tensor([T]),
-                               encoder_hidden_states=embeds.expand(n, -1, -1),
-                               added_cond_kwargs={"text_embeds": pooled.expand(n, -1), "time_ids": times.repeat(n, 1)})
-    assert store.sample_ids == ids
+    expected = _sdxl_expected(sdxl.tiny_components(seed=0), blocks, "a photo")
+    assert store.sample_ids == _images("synthetic:4")[1]
     for block in blocks:
         stored = store.read(block, timestep=T, seed=SEED)  # (n, C, h, w)
         np.testing.assert_allclose(stored, expected[block].numpy(), rtol=1e-4, atol=1e-5, err_msg=block)
@@ -100,16 +107,7 @@ def test_tiny_sdxl_padding_intervention_equals_a_plain_forward_with_that_padding
         if isinstance(module, torch.nn.Conv2d) and any(p > 0 for p in module.padding):
             module.padding_mode, switched = "circular", switched + 1
     assert switched > 10
-    images, ids, _ = _images("synthetic:4", 128)
-    pipe = _pipeline(tiny)
-    with torch.inference_mode():
-        embeds, _, pooled, _ = pipe.encode_prompt("", device="cpu", do_classifier_free_guidance=False)
-    times = pipe._get_add_time_ids((128, 128), (0, 0), (128, 128), embeds.dtype,
-                                   text_encoder_projection_dim=pooled.shape[-1])
-    n = len(ids)
-    _, expected = unet_forward(tiny.denoiser, blocks, _noisy(tiny, images, ids), torch.tensor([T]),
-                               encoder_hidden_states=embeds.expand(n, -1, -1),
-                               added_cond_kwargs={"text_embeds": pooled.expand(n, -1), "time_ids": times.repeat(n, 1)})
+    expected = _sdxl_expected(tiny, blocks, "", 128)
     released = _extract(tmp_path / "released", "tiny-sdxl", blocks, resolution=128)
     for block in blocks:
         got = store.read(block, timestep=T, seed=SEED)
@@ -163,18 +161,7 @@ def test_full_sdxl_with_random_weights_equals_a_plain_forward(tmp_path: Path) ->
     blocks = ["down_blocks.2.attentions.1", "up_blocks.0.upsamplers.0"]
     store = _extract(tmp_path, "random:sdxl", blocks, prompt="a photo")
     gc.collect()
-    model = sdxl.random_components("sdxl", dtype=torch.float32)
-    images, ids, _ = _images("synthetic:4")
-    pipe = _pipeline(model)
-    with torch.inference_mode():
-        embeds, _, pooled, _ = pipe.encode_prompt("a photo", device="cpu", do_classifier_free_guidance=False)
-    times = pipe._get_add_time_ids((RES, RES), (0, 0), (RES, RES), embeds.dtype,
-                                   text_encoder_projection_dim=pooled.shape[-1])
-    del pipe
-    n = len(ids)
-    _, expected = unet_forward(model.denoiser, blocks, _noisy(model, images, ids), torch.tensor([T]),
-                               encoder_hidden_states=embeds.expand(n, -1, -1),
-                               added_cond_kwargs={"text_embeds": pooled.expand(n, -1), "time_ids": times.repeat(n, 1)})
+    expected = _sdxl_expected(sdxl.random_components("sdxl", dtype=torch.float32), blocks, "a photo")
     assert store.shape("down_blocks.2.attentions.1")[-3:] == (1280, 2, 2)
     for block in blocks:
         np.testing.assert_allclose(store.read(block, timestep=T, seed=SEED), expected[block].numpy(), rtol=1e-3,

@@ -469,8 +469,7 @@ def _load_family(family: ModuleType, model: str, kind: str, source: str, device:
         components = family.tiny_components()
     elif kind == "random":
         components = family.random_components(source, dtype=dtype)
-    else:
-        require_weights(model, revision)
+    else:  # the family's loader refuses absent weights in one line, before any hub request
         components = family.load_pretrained(model if kind == "hub" else source, revision, device, dtype)
     vae_in = vae_dtype(components.vae_config, dtype)
     denoiser = _prepare(components.denoiser, device, dtype, False, channels_last=device.type == "cuda")

@@ -16,8 +16,8 @@ import fsspec
 
 from sdfeat.errors import ModelNotFoundError, SourceNotFoundError, SpecError
 from sdfeat.models.blocks import check_names
-from sdfeat.models.families import FAMILIES, for_config, sd
-from sdfeat.models.registry import family_of, local_unet_config, locate
+from sdfeat.models.families import for_config, sd
+from sdfeat.models.registry import local_unet_config, locate
 from sdfeat.spec import JobSpec
 
 _GLOB_CHARS = "*?["
@@ -78,7 +78,7 @@ def check_family(spec: JobSpec) -> None:
     """What the model's family defines: the protocol, the `conditioning` keys, a prompt, a padding intervention
     (a local or hub model whose config is not here yet counts as SD until its config is read)."""
     config = local_unet_config(spec.model)
-    family = FAMILIES[family_of(spec.model)] if config is not None else sd
+    family = for_config(config) if config is not None else sd
     if spec.protocol not in family.PROTOCOLS:
         raise SpecError(f"field 'protocol': {spec.protocol!r} reproduces sdhelper 1.0.0 on SD-1.5, SD-2.1 and "
                         f"SD-Turbo only; model {spec.model!r} ({family.NAME} family) runs: "

@@ -185,7 +185,8 @@ def figure_cross_model(tables: Mapping[str, pa.Table], reference: tuple[str, pa.
     of several families (U-Nets and a DiT: their block names differ) are drawn on the relative-depth axis, a
     block's execution order over its model's positions (0 = the first position, 1 = the last)."""
     all_tables = list(tables.values()) + ([reference[1]] if reference else [])
-    relative = len({model_family(t)[0] for t in all_tables}) > 1
+    families = {id(t): model_family(t) for t in all_tables}  # (family, positions), each read once
+    relative = len({family for family, _ in families.values()}) > 1
     shared = block_axis(*all_tables)
 
     def axis(table: pa.Table) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -194,7 +195,7 @@ def figure_cross_model(tables: Mapping[str, pa.Table], reference: tuple[str, pa.
             return shared, np.arange(len(shared)), np.asarray(block_orders(shared, *all_tables))
         blocks = block_axis(table)
         orders = np.asarray(block_orders(blocks, table))
-        return blocks, orders / max(model_family(table)[1] - 1, 1), orders
+        return blocks, orders / max(families[id(table)][1] - 1, 1), orders
 
     fig, axes = _new_figure(len(rows), 20 if relative else len(shared), 11.0)
     lines = [(name, t, "-", f"C{i}") for i, (name, t) in enumerate(tables.items())]
@@ -212,7 +213,7 @@ def figure_cross_model(tables: Mapping[str, pa.Table], reference: tuple[str, pa.
             else:
                 _plot(ax, x, y, orders, linestyle=linestyle, color=colour)
                 _band(ax, x, select_interval(table, series), blocks, log_scale, exclude, orders, color=colour)
-            label = f"{name} ({model_family(table)[0]})" if relative else name
+            label = f"{name} ({families[id(table)][0]})" if relative else name
             handles.append(Line2D([], [], color=colour, linestyle=linestyle, label=label))
         _legend(ax, handles)
     if relative:

@@ -45,8 +45,8 @@ from pathlib import Path
 from typing import Any
 
 from sdfeat.errors import ArgumentError, ModelNotFoundError
-from sdfeat.models.families.loading import (created_in, encoder_only, not_available, prepare, require_local,
-                                     scheduler_from_config)
+from sdfeat.models.families.loading import (created_in, encoder_only, fired_shapes, not_available, prepare,
+                                            require_local, scheduler_from_config)
 from sdfeat.models.families.vae_precision import vae_dtype
 
 NAME = "dit"
@@ -175,23 +175,9 @@ def meta_model(config: Mapping[str, Any]) -> Any:
 def meta_shapes(config: Mapping[str, Any], resolution: int) -> dict[str, tuple[int, int, int]]:
     """(C, H, W) of every position from a transformer built on the meta device (no weights) and one meta forward
     with a hook on each position; the dict is in hook-firing order."""
-    import torch
-
-    model = meta_model(config)
     side = _grid(config, resolution) * config.get("patch_size", 2)
-    found: dict[str, tuple[int, int, int]] = {}
-
-    def record(name: str) -> Any:
-        def hook(_module: Any, _inputs: Any, output: Any) -> None:  # returns None: the output stays as it is
-            found[name] = tuple(as_map(name, output, (side, side)).shape[1:])
-        return hook
-
-    for name in positions(config):
-        model.get_submodule(name).register_forward_hook(record(name))
-    args, kwargs = meta_inputs(config, resolution)
-    with torch.inference_mode():
-        model(*args, **kwargs)
-    return found
+    return fired_shapes(meta_model(config), positions(config), meta_inputs(config, resolution),
+                        lambda name, out: as_map(name, out, (side, side)))
 
 
 def _model_config(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ imports torch, diffusers and huggingface_hub inside the functions that need them
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,26 @@ def created_in(dtype: Any, seed: int) -> Iterator[None]:
             yield
     finally:
         torch.set_default_dtype(default)
+
+
+def fired_shapes(model: Any, names: Iterable[str], inputs: tuple[tuple[Any, ...], dict[str, Any]],
+                 as_map: Callable[[str, Any], Any]) -> dict[str, tuple[int, int, int]]:
+    """(C, H, W) of each hooked position's output as a map (`as_map(name, output)`) in one forward of `model` on
+    `inputs` = (args, kwargs), a meta-device model and inputs: the dict is in hook-firing (execution) order. The
+    hooks are removed afterwards."""
+    import torch
+
+    found: dict[str, tuple[int, int, int]] = {}
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda _module, _inputs, output, name=name: found.__setitem__(name, tuple(as_map(name, output).shape[1:])))
+        for name in names]
+    try:
+        with torch.inference_mode():
+            model(*inputs[0], **inputs[1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
 
 
 def prepare(module: Any, device: Any, dtype: Any) -> Any:

@@ -19,6 +19,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from sdfeat.models.families.loading import fired_shapes
 from sdfeat.spec import PROTOCOLS as ALL_PROTOCOLS
 
 NAME = "sd"
@@ -175,23 +176,9 @@ def meta_model(config: Mapping[str, Any]) -> Any:
 def meta_shapes(config: Mapping[str, Any], resolution: int) -> dict[str, tuple[int, int, int]]:
     """(C, H, W) per position from a U-Net built on the meta device and one meta forward with hooks on every
     position; the dict is in hook-firing (execution) order."""
-    import torch  # here, not at the top: names, presets and SD shapes are used where torch is not
-
     unet = meta_model(config)
-    found: dict[str, tuple[int, int, int]] = {}
-
-    def record(name: str) -> Any:
-        def hook(_module: Any, _inputs: Any, output: Any) -> None:
-            found[name] = tuple(as_map(name, output, (0, 0)).shape[1:])
-        return hook
-
-    for name, module in unet.named_modules():
-        if _POSITION.match(name):
-            module.register_forward_hook(record(name))
-    args, kwargs = meta_inputs(config, resolution)
-    with torch.inference_mode():
-        unet(*args, **kwargs)
-    return found
+    names = [name for name, _ in unet.named_modules() if _POSITION.match(name)]
+    return fired_shapes(unet, names, meta_inputs(config, resolution), lambda name, out: as_map(name, out, (0, 0)))
 
 
 def as_map(name: str, output: Any, latent_hw: tuple[int, int]) -> Any:

@@ -36,15 +36,15 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdfeat.errors import ArgumentError, ModelNotFoundError
 from sdfeat.models.families import sdxl_text
-from sdfeat.models.families.loading import (created_in, encoder_only, not_available, prepare, require_local,
-                                     scheduler_from_config)
+from sdfeat.models.families.loading import (created_in, encoder_only, fired_shapes, not_available, prepare,
+                                            require_local, scheduler_from_config)
 from sdfeat.models.families.sd import meta_model  # the same UNet2DConditionModel, on the meta device
 from sdfeat.models.families.sdxl_text import TextLoader
 from sdfeat.models.families.vae_precision import vae_dtype
@@ -214,23 +214,9 @@ def meta_inputs(config: Mapping[str, Any], resolution: int) -> tuple[tuple[Any, 
 def meta_shapes(config: Mapping[str, Any], resolution: int) -> dict[str, tuple[int, int, int]]:
     """(C, H, W) of every position, from a U-Net built on the meta device (no memory, no weights) and one meta
     forward with a hook on every module whose path is a position; the dict is in hook-firing order."""
-    import torch
-
     unet = meta_model(config)
-    found: dict[str, tuple[int, int, int]] = {}
-
-    def record(name: str) -> Callable[..., None]:
-        def hook(_module: Any, _inputs: Any, output: Any) -> None:  # returns None: the output stays as it is
-            found[name] = tuple(as_map(name, output, (0, 0)).shape[1:])
-        return hook
-
-    for name, module in unet.named_modules():
-        if _POSITION.match(name):
-            module.register_forward_hook(record(name))
-    args, kwargs = meta_inputs(config, resolution)
-    with torch.inference_mode():
-        unet(*args, **kwargs)
-    return found
+    names = [name for name, _ in unet.named_modules() if _POSITION.match(name)]
+    return fired_shapes(unet, names, meta_inputs(config, resolution), lambda name, out: as_map(name, out, (0, 0)))
 
 
 @dataclass
