@@ -19,8 +19,29 @@ def _inputs(side: int, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(batch, 4, side, side, generator=g), torch.randn(batch, 77, 32, generator=g)
 
 
-def _hook_count(module: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) for m in module.modules())
+class _Spy:
+    """A `to_map` that records every hook that fires (it runs inside the hook): after `capture` ends, a plain
+    forward must fire none of them."""
+
+    def __init__(self) -> None:
+        self.fired: list[str] = []
+
+    def __call__(self, name: str, output: object) -> torch.Tensor:
+        self.fired.append(name)
+        return output_tensor(output)
+
+
+def _plain_forward(unet: torch.nn.Module, sample: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """A forward outside any capture (an early-exit hook left behind would end it)."""
+    with torch.inference_mode():
+        return unet(sample, 50, encoder_hidden_states=context).sample
+
+
+def _assert_no_hook_left(unet: torch.nn.Module, spy: _Spy, sample: torch.Tensor, context: torch.Tensor,
+                         reference: torch.Tensor) -> None:
+    spy.fired.clear()
+    assert torch.equal(_plain_forward(unet, sample, context), reference)
+    assert spy.fired == []
 
 
 def test_captured_values_equal_a_plain_forward() -> None:
@@ -61,26 +82,28 @@ def test_early_exit_stops_after_the_deepest_requested_block() -> None:
 
 def test_hooks_are_removed_when_the_forward_or_the_body_raises() -> None:
     unet = tiny_model().unet
-    before = _hook_count(unet)
-    sample, _ = _inputs(16)
-    with capture(unet, ALL) as cap:
-        assert _hook_count(unet) == before + 46
+    sample, context = _inputs(16)
+    reference, spy = _plain_forward(unet, sample, context), _Spy()
+    with capture(unet, ALL, to_map=spy) as cap:
+        assert list(cap.run(sample, 50, encoder_hidden_states=context)) == ALL
+        assert sorted(spy.fired) == sorted(ALL)  # 46 hooks, each fired once
         with pytest.raises(RuntimeError):
             cap.run(sample, 50, encoder_hidden_states=torch.randn(2, 77, 7))  # wrong context width
-    assert _hook_count(unet) == before
+    _assert_no_hook_left(unet, spy, sample, context, reference)
     with pytest.raises(KeyError):
-        with capture(unet, ALL):
+        with capture(unet, ALL, early_exit=False, to_map=spy):
             raise KeyError("boom")
-    assert _hook_count(unet) == before
+    _assert_no_hook_left(unet, spy, sample, context, reference)
 
 
 def test_unknown_module_raises_and_leaves_no_hooks() -> None:
     unet = tiny_model().unet
-    before = _hook_count(unet)
+    sample, context = _inputs(16)
+    reference, spy = _plain_forward(unet, sample, context), _Spy()
     with pytest.raises(UnknownBlockError, match="down_blocks.9.resnets.0"):
-        with capture(unet, ["conv_in", "down_blocks.9.resnets.0"]):
+        with capture(unet, ["conv_in", "down_blocks.9.resnets.0"], to_map=spy):  # conv_in is hooked first
             pass
-    assert _hook_count(unet) == before
+    _assert_no_hook_left(unet, spy, sample, context, reference)
 
 
 def test_tuple_rule() -> None:
@@ -117,13 +140,17 @@ def test_compiled_blocks_keep_hooks_and_early_exit_exact() -> None:
     unet = build_tiny_pipeline().unet.eval()
     sample, context = _inputs(16)
     names = ["down_blocks.1.attentions.0", "up_blocks.1.upsamplers.0"]
+    reference, spy = _plain_forward(unet, sample, context), _Spy()
     with capture(unet, names) as cap:
         expected = cap.run(sample, 50, encoder_hidden_states=context)
     # 4 down blocks: 8 resnets, 6 attentions, 3 downsamplers; mid: 2 + 1; 4 up blocks: 12 resnets, 9 attentions,
     # 3 upsamplers
     assert compile_unet_blocks(unet, backend="eager") == 8 + 6 + 3 + 3 + 12 + 9 + 3
-    with capture(unet, names) as cap:
+    with capture(unet, names, to_map=spy) as cap:
         got = cap.run(sample, 50, encoder_hidden_states=context)
-    assert _hook_count(unet) == 0
+    assert spy.fired == names
+    spy.fired.clear()
+    assert torch.allclose(_plain_forward(unet, sample, context), reference, atol=1e-5)  # compiled: within rounding
+    assert spy.fired == []
     for name in names:
         assert torch.allclose(got[name], expected[name], atol=1e-6), name

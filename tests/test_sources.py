@@ -282,13 +282,13 @@ def test_refs_read_as_planned_also_when_rebuilt_from_the_manifest(tmp_path):
     workers rebuild refs from the store's manifest and must read them the same way. The images are PNG bytes
     under JPEG names and metadata: the encoding comes from the bytes, the way of reading from the plan."""
     from sdfeat import store
-    from sdfeat.extract.job import _manifest_table
+    from sdfeat.sources.refs import manifest_table
 
     for name, (source, expected) in _layouts(tmp_path).items():
         plan = plan_samples(source)
         assert [r.kind for r in plan.refs] == [plan.format if e is not None else "error" for e in expected], name
         output = str(tmp_path / "stores" / name.split()[0])
-        store.write_manifest(output, _manifest_table(plan.refs))
+        store.write_manifest(output, manifest_table(plan.refs))
         rebuilt = [SampleRef(**row) for row in store.read_manifest(output).to_pylist()]  # as extract's workers do
         assert rebuilt == plan.refs, name
         for refs in (plan.refs, rebuilt):

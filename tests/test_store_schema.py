@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import small_spec
 from sdfeat import store
 from sdfeat.errors import StoreError
 from sdfeat.store.schema import StoreAttrs, UnitReport
@@ -55,12 +56,16 @@ def test_rows_of_and_unit_of() -> None:
     assert [attrs.unit_of(row) for row in (0, 3, 4, 7, 8, 9)] == [0, 0, 1, 1, 2, 2]
 
 
-def test_another_spec_is_refused() -> None:
-    attrs = StoreAttrs.from_json({"spec": {}, "spec_hash": "abc", "protocol": "standard", "model": "tiny",
+def test_another_spec_is_refused(tmp_path: Path) -> None:
+    from sdfeat.spec import spec_hash
+
+    spec, other = small_spec(str(tmp_path / "a")), small_spec(str(tmp_path / "a"), timesteps=[10])
+    attrs = StoreAttrs.from_json({"spec": {}, "spec_hash": spec_hash(spec), "protocol": "standard", "model": "tiny",
                                   "n_samples": 1, "unit_size": 1, "blocks": []})
-    attrs.require_spec("abc", "out")
-    with pytest.raises(StoreError, match=r"out holds a store of another spec \(hash abc, this spec def\)"):
-        attrs.require_spec("def", "out")
+    attrs.require_spec(spec, "out")
+    with pytest.raises(StoreError, match=rf"out holds a store of another spec \(hash {spec_hash(spec)}, this spec "
+                                         rf"{spec_hash(other)}\)"):
+        attrs.require_spec(other, "out")
 
 
 def test_unit_report_round_trips_a_real_marker_byte_for_byte(tiny_store: str, tmp_path: Path) -> None:

@@ -115,13 +115,12 @@ def _check_output_is_ours(spec: JobSpec) -> None:
     """Refuse, before submitting, an output that already holds a store of another spec (checked where the output
     is reachable from here: a local path or a URL; an unreachable one is left to the job)."""
     from sdfeat import store
-    from sdfeat.spec import spec_hash
 
     try:
         attrs = store.read_attrs(spec.output)
     except (SdfeatError, OSError, ImportError, ValueError):
         return                                   # no store there yet, or not reachable from this machine
-    attrs.require_spec(spec_hash(spec), spec.output)
+    attrs.require_spec(spec, spec.output)
 
 
 def _check_output_is_free(spec: JobSpec) -> None:

@@ -10,19 +10,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 
-import pyarrow as pa
 import torch
 
 from sdfeat import store
 from sdfeat.errors import SourceError, SpecError, StoreError, UnitFailedError
 from sdfeat.extract.stages import HOST_STAGES, STAGES, shares, steady_rate
 from sdfeat.models.interventions import check_padding
-from sdfeat.models.registry import unet_config
+from sdfeat.models.registry import ModelRef, resolve_model
 from sdfeat.planning.checks import check_job
-from sdfeat.planning.layout import Layout, job_layout
+from sdfeat.planning.layout import Layout, layout_for
 from sdfeat.planning.units import Unit, plan_units, unit_size
 from sdfeat.store.schema import StoreAttrs, UnitReport
-from sdfeat.sources import SampleRef, plan_samples
+from sdfeat.sources import plan_samples
+from sdfeat.sources.refs import manifest_table
 from sdfeat.spec import JobSpec, spec_hash
 
 log = logging.getLogger(__name__)
@@ -30,32 +30,37 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Job:
-    """A job resolved once: its spec, the arrays it stores (`layout`), the store's attrs (rows, unit size, class
-    names), its units and the model's latent channels. Made by `prepare_job` / `open_job`; what a runner needs."""
+    """A job resolved once: its spec, its model (`registry.ModelRef`: family and denoiser config), the arrays it
+    stores (`layout`), the store's attrs (rows, unit size, class names) and its units. Made by `prepare_job` /
+    `open_job`; what a runner needs."""
 
     spec: JobSpec
     output: str
+    model: ModelRef
     layout: Layout
     attrs: StoreAttrs
     units: tuple[Unit, ...]
-    latent_channels: int
 
     @property
     def n_samples(self) -> int:
         return self.attrs.n_samples
 
+    @property
+    def latent_channels(self) -> int:
+        return int(self.model.config["in_channels"])
 
-def _resolved(spec: JobSpec, output: str, layout: Layout, attrs: StoreAttrs) -> Job:
-    units = tuple(plan_units(attrs.n_samples, attrs.unit_size))
-    return Job(spec, output, layout, attrs, units, int(unet_config(spec.model)["in_channels"]))
+
+def _resolved(spec: JobSpec, output: str, model: ModelRef, layout: Layout, attrs: StoreAttrs) -> Job:
+    return Job(spec, output, model, layout, attrs, tuple(plan_units(attrs.n_samples, attrs.unit_size)))
 
 
 def open_job(spec: JobSpec, output: str | None = None) -> Job:
     """The job of the store at `output` (default: the spec's), prepared before (`prepare_job`) by this spec."""
     output = output or spec.output
     attrs = store.read_attrs(output)
-    attrs.require_spec(spec_hash(spec), output)
-    return _resolved(spec, output, job_layout(spec), attrs)
+    attrs.require_spec(spec, output)
+    model = resolve_model(spec.model, spec.revision)
+    return _resolved(spec, output, model, layout_for(spec, model.config), attrs)
 
 
 def _library_versions() -> dict[str, str]:
@@ -95,21 +100,24 @@ def prepare_job(spec: JobSpec, overwrite: bool = False, allow_version_change: bo
     A finished job is returned as it is, without writing anything."""
     check_job(spec)
     output = spec.output
-    digest = spec_hash(spec)
-    layout = job_layout(spec)
+    # 1. The model, resolved once, and what the job stores (its arrays and forward passes) and in what units.
+    model = resolve_model(spec.model, spec.revision)
+    layout = layout_for(spec, model.config)
+    size = unit_size(spec, layout.bytes_per_sample())
     if spec.intervention is not None:
         check_padding(spec.intervention.padding, {p.margin: spec.resolution - 2 * p.margin for p in layout.passes})
-    existing = None if overwrite else _existing_attrs(output)
+    # 2. A store of the same spec is resumed (a finished one returned as it is).
+    existing = None if overwrite else store.existing_attrs(output)
     if existing is not None:
-        existing.require_spec(digest, output)
+        existing.require_spec(spec, output)
         if store.template_complete(output):
-            job = _resolved(spec, output, layout, existing)
+            job = _resolved(spec, output, model, layout, existing)
             if pending_units(job):
                 job = replace(job, attrs=_check_versions(output, existing, allow_version_change))
             return job
         log.warning("%s: the store template was not finished (a killed start); writing it again", output)
         store.clear_markers(output)
-
+    # 3. The samples, refused before anything is written where they cannot serve the spec.
     samples = plan_samples(spec.source, spec.source_format, spec.limit, spec.classes)
     if "{class_name}" in spec.prompt and not samples.class_names:
         raise SpecError(f"field 'prompt' uses {{class_name}} but source {spec.source} has no class names")
@@ -119,13 +127,13 @@ def prepare_job(spec: JobSpec, overwrite: bool = False, allow_version_change: bo
     if "{class_name}" in spec.prompt and max(r.label for r in samples.refs) >= len(samples.class_names):
         raise SourceError(f"source {spec.source}: label {max(r.label for r in samples.refs)} has no class name "
                           f"({len(samples.class_names)} names), but field 'prompt' uses {{class_name}}")
-    size = unit_size(spec, layout.bytes_per_sample())
+    # 4. The store template: the manifest, the attrs, every array's metadata (no chunk yet).
     if overwrite and (entries := store.store_entries(output)):
         log.warning("--overwrite: removing %s from %s", ", ".join(entries), output)
         store.remove_store(output)
-    store.write_manifest(output, _manifest_table(samples.refs))
+    store.write_manifest(output, manifest_table(samples.refs))
     attrs = StoreAttrs(
-        spec=spec.model_dump(mode="json"), spec_hash=digest, protocol=spec.protocol, model=spec.model,
+        spec=spec.model_dump(mode="json"), spec_hash=spec_hash(spec), protocol=spec.protocol, model=spec.model,
         revision=spec.revision, n_samples=n, unit_size=size, blocks=tuple(b.name for b in layout.blocks),
         crops=tuple(p.margin for p in layout.passes[1:] if p.stored),
         summary_blocks=tuple(b.name for b in layout.summary_blocks),
@@ -135,27 +143,7 @@ def prepare_job(spec: JobSpec, overwrite: bool = False, allow_version_change: bo
     store.create_template(output, layout.arrays, n, size, [r.sample_id for r in samples.refs],
                           [r.label for r in samples.refs], spec.timesteps, spec.seeds, attrs, spec.codec)
     log.info("store template written: %s (%d samples, %d units of %d)", output, n, attrs.units, size)
-    return _resolved(spec, output, layout, attrs)
-
-
-def _existing_attrs(output: str) -> StoreAttrs | None:
-    """The attrs of the store at `output`, None where there is none; metadata that does not parse is refused
-    (replaced only with --overwrite)."""
-    try:
-        return store.read_attrs(output)
-    except StoreError as err:
-        if isinstance(err.__cause__, (ValueError, TypeError)):
-            raise
-        return None
-
-
-def _manifest_table(refs: list[SampleRef]) -> pa.Table:
-    return pa.table({
-        "sample_id": [r.sample_id for r in refs], "label": pa.array([r.label for r in refs], pa.int64()),
-        "file": [r.file for r in refs], "member": [r.member for r in refs],
-        "offset": pa.array([r.offset for r in refs], pa.int64()), "size": pa.array([r.size for r in refs], pa.int64()),
-        "error": pa.array([r.error for r in refs], pa.string()),  # planned unusable: a failure row, never opened
-    })
+    return _resolved(spec, output, model, layout, attrs)
 
 
 def pending_units(job: Job) -> list[Unit]:

@@ -29,7 +29,8 @@ def run_local(spec: JobSpec, overwrite: bool = False, progress: bool = True, dev
     if simulate is None:
         require_weights(spec.model, spec.revision)
     with writer_lock.hold(spec.output), process.torch_threads(threads):
-        return _run_units(prepare_job(spec, overwrite, allow_version_change), progress, device, threads, simulate)
+        job = prepare_job(spec, overwrite, allow_version_change)
+        return _run_units(job, progress, device, threads, simulate)
 
 
 def _run_units(job: Job, progress: bool, device: str | None, threads: int | None,

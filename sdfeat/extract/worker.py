@@ -106,7 +106,7 @@ class UnitRunner:
         if simulate is None:
             # With a latent cache the VAE loads only when a unit misses the cache; a fixed prompt is embedded
             # before the U-Net loads, so the text encoder never sits beside the weights (peak RSS).
-            self.model = load_model(spec.model, self.device, self._compute_dtype(), spec.revision,
+            self.model = load_model(job.model, self.device, self._compute_dtype(),
                                     fp16_rounded_weights=spec.protocol == "paper", compiled=spec.compile,
                                     lazy_vae=spec.latent_cache is not None,
                                     prompts=[] if "{class_name}" in spec.prompt else [spec.prompt],

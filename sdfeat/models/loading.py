@@ -30,13 +30,12 @@ from typing import Any, NamedTuple
 import torch
 
 from sdfeat.errors import ModelNotFoundError
-from sdfeat.models.families import FAMILIES, sd
+from sdfeat.models.families import sd
 from sdfeat.models.families.vae_precision import vae_dtype
 from sdfeat.models.interventions import apply_padding, set_padding
-from sdfeat.models.registry import TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, shipped_config
-from sdfeat.models.registry import locate as _locate
+from sdfeat.models.registry import TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, ModelRef, shipped_config
 from sdfeat.models.registry import not_available as _not_found
-from sdfeat.models.registry import family_of, require_weights
+from sdfeat.models.registry import require_weights, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -382,12 +381,13 @@ def compile_unet_blocks(unet: torch.nn.Module, backend: str = "inductor", shapes
     return len(blocks)
 
 
-def load_model(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+def load_model(model: str | ModelRef, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                revision: str | None = None, fp16_rounded_weights: bool = False,
                compiled: bool = False, padding: str = "zeros", padding_scope: str = "unet",
                lazy_vae: bool = False, prompts: Sequence[str] = (), shapes: int = 1) -> LoadedModel:
-    """Load `model` for extraction on `device` in `dtype`, component by component (U-Net, then the VAE encoder;
-    the text encoder only while new prompts are embedded).
+    """Load `model` (a name, or a `registry.ModelRef` resolved before: a job's, whose revision then applies) for
+    extraction on `device` in `dtype`, component by component (U-Net, then the VAE encoder; the text encoder only
+    while new prompts are embedded).
 
     `lazy_vae=True` loads the VAE on first use of `LoadedModel.vae` (a job whose latents all come from the
     latent cache never loads it). `prompts` are embedded before the U-Net is loaded, so the text encoder is
@@ -402,8 +402,8 @@ def load_model(model: str, device: str | torch.device = "cpu", dtype: torch.dtyp
     from diffusers import DDIMScheduler
 
     device = torch.device(device)
-    kind, source = _locate(model)
-    family = FAMILIES[family_of(model)]
+    ref = model if isinstance(model, ModelRef) else resolve_model(model, revision)
+    model, kind, source, family, revision = ref.name, ref.kind, ref.source, ref.family, ref.revision
     if family is not sd:
         return _load_family(family, model, kind, source, device, dtype, revision, compiled, padding, padding_scope,
                             shapes)

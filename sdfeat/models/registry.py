@@ -4,7 +4,8 @@ Names: the registry names of every family (`sd15`, `sd21`, `sdturbo`; `sdxl`, `s
 each family's `REGISTRY`), any hub id (`owner/name`), any local diffusers pipeline directory, the tiny offline models
 (`tiny`: SD-shaped, built in code from the configs below; `tiny-sdxl`, `tiny-dit`: their families' tiny configs) and
 `random:<registry name>` (the full architecture from the shipped configs in `sdfeat/data`, with random weights).
-`family_of(model)` says which family (`sdfeat.models.families`) runs a model.
+`family_of(model)` says which family (`sdfeat.models.families`) runs a model; `resolve_model` resolves a name once
+into a `ModelRef` (kind, source, family, denoiser config) that a job carries down to the loader.
 
 Read by everything that needs a model's shape before (or without) loading it: `layout.job_layout` (and through it
 the planner and the store template), `checks` (block names before anything heavy), `costs` (FLOPs), `sdfeat
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -89,10 +91,43 @@ def family_of(model: str) -> str:
     """The family (`sd`, `sdxl`, `dit`) that runs `model`: by name where the name says, else by its denoiser's
     config (a local directory's, or the HF cache's)."""
     kind, source = locate(model)
+    named = _named_family(model, kind, source)
+    return named.NAME if named is not None else for_config(_denoiser_config(model, kind, source)).NAME
+
+
+def _named_family(model: str, kind: str, source: str) -> ModuleType | None:
+    """The family a name says (tiny, registry and `random:` names), None where only the config can say."""
     if kind == "tiny":
-        return TINY_MODELS[model][0].NAME
-    family = for_registry_name(source if kind == "random" else model)
-    return family.NAME if family is not None else for_config(unet_config(model)).NAME
+        return TINY_MODELS[model][0]
+    return for_registry_name(source if kind == "random" else model)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model name resolved once (`resolve_model`): how it is had (`kind`: tiny | random | local | hub; `source`:
+    the hub id, directory or registry name), its family and its denoiser's config. A job carries it from planning
+    to the loader (`loading.load_model`), so nothing below re-reads the config or asks the family again."""
+
+    name: str
+    kind: str
+    source: str
+    revision: str | None
+    family_name: str
+    config: dict[str, Any] = field(repr=False)  # the denoiser's config (a U-Net's, a DiT transformer's)
+
+    @property
+    def family(self) -> ModuleType:
+        return FAMILIES[self.family_name]
+
+
+def resolve_model(model: str, revision: str | None = None) -> ModelRef:
+    """`model` resolved once: kind, source, family and denoiser config (`ModelNotFoundError` in one line where
+    the name means no model or a hub model's config is not in the cache)."""
+    kind, source = locate(model)
+    config = _denoiser_config(model, kind, source)
+    named = _named_family(model, kind, source)
+    family = named if named is not None else for_config(config)
+    return ModelRef(model, kind, source, revision, family.NAME, config)
 
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
@@ -146,10 +181,13 @@ def _denoiser_folder(model: str, kind: str, source: str) -> str:
 def unet_config(model: str) -> dict[str, Any]:
     """The denoiser's config (a U-Net's, a DiT's transformer's) without loading weights: shipped JSON, the tiny
     configs, a local directory's or the HF cache's."""
-    kind, source = locate(model)
+    return _denoiser_config(model, *locate(model))
+
+
+def _denoiser_config(model: str, kind: str, source: str) -> dict[str, Any]:
     if kind == "tiny":
         return json.loads(json.dumps(TINY_MODELS[model][1]))
-    family = for_registry_name(source if kind == "random" else model)
+    family = _named_family(model, kind, source)
     if family is sd:
         return shipped_config(model.removeprefix(RANDOM_PREFIX), "unet")
     if family is not None:

@@ -16,7 +16,9 @@ below). Arrays of one job:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from sdfeat.errors import SpecError
 from sdfeat.models.blocks import BlockInfo, resolve_blocks
@@ -132,8 +134,13 @@ def crop_margins(spec: JobSpec, blocks: list[BlockInfo]) -> dict[int, list[Block
 
 
 def job_layout(spec: JobSpec) -> Layout:
-    """The blocks, forward passes and arrays of a job, from the spec and the model's U-Net config."""
-    config = unet_config(spec.model)
+    """The blocks, forward passes and arrays of a job, from the spec (its model's config read from the registry)."""
+    return layout_for(spec, unet_config(spec.model))
+
+
+def layout_for(spec: JobSpec, config: Mapping[str, Any]) -> Layout:
+    """The blocks, forward passes and arrays of a job, from the spec and its model's denoiser config (a job's
+    `registry.ModelRef.config`)."""
     blocks = resolve_blocks(config, spec.blocks, spec.resolution)
     summarized = resolve_blocks(config, spec.summaries.blocks, spec.resolution) if spec.summaries else []
     nt, ns = len(spec.timesteps), len(spec.seeds)

@@ -62,6 +62,20 @@ class DecodedImage:
     error: str | None  # short reason when pixels is None
 
 
+def manifest_table(refs: list[SampleRef]) -> pa.Table:
+    """The store manifest of `refs` (`store.write_manifest`): one row per store row, every field of a ref but
+    `kind` (derived); a ref planned unusable keeps its `error` (a failure row, never opened). `manifest_refs`
+    reads it back."""
+    import pyarrow as pa
+
+    return pa.table({
+        "sample_id": [r.sample_id for r in refs], "label": pa.array([r.label for r in refs], pa.int64()),
+        "file": [r.file for r in refs], "member": [r.member for r in refs],
+        "offset": pa.array([r.offset for r in refs], pa.int64()), "size": pa.array([r.size for r in refs], pa.int64()),
+        "error": pa.array([r.error for r in refs], pa.string()),
+    })
+
+
 def manifest_refs(table: pa.Table) -> list[SampleRef]:
     """The refs of a store manifest's rows (`store.read_manifest`, or a slice of it) in row order, `error` included:
     a row planned unusable stays a failure ref (never opened). The one way back from manifest rows to refs."""

@@ -9,14 +9,14 @@ The writer's API is re-exported here (`store.write_unit`, `store.write_marker`, 
 """
 
 from sdfeat.store.files import (ATTRS_KEY, FAILURES, FEATURES, MANIFEST, PROGRESS, STORE_ENTRIES, check_writable,
-                                clear_markers, create_template, done_units, filesystem, join, marker_path,
-                                missing_value, nan_fill, open_features, read_attrs, read_manifest, read_markers,
-                                refuse_file, remove_store, store_entries, template_complete, update_attrs,
-                                write_atomic, write_failures, write_manifest, write_marker, write_parquet,
-                                write_unit, write_whole)
+                                clear_markers, create_template, done_units, existing_attrs, filesystem, join,
+                                marker_path, missing_value, nan_fill, open_features, read_attrs, read_manifest,
+                                read_markers, refuse_file, remove_store, store_entries, template_complete,
+                                update_attrs, write_atomic, write_failures, write_manifest, write_marker,
+                                write_parquet, write_unit, write_whole)
 
 __all__ = ["ATTRS_KEY", "FAILURES", "FEATURES", "MANIFEST", "PROGRESS", "STORE_ENTRIES", "check_writable",
-           "clear_markers", "create_template", "done_units", "filesystem", "join", "marker_path", "missing_value",
-           "nan_fill", "open_features", "read_attrs", "read_manifest", "read_markers", "refuse_file", "remove_store",
-           "store_entries", "template_complete", "update_attrs", "write_atomic", "write_failures", "write_manifest",
-           "write_marker", "write_parquet", "write_unit", "write_whole"]
+           "clear_markers", "create_template", "done_units", "existing_attrs", "filesystem", "join", "marker_path",
+           "missing_value", "nan_fill", "open_features", "read_attrs", "read_manifest", "read_markers", "refuse_file",
+           "remove_store", "store_entries", "template_complete", "update_attrs", "write_atomic", "write_failures",
+           "write_manifest", "write_marker", "write_parquet", "write_unit", "write_whole"]

@@ -189,6 +189,17 @@ def read_attrs(output: str) -> StoreAttrs:
         raise StoreError(f"{output}: the store's attributes have {err}") from err
 
 
+def existing_attrs(output: str) -> StoreAttrs | None:
+    """The attrs of the store at `output`, None where there is none; metadata that does not parse is refused
+    (replaced only with --overwrite)."""
+    try:
+        return read_attrs(output)
+    except StoreError as err:
+        if isinstance(err.__cause__, (ValueError, TypeError)):
+            raise
+        return None
+
+
 def write_unit(group: zarr.Group, start: int, stop: int, data: dict[str, np.ndarray], ok: np.ndarray, *,
                workers: int | None = None, direct: bool = True, opened: dict[str, zarr.Array] | None = None) -> float:
     """Write one unit's rows [start, stop) of every array (whole shards), then its `ok` flags. An array given fewer

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sdfeat.errors import StoreError
+from sdfeat.spec import JobSpec, spec_hash
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,10 @@ class StoreAttrs:
         """The unit that holds store row `row`."""
         return row // self.unit_size
 
-    def require_spec(self, digest: str, output: str) -> None:
-        """Refuse a store made by another spec (`spec_hash` `digest`): resuming it would mix two jobs."""
+    def require_spec(self, spec: JobSpec, output: str) -> None:
+        """Refuse a store made by another spec (its `spec_hash` differs): resuming it would mix two jobs. The one
+        place the hash is compared (prepare, open and submit a job)."""
+        digest = spec_hash(spec)
         if self.spec_hash != digest:
             raise StoreError(f"{output} holds a store of another spec (hash {self.spec_hash}, this spec {digest}); "
                              "choose another output or pass --overwrite")
