@@ -30,7 +30,6 @@ from sdfeat.extract.protocol import Schedule, encode, noisy_latents
 from sdfeat.extract.stages import StageClock
 from sdfeat.extract.summaries import crop_summaries, summarize
 from sdfeat.models.families import sd
-from sdfeat.models.hooks import capture
 from sdfeat.models.loading import LoadedModel
 from sdfeat.planning.layout import Layout, Pass
 from sdfeat.planning.units import Unit
@@ -80,7 +79,8 @@ class Forward:
         self.schedule = Schedule(model, spec.protocol, spec.timesteps, device)
         self.download = torch.cuda.Stream(device) if self.cuda else None
         if "{class_name}" in spec.prompt and class_names and model.family is sd:  # every class's prompt at once
-            model.prompt_embeddings(self._prompts(range(len(class_names))))
+            prompts = self._prompts(range(len(class_names)))
+            model.prompt_embeddings(prompts)
 
     def _prompts(self, labels: Sequence[int]) -> list[str]:
         if "{class_name}" not in self.spec.prompt:
@@ -129,8 +129,9 @@ class Forward:
                            spec.protocol)
                 channels = model.unet.config.in_channels
                 latents = torch.zeros((b, channels, side // 8, side // 8), dtype=model.dtype, device=self.device)
-                conditioning = model.condition([0] * b, self._prompts([0] * b), side, spec.conditioning)
-                with self._capture(p, side) as hooked:
+                prompts = self._prompts([0] * b)
+                conditioning = model.condition([0] * b, prompts, side, spec.conditioning)
+                with model.capture(p.names, (side // 8, side // 8)) as hooked:
                     hooked.run(latents, self.schedule.timestep[t], conditioning)
         if self.cuda:
             torch.cuda.synchronize(self.device)  # before the first unit: the compile time ends here
@@ -156,12 +157,6 @@ class Forward:
                 for path, values in staged.items():
                     self._to_host(values, work.buffers[path][batch.slot: batch.slot + len(values)])
 
-    def _capture(self, p: Pass, side: int) -> Any:
-        """Hooks on the pass's blocks, the forward run as the model's family calls it, outputs read as maps."""
-        latent_hw = (side // 8, side // 8)
-        return capture(self.model.unet, p.names, call=self.model.call,
-                       to_map=lambda name, output: self.model.as_map(name, output, latent_hw))
-
     def _pass(self, p: Pass, pixels: torch.Tensor | None, batch: HostBatch, work: UnitWork, prompts: list[str],
               staged: dict[str, torch.Tensor]) -> None:
         clock = work.clock
@@ -169,7 +164,7 @@ class Forward:
         conditioning = self.model.condition(batch.labels, prompts, side, self.spec.conditioning)
         dist = self._posterior(p.margin, pixels, batch, work)
         positions: dict[int, torch.Tensor] = {}  # id of a host tensor -> it on the device (blocks share shapes)
-        with self._capture(p, side) as hooked:
+        with self.model.capture(p.names, (side // 8, side // 8)) as hooked:
             for si, seed in enumerate(self.spec.seeds):
                 with clock.stage("noise"):
                     latents = noisy_latents(self.model, dist, self.spec.protocol, seed, batch.sample_ids,

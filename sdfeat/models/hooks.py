@@ -1,8 +1,8 @@
 """Forward hooks that capture block outputs of a denoiser (TransformerLens style).
 
-`extract` wraps each denoiser forward in `capture(denoiser, names, call=model.call, to_map=...)`: `call` runs the
-forward as the model's family does (`LoadedModel.call`), `to_map` turns a hooked output into a (B, C, H, W) map
-(`LoadedModel.as_map`: a DiT's tokens on their grid). Without them the module is called with the arguments of
+A loaded model opens one for its denoiser (`LoadedModel.capture`) with `call` = the family's call (how its
+denoiser is called) and `to_map` = the family's `as_map` (a hooked output as a (B, C, H, W) map: a DiT's tokens on
+their grid); `extract` runs every forward through it. Without them the module is called with the arguments of
 `run` and one rule turns an output into a tensor: **a tuple or list gives its element 0** (down blocks and
 `Transformer2DModel` with `return_dict=False` return tuples; everything else returns a tensor).
 

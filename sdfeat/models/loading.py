@@ -22,6 +22,7 @@ import ctypes
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +33,7 @@ import torch
 from sdfeat.errors import ModelNotFoundError
 from sdfeat.models.families import sd
 from sdfeat.models.families.vae_precision import vae_dtype
+from sdfeat.models.hooks import Capture, capture
 from sdfeat.models.interventions import apply_padding, set_padding
 from sdfeat.models.registry import TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, ModelRef, shipped_config
 from sdfeat.models.registry import not_available as _not_found
@@ -72,13 +74,13 @@ class LoadedModel:
             return {"encoder_hidden_states": self.prompt_embeddings(prompts)}  # (B, 77, D)
         return self.family.conditioning(self.components, labels, prompts, resolution, settings)
 
-    def call(self, latents: torch.Tensor, timestep: torch.Tensor, conditioning: Mapping[str, Any]) -> Any:
-        """One denoiser forward (the family's call); hooks on its blocks may end it early."""
-        return self.family.call(self.unet, latents, timestep, conditioning)
-
-    def as_map(self, name: str, output: Any, latent_hw: tuple[int, int]) -> torch.Tensor:
-        """A hooked block output as a (B, C, H, W) map (a DiT's tokens on their grid)."""
-        return self.family.as_map(name, output, latent_hw)
+    def capture(self, names: Sequence[str], latent_hw: tuple[int, int]) -> AbstractContextManager[Capture]:
+        """Hooks on the denoiser's blocks `names` for one `with` block (`hooks.capture`): its `run(latents,
+        timestep, conditioning)` calls the denoiser as the family does (ending after the deepest block) and returns
+        each block's output as a (B, C, H, W) map (a DiT's tokens on their `latent_hw` grid)."""
+        family, denoiser = self.family, self.unet
+        return capture(denoiser, names, call=lambda *inputs: family.call(denoiser, *inputs),
+                       to_map=lambda name, output: family.as_map(name, output, latent_hw))
 
     @property
     def vae(self) -> Any:
