@@ -24,11 +24,11 @@ def run_local(spec: JobSpec, overwrite: bool = False, progress: bool = True, dev
     `threads`: torch's thread count while the job runs (None: as it is); the previous count is restored.
     `simulate`: a `simdevice.Simulation` in place of the device stages (benchmarks of the host pipeline; no
     weights are needed then). The spec and the weights are checked before anything is written; the output's
-    writer lock is held throughout."""
+    writer lock is held throughout (a job refused under it leaves no folder: `writer_lock.hold`)."""
     check_job(spec)
-    if simulate is None:
-        require_weights(spec.model, spec.revision)
-    with writer_lock.hold(spec.output), process.torch_threads(threads):
+    with writer_lock.hold(spec.output), process.torch_threads(threads):  # refused here: nothing left at output
+        if simulate is None:
+            require_weights(spec.model, spec.revision)
         job = prepare_job(spec, overwrite, allow_version_change)
         return _run_units(job, progress, device, threads, simulate)
 
