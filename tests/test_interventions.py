@@ -122,3 +122,16 @@ def test_zeros_store_is_byte_identical_and_reflect_differs(tmp_path) -> None:
     conv_in_a, conv_in_b = plain["conv_in"][...], reflect["conv_in"][...]  # (4, 1, 1, C, 16, 16)
     np.testing.assert_array_equal(conv_in_a[..., 1:-1, 1:-1], conv_in_b[..., 1:-1, 1:-1])  # interior: same
     assert array_paths(plain) == array_paths(reflect)
+
+
+def test_a_crop_pass_too_small_to_reflect_is_refused_before_anything_is_written(tmp_path) -> None:
+    """At 128 px the mid block's maps are 4 tokens wide, so `crops: auto` adds a pass cropped by 32 px: 64 px images
+    whose deepest maps are 1 token, which reflection cannot pad."""
+    from sdfeat.extract import run_local
+
+    output = tmp_path / "out"
+    spec = small_spec(str(output), variants={"crops": "auto"}, intervention={"padding": "reflect"})
+    with pytest.raises(SpecError, match=r"'intervention.padding': 'reflect' cannot pad the crop pass of margin "
+                                        r"32 px: its 64 px images give 1-token maps"):
+        run_local(spec, progress=False, device="cpu")
+    assert not output.exists()

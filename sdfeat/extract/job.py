@@ -104,9 +104,7 @@ def prepare_job(spec: JobSpec, overwrite: bool = False, allow_version_change: bo
     model = resolve_model(spec.model, spec.revision)
     layout = layout_for(spec, model.config)
     size = unit_size(spec, layout.bytes_per_sample())
-    if spec.intervention is not None:
-        check_padding(spec.intervention.padding, {p.margin: spec.resolution - 2 * p.margin for p in layout.passes})
-    # 2. A store of the same spec is resumed (a finished one returned as it is).
+    # 2. A store of the same spec is resumed (a finished one returned as it is: the checks below passed for it).
     existing = None if overwrite else store.existing_attrs(output)
     if existing is not None:
         existing.require_spec(spec, output)
@@ -117,7 +115,9 @@ def prepare_job(spec: JobSpec, overwrite: bool = False, allow_version_change: bo
             return job
         log.warning("%s: the store template was not finished (a killed start); writing it again", output)
         store.clear_markers(output)
-    # 3. The samples, refused before anything is written where they cannot serve the spec.
+    # 3. What can still refuse the job, before anything is written: the padding of its passes, the samples.
+    if spec.intervention is not None:
+        check_padding(spec.intervention.padding, {p.margin: spec.resolution - 2 * p.margin for p in layout.passes})
     samples = plan_samples(spec.source, spec.source_format, spec.limit, spec.classes)
     if "{class_name}" in spec.prompt and not samples.class_names:
         raise SpecError(f"field 'prompt' uses {{class_name}} but source {spec.source} has no class names")
