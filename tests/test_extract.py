@@ -178,6 +178,13 @@ def test_prompt_template_uses_class_names(tiny_store: str, tmp_path: Path) -> No
               progress=False, device="cpu")
     plain, prompted = open_store(tiny_store), open_store(output)
     assert not np.allclose(plain.read("up_blocks.1.resnets.2", [0]), prompted.read("up_blocks.1.resnets.2", [0]))
+    row = 5  # its class's prompt written out, as a fixed prompt: the same activations
+    name = prompted.attrs.class_names[int(prompted.labels[row])]
+    fixed = str(tmp_path / "fixed")
+    run_local(small_spec(fixed, prompt=f"a photo of a {name}", blocks=["up_blocks.1.resnets.2"]), progress=False,
+              device="cpu")
+    np.testing.assert_allclose(prompted.read("up_blocks.1.resnets.2", [row]),
+                               open_store(fixed).read("up_blocks.1.resnets.2", [row]), rtol=0, atol=1e-5)
 
     src = tmp_path / "src"
     write_parquet_shards(src, n_files=1, rows_per_file=4, image_fn=_jpeg)

@@ -29,7 +29,6 @@ from sdfeat.extract.feed import HostBatch, UnitEnd
 from sdfeat.extract.protocol import Schedule, encode, noisy_latents
 from sdfeat.extract.stages import StageClock
 from sdfeat.extract.summaries import crop_summaries, summarize
-from sdfeat.models.families import sd
 from sdfeat.models.loading import LoadedModel
 from sdfeat.planning.layout import Layout, Pass
 from sdfeat.planning.units import Unit
@@ -61,6 +60,16 @@ def channels_last(values: torch.Tensor) -> bool:
     return not values.is_contiguous() and values.is_contiguous(memory_format=torch.channels_last)
 
 
+def prompts_for(template: str, class_names: Sequence[str] | None, labels: Sequence[int]) -> list[str]:
+    """Each label's prompt: the spec's `prompt`, its `{class_name}` filled with the label's class name ("" for an
+    unknown label, -1)."""
+    if "{class_name}" not in template:
+        return [template] * len(labels)
+    if not class_names:
+        raise SourceError("field 'prompt' uses {class_name} but the source has no class names")
+    return [template.format(class_name=class_names[y] if y >= 0 else "") for y in labels]
+
+
 class Forward:
     """The real device stages of one job on `device` (a GPU: asynchronous; a CPU: synchronous)."""
 
@@ -78,16 +87,9 @@ class Forward:
         self.class_names = class_names
         self.schedule = Schedule(model, spec.protocol, spec.timesteps, device)
         self.download = torch.cuda.Stream(device) if self.cuda else None
-        if "{class_name}" in spec.prompt and class_names and model.family is sd:  # every class's prompt at once
-            prompts = self._prompts(range(len(class_names)))
-            model.prompt_embeddings(prompts)
 
     def _prompts(self, labels: Sequence[int]) -> list[str]:
-        if "{class_name}" not in self.spec.prompt:
-            return [self.spec.prompt] * len(labels)
-        if not self.class_names:
-            raise SourceError("field 'prompt' uses {class_name} but the source has no class names")
-        return [self.spec.prompt.format(class_name=self.class_names[y] if y >= 0 else "") for y in labels]
+        return prompts_for(self.spec.prompt, self.class_names, labels)
 
     def _up(self, host: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A host tensor on the device (from pinned memory: asynchronous, on the launching stream), cast there: a

@@ -36,7 +36,7 @@ import torch
 from sdfeat import store
 from sdfeat.errors import SourceError, StoreError
 from sdfeat.extract.feed import Feeder, FeedSettings, HostBatch, UnitError
-from sdfeat.extract.forward import Forward, UnitWork
+from sdfeat.extract.forward import Forward, UnitWork, prompts_for
 from sdfeat.extract.job import Job
 from sdfeat.extract.latent_cache import LatentCache, cache_key
 from sdfeat.extract.simdevice import SimulatedDevice, Simulation
@@ -104,12 +104,14 @@ class UnitRunner:
         self._row_limits = {a.path: a.rows for a in self.layout.arrays if a.rows is not None}
         self.model: LoadedModel | None = None
         if simulate is None:
-            # With a latent cache the VAE loads only when a unit misses the cache; a fixed prompt is embedded
-            # before the U-Net loads, so the text encoder never sits beside the weights (peak RSS).
+            # With a latent cache the VAE loads only when a unit misses the cache; every prompt of the job (each
+            # class's, with `{class_name}`) is embedded before the U-Net loads, so the text encoder never sits
+            # beside the weights (peak RSS).
+            labels = range(len(self.class_names or ())) if "{class_name}" in spec.prompt else [0]
             self.model = load_model(job.model, self.device, self._compute_dtype(),
                                     fp16_rounded_weights=spec.protocol == "paper", compiled=spec.compile,
                                     lazy_vae=spec.latent_cache is not None,
-                                    prompts=[] if "{class_name}" in spec.prompt else [spec.prompt],
+                                    prompts=prompts_for(spec.prompt, self.class_names, labels),
                                     shapes=len(self.layout.passes), **_padding(spec))
         self.cache: LatentCache | None = self._open_cache(simulate) if spec.latent_cache is not None else None
         self.forward: Forward | SimulatedDevice
