@@ -63,10 +63,14 @@ def test_scope_and_unpadded_convs() -> None:
     unpadded = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d) and m.padding == (0, 0)]
     assert unpadded and all(m.padding_mode == "zeros" for m in unpadded)  # 1×1 convs stay as they are
     assert apply_padding(pipe.unet, pipe.vae.encoder, "reflect", "unet+vae") == len(unet_padded) + len(vae_padded)
-    loaded = load_model("tiny", padding="replicate", padding_scope="unet+vae")
-    modes = {m.padding_mode for part in (loaded.unet, loaded.vae) for m in part.modules()
-             if isinstance(m, torch.nn.Conv2d) and m.padding != (0, 0)}
-    assert modes == {"replicate"}
+    for lazy_vae in (False, True):  # a VAE loaded on first use is padded as one loaded with the U-Net
+        loaded = load_model("tiny", padding="replicate", padding_scope="unet+vae", lazy_vae=lazy_vae)
+        modes = {m.padding_mode for part in (loaded.unet, loaded.vae) for m in part.modules()
+                 if isinstance(m, torch.nn.Conv2d) and m.padding != (0, 0)}
+        assert modes == {"replicate"}, lazy_vae
+        unet_only = load_model("tiny", padding="replicate", padding_scope="unet", lazy_vae=lazy_vae)
+        assert {m.padding_mode for m in unet_only.vae.modules()
+                if isinstance(m, torch.nn.Conv2d) and m.padding != (0, 0)} == {"zeros"}, lazy_vae
 
 
 def test_spec_zeros_is_no_intervention() -> None:

@@ -42,14 +42,16 @@ def set_padding(module: torch.nn.Module, mode: str) -> int:
     return switched
 
 
-def apply_padding(unet: torch.nn.Module, vae: torch.nn.Module, mode: str = "zeros", scope: str = "unet") -> int:
-    """The spec's padding intervention on a loaded model; `zeros` changes nothing. Returns the convs switched."""
+def apply_padding(unet: torch.nn.Module | None, vae: torch.nn.Module | None, mode: str = "zeros",
+                  scope: str = "unet") -> int:
+    """The spec's padding intervention on a loaded model's denoiser and VAE (None: one not loaded by this call, as
+    a VAE loaded lazily later); `zeros` changes nothing. Returns the convs switched."""
     if scope not in PADDING_SCOPES:
         raise ValueError(f"intervention scope must be one of {', '.join(PADDING_SCOPES)}, got {scope!r}")
     if mode == "zeros":
         return 0
-    switched = set_padding(unet, mode)
-    if scope == "unet+vae":
+    switched = set_padding(unet, mode) if unet is not None else 0
+    if scope == "unet+vae" and vae is not None:
         switched += set_padding(vae, mode)
     log.info("padding intervention: %d convolutions now pad with %r (scope %s)", switched, mode, scope)
     return switched

@@ -34,7 +34,7 @@ from sdfeat.errors import ModelNotFoundError
 from sdfeat.models.families import sd
 from sdfeat.models.families.vae_precision import vae_dtype
 from sdfeat.models.hooks import Capture, capture
-from sdfeat.models.interventions import apply_padding, set_padding
+from sdfeat.models.interventions import apply_padding
 from sdfeat.models.registry import TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, ModelRef, shipped_config
 from sdfeat.models.registry import not_available as _not_found
 from sdfeat.models.registry import require_weights, resolve_model
@@ -420,8 +420,7 @@ def load_model(model: str | ModelRef, device: str | torch.device = "cpu", dtype:
 
     def vae_loader() -> Any:
         vae = vae_source.load()
-        if padding_scope == "unet+vae" and padding != "zeros":
-            set_padding(vae, padding)
+        apply_padding(None, vae, padding, padding_scope)
         _prepare(vae, device, dtype, fp16_rounded_weights and not vae_source.prepared)
         if compiled and device.type == "cuda":
             allow_recompiles([vae.encoder], shapes)
@@ -445,7 +444,7 @@ def load_model(model: str | ModelRef, device: str | torch.device = "cpu", dtype:
     if prompts:  # embedded before the U-Net exists: the text encoder's load peak never adds to the weights
         loaded.prompt_embeddings(list(prompts))
     unet = unet_loader()
-    apply_padding(unet, torch.nn.Module(), padding, padding_scope)  # the VAE's convs: in `vae_loader`
+    apply_padding(unet, None, padding, padding_scope)  # the VAE's convs: in `vae_loader`
     # channels_last speeds up the U-Net's convolutions on a GPU but slows the VAE encoder, whose time goes to
     # GroupNorm/SiLU (benchmarks/bench_gpu.py measures both layouts).
     _prepare(unet, device, dtype, fp16_rounded_weights and kind in ("tiny", "random"),
