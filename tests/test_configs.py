@@ -78,3 +78,25 @@ def test_local_unet_config_reads_files_only(tmp_path: Path) -> None:
     assert configs.local_unet_config("random:sd3") is None
     with pytest.raises(ModelNotFoundError, match="random:sd3"):
         configs.unet_config("random:sd3")
+
+
+def test_resolve_model_names_kind_source_family_and_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name resolved once: the family by name where the name says, else by the denoiser's config (a local
+    directory holding a DiT's transformer is a DiT); a relative directory becomes the absolute path it means."""
+    import json
+
+    expected = {"tiny": ("tiny", "tiny", "sd"), "sd15": ("hub", "stable-diffusion-v1-5/stable-diffusion-v1-5", "sd"),
+                "random:sdxl": ("random", "sdxl", "sdxl"), "tiny-dit": ("tiny", "tiny-dit", "dit")}
+    for name, (kind, source, family) in expected.items():
+        ref = configs.resolve_model(name, revision="main")
+        assert (ref.name, ref.kind, ref.source, ref.family.NAME, ref.revision) == (name, kind, source, family, "main")
+        assert ref.config == configs.unet_config(name)
+    pipeline = tmp_path / "pipe"
+    (pipeline / "transformer").mkdir(parents=True)
+    dit = configs.unet_config("tiny-dit")
+    (pipeline / "transformer" / "config.json").write_text(json.dumps(dit))
+    monkeypatch.chdir(tmp_path)
+    ref = configs.resolve_model("pipe")
+    assert (ref.kind, ref.source, ref.family.NAME, ref.config) == ("local", str(pipeline), "dit", dit)
+    with pytest.raises(ModelNotFoundError, match="no-such-model"):
+        configs.resolve_model("no-such-model")

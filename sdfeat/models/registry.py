@@ -4,8 +4,8 @@ Names: the registry names of every family (`sd15`, `sd21`, `sdturbo`; `sdxl`, `s
 each family's `REGISTRY`), any hub id (`owner/name`), any local diffusers pipeline directory, the tiny offline models
 (`tiny`: SD-shaped, built in code from the configs below; `tiny-sdxl`, `tiny-dit`: their families' tiny configs) and
 `random:<registry name>` (the full architecture from the shipped configs in `sdfeat/data`, with random weights).
-`family_of(model)` says which family (`sdfeat.models.families`) runs a model; `resolve_model` resolves a name once
-into a `ModelRef` (kind, source, family, denoiser config) that a job carries down to the loader.
+`resolve_model` resolves a name once into a `ModelRef`: its kind and source, the family (`sdfeat.models.families`)
+that runs it and its denoiser config; a job carries it down to the loader.
 
 Read by everything that needs a model's shape before (or without) loading it: `layout.job_layout` (and through it
 the planner and the store template), `checks` (block names before anything heavy), `costs` (FLOPs), `sdfeat
@@ -85,14 +85,6 @@ def locate(model: str) -> tuple[str, str]:
     raise ModelNotFoundError(f"model {model!r}: not a registry name ({', '.join(NAMES)}, "
                              f"{', '.join(TINY_MODELS)}, random:<name>), a hub id owner/name, or an existing local "
                              f"diffusers directory")
-
-
-def family_of(model: str) -> str:
-    """The family (`sd`, `sdxl`, `dit`) that runs `model`: by name where the name says, else by its denoiser's
-    config (a local directory's, or the HF cache's)."""
-    kind, source = locate(model)
-    named = _named_family(model, kind, source)
-    return named.NAME if named is not None else for_config(_denoiser_config(model, kind, source)).NAME
 
 
 def _named_family(model: str, kind: str, source: str) -> ModuleType | None:
