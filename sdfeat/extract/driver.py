@@ -35,7 +35,7 @@ from sdfeat import process
 from sdfeat.extract.job import Job, end_job, pending_units, prepare_job
 from sdfeat.extract.simdevice import Simulation
 from sdfeat.extract.worker import UnitRunner
-from sdfeat.models.registry import require_weights
+from sdfeat.models.registry import ModelRef, require_weights, resolve_model
 from sdfeat.planning.checks import check_job
 from sdfeat.planning.units import Unit
 from sdfeat.progress import UnitProgress
@@ -380,20 +380,22 @@ def _domain_error(err: RayTaskError, output: str) -> SdfeatError | None:
     return None
 
 
-def _check_weights_where_actors_run(spec: JobSpec, layout: ActorLayout, runtime_env: dict | None) -> None:
-    """`registry.require_weights` in a Ray task shaped like an actor (so on a node where actors run, with their
-    environment), before the store template is written: missing weights refuse the job with nothing written."""
+def _check_weights_where_actors_run(model: ModelRef, output: str, layout: ActorLayout,
+                                    runtime_env: dict | None) -> None:
+    """`registry.require_weights` of the model as resolved here (a local directory: the path the actors will load)
+    in a Ray task shaped like an actor (so on a node where actors run, with their environment), before the store
+    template is written: missing weights refuse the job with nothing written."""
     options: dict[str, Any] = {"num_cpus": layout.num_cpus, "num_gpus": layout.num_gpus, "max_retries": 0}
     if runtime_env:
         options["runtime_env"] = runtime_env
-    ref = ray.remote(require_weights).options(**options).remote(spec.model, spec.revision)
+    ref = ray.remote(require_weights).options(**options).remote(model)
     while not ray.wait([ref], timeout=STARVED_WARN_S)[0]:
         log.warning("the weights check waits for resources (num_cpus=%s, num_gpus=%s; cluster: %s)",
                     layout.num_cpus, layout.num_gpus, ray.cluster_resources())
     try:
         ray.get(ref)
     except RayTaskError as err:
-        raise _domain_error(err, spec.output) or err
+        raise _domain_error(err, output) or err
 
 
 def _first_line(err: BaseException) -> str:
@@ -436,7 +438,8 @@ def _run_on_ray(spec: JobSpec, address: str | None, workers: int | None, gpus_pe
         start = time.perf_counter()
         layout = _cluster_layout(workers, gpus_per_worker)
         if simulate is None:  # a simulated device loads no model
-            _check_weights_where_actors_run(spec, layout, runtime_env)
+            _check_weights_where_actors_run(resolve_model(spec.model, spec.revision), spec.output, layout,
+                                            runtime_env)
         job = prepare_job(spec, overwrite, allow_version_change)  # store template complete before any actor
         todo = pending_units(job)
         log.info("%d of %d units to run on %d actor(s) (%s, %s CPU / %s GPU each, %d threads)", len(todo),

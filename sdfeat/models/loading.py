@@ -250,8 +250,8 @@ def _weights_file(source: str, subfolder: str, revision: str | None) -> Path | N
         return None
 
 
-def _components_pretrained(model: str, source: str, revision: str | None, dtype: torch.dtype,
-                           fp16_rounded: bool, device: torch.device) -> _Components:
+def _components_pretrained(ref: ModelRef, dtype: torch.dtype, fp16_rounded: bool,
+                           device: torch.device) -> _Components:
     """U-Net and VAE read tensor by tensor into modules built on the meta device (`weights.load_module`): the
     load peak is the final weights plus one tensor. Both come back already rounded and cast (`prepared`).
     Checkpoints that do not map name for name (old attention names) go through diffusers' `from_pretrained`."""
@@ -261,6 +261,7 @@ def _components_pretrained(model: str, source: str, revision: str | None, dtype:
 
     from sdfeat.models import weights
 
+    model, source, revision = ref.name, ref.source, ref.revision
     common = {"revision": revision, "use_safetensors": True}
     load_dtype = torch.float16 if fp16_rounded else dtype
 
@@ -275,7 +276,7 @@ def _components_pretrained(model: str, source: str, revision: str | None, dtype:
         module = prepare(cls.from_pretrained(source, subfolder=subfolder, torch_dtype=load_dtype, **common))
         return module, False
 
-    require_weights(model, revision)  # one line, before any hub request, when they are not here
+    require_weights(ref)  # one line, before any hub request, when they are not where `ref` points
     try:
         unet_file, vae_file = _weights_file(source, "unet", revision), _weights_file(source, "vae", revision)
         unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", revision=revision)
@@ -415,7 +416,7 @@ def load_model(model: str | ModelRef, device: str | torch.device = "cpu", dtype:
         components = _components_random(source)
         source = model
     else:  # the U-Net comes back rounded and cast already
-        components = _components_pretrained(model, source, revision, dtype, fp16_rounded_weights, device)
+        components = _components_pretrained(ref, dtype, fp16_rounded_weights, device)
     unet_loader, vae_source, scheduler, raw_text_loader = components
 
     def vae_loader() -> Any:

@@ -130,11 +130,15 @@ def downloads_allowed() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("0", "false", "no")
 
 
-def require_weights(model: str, revision: str | None = None) -> None:
+def require_weights(model: str | ModelRef, revision: str | None = None) -> None:
     """Refuse in one line (`ModelNotFoundError`) a model whose U-Net or VAE weights are not here: a local directory
     without them, a hub model not in the Hugging Face cache (unless downloads are allowed). Reads the cache's
-    file index only: no hub request, no torch. `tiny` and `random:` models need no weights."""
-    kind, source = locate(model)
+    file index only: no hub request, no torch. `tiny` and `random:` models need no weights. A `ModelRef` is
+    checked where it was resolved to (its directory, its revision)."""
+    if isinstance(model, ModelRef):
+        model, kind, source, revision = model.name, model.kind, model.source, model.revision
+    else:
+        kind, source = locate(model)
     if kind in ("tiny", "random") or (kind == "hub" and downloads_allowed()):
         return
     family = for_registry_name(model)
