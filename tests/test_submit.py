@@ -130,6 +130,21 @@ def test_relative_output_is_refused_before_contacting_a_cluster(tmp_path: Path) 
         submit_job(job, address="http://127.0.0.1:9")  # nothing listens there
 
 
+def test_relative_model_directory_is_refused_before_contacting_a_cluster(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pipeline directory named relative to here would be looked up in the job's working directory on the head."""
+    import json
+
+    from sdfeat.models.registry import TINY_UNET_CONFIG
+
+    (tmp_path / "pipe" / "unet").mkdir(parents=True)
+    (tmp_path / "pipe" / "unet" / "config.json").write_text(json.dumps(TINY_UNET_CONFIG))
+    monkeypatch.chdir(tmp_path)
+    job = _write_job(tmp_path / "job.yaml", model="pipe", output=str(tmp_path / "store"))
+    with pytest.raises(SpecError, match="field 'model': 'pipe' is a relative directory"):
+        submit_job(job, address="http://127.0.0.1:9")  # nothing listens there
+
+
 def test_invalid_spec_is_refused_locally(tmp_path: Path) -> None:
     job = _write_job(tmp_path / "job.yaml", output=str(tmp_path / "store"), resolution=100)
     with pytest.raises(SpecError, match="resolution"):

@@ -144,6 +144,9 @@ def _check_paths_reach_cluster(spec: JobSpec) -> None:
             continue
         raise SpecError(f"field '{field}': '{value}' is a relative path; a submitted job needs a URL (s3://…) "
                         "or an absolute path on storage every cluster node can reach")
+    if Path(spec.model).is_dir() and not Path(spec.model).is_absolute():  # a local pipeline directory named here
+        raise SpecError(f"field 'model': '{spec.model}' is a relative directory; a submitted job needs a hub id or "
+                        "an absolute path to a diffusers directory every cluster node can reach")
 
 
 def _stage_package() -> Path:
