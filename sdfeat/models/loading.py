@@ -38,6 +38,7 @@ from sdfeat.models.interventions import apply_padding
 from sdfeat.models.registry import TINY_TEXT_CONFIG, TINY_UNET_CONFIG, TINY_VAE_CONFIG, ModelRef, shipped_config
 from sdfeat.models.registry import not_available as _not_found
 from sdfeat.models.registry import require_weights, resolve_model
+from sdfeat.models.vae_encoder import encoder_only
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ def _components_random(name: str) -> _Components:
     def vae_built() -> torch.nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(1)
-            return _encoder_only(AutoencoderKL.from_config(shipped_config(name, "vae")))
+            return encoder_only(AutoencoderKL.from_config(shipped_config(name, "vae")))
 
     def text_loader() -> tuple[Any, torch.nn.Module]:
         tokenizer = _tiny_tokenizer()
@@ -294,12 +295,12 @@ def _components_pretrained(ref: ModelRef, dtype: torch.dtype, fp16_rounded: bool
         return module if prepared else _prepare(module, device, dtype, fp16_rounded)
 
     def vae_loader() -> torch.nn.Module:
-        vae, prepared = pretrained(AutoencoderKL, "vae", vae_file, vae_config, _encoder_only)
+        vae, prepared = pretrained(AutoencoderKL, "vae", vae_file, vae_config, encoder_only)
         return vae if prepared else _prepare(vae, device, dtype, fp16_rounded)
 
     def encoder_weights() -> Iterable[tuple[str, torch.Tensor]]:
         if vae_file is None:
-            vae = _encoder_only(AutoencoderKL.from_pretrained(source, subfolder="vae", **common))
+            vae = encoder_only(AutoencoderKL.from_pretrained(source, subfolder="vae", **common))
             return vae.state_dict().items()
         return weights.read_tensors(vae_file, keep=lambda n: n.startswith(ENCODER_PREFIXES))
 
@@ -319,19 +320,12 @@ def _components_pretrained(ref: ModelRef, dtype: torch.dtype, fp16_rounded: bool
 
 def _components_tiny() -> _Components:
     pipe = build_tiny_pipeline()
-    tokenizer, text_encoder, vae = pipe.tokenizer, pipe.text_encoder, _encoder_only(pipe.vae)
+    tokenizer, text_encoder, vae = pipe.tokenizer, pipe.text_encoder, encoder_only(pipe.vae)
     source = _VaeSource(dict(TINY_VAE_CONFIG), lambda: vae, lambda: vae.state_dict().items())
     return _Components(lambda: pipe.unet, source, pipe.scheduler, lambda: (tokenizer, text_encoder))
 
 
 ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # the VAE weights extraction uses (and the latent cache keys)
-
-
-def _encoder_only(vae: Any) -> Any:
-    """Extraction never decodes: drop the decoder, keep one copy of the encoder's weights only."""
-    vae.decoder = None
-    vae.post_quant_conv = None
-    return vae
 
 
 @dataclass

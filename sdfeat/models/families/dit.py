@@ -45,9 +45,10 @@ from pathlib import Path
 from typing import Any
 
 from sdfeat.errors import ArgumentError, ModelNotFoundError
-from sdfeat.models.families.loading import (created_in, encoder_only, fired_shapes, not_available, prepare,
-                                            require_local, scheduler_from_config)
+from sdfeat.models.families.loading import (created_in, fired_shapes, not_available, prepare, require_local,
+                                            scheduler_from_config)
 from sdfeat.models.families.vae_precision import vae_dtype
+from sdfeat.models.vae_encoder import encoder_only
 
 NAME = "dit"
 DENOISER = "transformer"  # the pipeline's subfolder holding the denoiser

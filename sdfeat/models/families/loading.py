@@ -61,13 +61,6 @@ def prepare(module: Any, device: Any, dtype: Any) -> Any:
     return module
 
 
-def encoder_only(vae: Any) -> Any:
-    """Extraction never decodes: the VAE without its decoder."""
-    vae.decoder = None
-    vae.post_quant_conv = None
-    return vae
-
-
 def scheduler_from_config(config: Mapping[str, Any]) -> Any:
     """The diffusers scheduler a config names (looked up as an attribute of diffusers, never evaluated)."""
     import diffusers

@@ -43,11 +43,12 @@ from typing import Any
 
 from sdfeat.errors import ArgumentError, ModelNotFoundError
 from sdfeat.models.families import sdxl_text
-from sdfeat.models.families.loading import (created_in, encoder_only, fired_shapes, not_available, prepare,
-                                            require_local, scheduler_from_config)
+from sdfeat.models.families.loading import (created_in, fired_shapes, not_available, prepare, require_local,
+                                            scheduler_from_config)
 from sdfeat.models.families.sd import meta_model  # the same UNet2DConditionModel, on the meta device
 from sdfeat.models.families.sdxl_text import TextLoader
 from sdfeat.models.families.vae_precision import vae_dtype
+from sdfeat.models.vae_encoder import encoder_only
 
 NAME = "sdxl"
 DENOISER = "unet"  # the pipeline's subfolder holding the denoiser
