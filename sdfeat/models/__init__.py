@@ -5,5 +5,6 @@ Second in the flow (sources -> **models** -> store -> planning -> extract -> ...
 job: `registry.ModelRef`); `blocks` names the hookable positions and their shapes from a config; `loading` builds
 or reads the weights (`load_model` -> `LoadedModel`, with `weights` for safetensors, `interventions` for the
 padding study and `vae_encoder` for the VAE without its decoder); `hooks` captures block outputs; `flops` counts a
-forward's FLOPs on the meta device. Only `loading`, `hooks`, `flops`, `weights`, `interventions` and `vae_encoder` import torch.
+forward's FLOPs on the meta device. Only `loading`, `hooks`, `flops`, `weights`, `interventions` and `vae_encoder`
+import torch.
 """
