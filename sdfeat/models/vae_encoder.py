@@ -6,9 +6,9 @@ The VAE encoder's first blocks work on full-resolution maps (128 channels at the
 caller's (the block's input, the normalised map and its activation, the sum and its scaled copy). That transient,
 not the weights, is a cold job's peak memory beside the resident U-Net. `lean_resnet_forward` gives the same values
 with three alive at most: SiLU is elementwise, so in place it computes the same numbers; the residual
-`hidden + input` equals `input + hidden` bit for bit (IEEE addition commutes) and is divided by the same scale. Only blocks that use
-none of the paths it leaves out (time embedding, up/down sampling, another activation) get it; the others keep
-diffusers' forward. Used by every family's loader (`loading`, `families.sdxl`, `families.dit`).
+`hidden + input` equals `input + hidden` bit for bit (IEEE addition commutes) and is divided by the same scale.
+Only blocks that use none of the paths it leaves out (time embedding, up/down sampling, another activation) get it;
+the others keep diffusers' forward. Used by every family's loader (`loading`, `families.sdxl`, `families.dit`).
 """
 
 from __future__ import annotations
