@@ -15,7 +15,7 @@ from conftest import small_spec
 from metrics_helpers import one_torch_thread  # noqa: F401  (autouse fixture)
 
 from sdfeat import open_store
-from sdfeat.metrics.catalog import METRICS, MetricDef, Plot, Series, registered
+from sdfeat.metrics.catalog import METRICS, MetricDef, Plot, Row, Series, registered
 from sdfeat.metrics.tasks import BlockReader, MetricOptions, label_rows
 from sdfeat.store.query import FeatureStore
 
@@ -55,7 +55,8 @@ def norm_task(store_path: str, block: str, opts: MetricOptions) -> list[dict]:
 
 
 NORM = MetricDef(NAME, norm_task, norm_parts, columns=(("mean token norm", MEAN_NORM),),
-                 plot=Plot("mean token norm", (("mean", MEAN_NORM, "#444444"),), log=True))
+                 plot=Plot("mean token norm", (("mean", MEAN_NORM, "#444444"),), log=True),
+                 peaks=(("largest mean token norm", MEAN_NORM),), across=(Row("mean token norm", MEAN_NORM, True),))
 
 
 # ---- the checks ---------------------------------------------------------------------------------------------------
@@ -136,10 +137,15 @@ def test_a_registered_metric_runs_end_to_end(norm_metric: MetricDef, tiny_store:
     assert (rows[0]["ci_low"], rows[0]["ci_high"]) == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])),
                                                                     rel=1e-4)
 
-    # report: its row of Figure 2 and its column of the per-block table
+    # report: its row of Figure 2, its column of the per-block table, its Peaks line, its cross-model row
     assert len(report.figure_2(load_results(folder)).axes) == 4
     summary = Path(report.write_report([str(folder)], str(tmp_path / "report"))).read_text()
     assert "| mean token norm |" in summary
     value = table[table.block == BLOCKS[1]].value.item()
     assert f"| `{BLOCKS[1]}` | – | – | – | – | – | – | – | – | {value:.3f} |" in summary
     assert any((tmp_path / "report").glob("figure2_*.png"))
+    best = max(BLOCKS, key=lambda block: mean_norms(tiny_store, block)[:, 0].mean())
+    assert f"- largest mean token norm: {table[table.block == best].value.item():.3f} at `{best}`" in summary
+    other = run_metrics(other_store, metrics=[NAME], blocks=BLOCKS, local=True, results=str(tmp_path / "other"))
+    across = report.figure_cross_model({"a": load_results(folder), "b": load_results(Path(other[NAME]).parent)})
+    assert [ax.get_ylabel() for ax in across.axes][-1] == "mean token norm" and len(across.axes) == 5

@@ -19,7 +19,7 @@ import importlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sdfeat.errors import ArgumentError
 
@@ -41,6 +41,14 @@ PROBE = {s: Series("position", "accuracy", scale=s) for s in PROBE_SCALES}
 RATIO = {g: Series("corners", "ratio", group=g) for g in ("corner", "border")}
 ANOMALY_MEAN = Series("anomalies", "rel_norm_mean")
 ANOMALY_STD = Series("anomalies", "rel_norm_std")
+
+
+class Row(NamedTuple):
+    """A metric's row of a figure that draws one line per store: its y label, the series, a log axis."""
+
+    ylabel: str
+    series: Series
+    log: bool
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,9 @@ class MetricDef:
     excluded_blocks: frozenset[str] = frozenset()  # blocks the figures and peaks leave out
     plot: Plot | None = None  # its row of Figure 2
     columns: tuple[tuple[str, Series], ...] = ()  # (header, series): its columns of summary.md's per-block table
+    peaks: tuple[tuple[str, Series], ...] = ()  # (text, series): summary.md's "Peaks" lines (best block, published)
+    across: tuple[Row, ...] = ()  # its rows of the cross-model figure (one line per store)
+    across_interventions: tuple[Row, ...] = ()  # its rows of the padding-interventions figure (one per intervention)
     needs_labels: bool = False
     check: Callable[..., None] | None = None  # (features, blocks, opts): log, before any task, what will be skipped
 
@@ -172,13 +183,19 @@ def _anomalies_compared(row: dict, last_epoch: int | None) -> bool:
 
 _TASKS, _BOOTSTRAP = "sdfeat.metrics.tasks", "sdfeat.metrics.bootstrap"
 PROBE_COLOURS = ("#1b9e77", "#d95f02", "#7570b3", "#e7298a")
+_CORNER_ROWS = (Row("corner relative\nsimilarity", RATIO["corner"], True),
+                Row("border relative\nsimilarity", RATIO["border"], True))
+_ANOMALY_ROWS = (Row("anomaly relative\nnorm (mean)", ANOMALY_MEAN, True),)
 
 register(MetricDef(
     "position", Deferred(_TASKS, "position_task"), Deferred(_BOOTSTRAP, "probe_parts"),
     compared=_position_compared, series_name=_position_name,
     plot=Plot("probe accuracy", tuple((f"S={s}", PROBE[s], c) for s, c in zip(PROBE_SCALES, PROBE_COLOURS)),
               log=False),
-    columns=tuple((f"probe S={s}" if s == PROBE_SCALES[0] else f"S={s}", PROBE[s]) for s in PROBE_SCALES)))
+    columns=tuple((f"probe S={s}" if s == PROBE_SCALES[0] else f"S={s}", PROBE[s]) for s in PROBE_SCALES),
+    peaks=(("best probe accuracy at S=8", PROBE[8]), ("best probe accuracy at S=64", PROBE[64])),
+    across=(Row("probe accuracy (S=8)", PROBE[8], False),),
+    across_interventions=(Row("probe accuracy (S=64)", PROBE[64], False),)))
 # The corner ratio of cropped to repr-cropped similarity is the paper's.
 register(MetricDef(
     "corners", Deferred(_TASKS, "corners_task"), Deferred(_BOOTSTRAP, "corner_parts"),
@@ -187,10 +204,15 @@ register(MetricDef(
     plot=Plot("relative similarity\n(cropped / repr-cropped)",
               (("corner", RATIO["corner"], "#d62728"), ("border", RATIO["border"], "#1f77b4")), log=True),
     columns=(("corner ratio", RATIO["corner"]), ("border ratio", RATIO["border"])),
+    peaks=(("largest corner relative similarity", RATIO["corner"]),
+           ("largest border relative similarity", RATIO["border"])),
+    across=_CORNER_ROWS, across_interventions=_CORNER_ROWS,
     check=Deferred("sdfeat.metrics.runner", "say_corner_skips")))
 # The anomaly norm relative to the map mean is the paper's.
 register(MetricDef(
     "anomalies", Deferred(_TASKS, "anomaly_task"), Deferred(_BOOTSTRAP, "anomaly_parts"),
     compared=_anomalies_compared, series_name=_anomalies_name, preferred_variant="vs_mean",
     plot=Plot("anomaly relative norm", (("mean ± std", ANOMALY_MEAN, "#9467bd"),), log=True),
-    columns=(("anomaly mean", ANOMALY_MEAN), ("anomaly std", ANOMALY_STD)), needs_labels=True))
+    columns=(("anomaly mean", ANOMALY_MEAN), ("anomaly std", ANOMALY_STD)),
+    peaks=(("largest anomaly relative norm", ANOMALY_MEAN),),
+    across=_ANOMALY_ROWS, across_interventions=_ANOMALY_ROWS, needs_labels=True))

@@ -4,8 +4,8 @@ one curve per padding intervention, and `save_figure` (PNG + SVG, local or throu
 Each row of a figure draws a `catalog.Series` per block from the values `tables.select` picks, with the bootstrap
 interval as a band where the table has one; a series a store lacks is written "not computed". Figure 2 has one row
 per registered metric with a `MetricDef.plot` (the paper's three: probe, corners, anomalies); the cross-model and
-intervention figures draw the paper's picks of their series. Matplotlib is used
-through its Agg canvas only (no pyplot state).
+intervention figures draw each registered metric's `MetricDef.across` / `across_interventions` rows. Matplotlib is
+used through its Agg canvas only (no pyplot state).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
-from sdfeat.metrics.catalog import ANOMALY_MEAN, ANOMALY_STD, METRICS, PROBE, RATIO, Plot, Series, excluded_blocks
+from sdfeat.metrics.catalog import ANOMALY_MEAN, ANOMALY_STD, METRICS, Plot, Row, excluded_blocks
 from sdfeat.report.tables import (block_axis, block_orders, detected_none, model_family, select, select_interval,
                                   weights_note)
 
@@ -39,18 +39,10 @@ def figure_2_rows() -> list[Plot]:
     return [m.plot for m in METRICS.values() if m.plot is not None]
 
 
-CROSS_MODEL_ROWS = (
-    ("probe accuracy (S=8)", PROBE[8], False),
-    ("corner relative\nsimilarity", RATIO["corner"], True),
-    ("border relative\nsimilarity", RATIO["border"], True),
-    ("anomaly relative\nnorm (mean)", ANOMALY_MEAN, True),
-)
-INTERVENTION_ROWS = (  # one curve per padding mode (spec `intervention`)
-    ("probe accuracy (S=64)", PROBE[64], False),
-    ("corner relative\nsimilarity", RATIO["corner"], True),
-    ("border relative\nsimilarity", RATIO["border"], True),
-    ("anomaly relative\nnorm (mean)", ANOMALY_MEAN, True),
-)
+def across_rows(interventions: bool = False) -> list[Row]:
+    """The rows of the figures that draw one line per store: each registered metric's `MetricDef.across` (or
+    `across_interventions`), in the registry's order."""
+    return [row for m in METRICS.values() for row in (m.across_interventions if interventions else m.across)]
 
 
 def _on_axis(values: Mapping[str, float], blocks: Sequence[str], log_scale: bool, exclude=frozenset()) -> np.ndarray:
@@ -178,12 +170,13 @@ def figure_2(table: pa.Table, reference: pa.Table | None = None, title: str = ""
 
 
 def figure_cross_model(tables: Mapping[str, pa.Table], reference: tuple[str, pa.Table] | None = None,
-                       rows: Sequence[tuple[str, Series, bool]] = CROSS_MODEL_ROWS,
-                       title: str = "Across models") -> Figure:
+                       rows: Sequence[Row] | None = None, title: str = "Across models") -> Figure:
     """One line per store (label -> tidy table) per metric; `reference` = (label, table) drawn dashed grey;
     bootstrap intervals as bands where the tables have them. Stores of one model family share a block axis; stores
     of several families (U-Nets and a DiT: their block names differ) are drawn on the relative-depth axis, a
-    block's execution order over its model's positions (0 = the first position, 1 = the last)."""
+    block's execution order over its model's positions (0 = the first position, 1 = the last). `rows`: default
+    every registered metric's `MetricDef.across`."""
+    rows = across_rows() if rows is None else rows
     all_tables = list(tables.values()) + ([reference[1]] if reference else [])
     families = {id(t): model_family(t) for t in all_tables}  # (family, positions), each read once
     relative = len({family for family, _ in families.values()}) > 1
@@ -228,9 +221,10 @@ def figure_cross_model(tables: Mapping[str, pa.Table], reference: tuple[str, pa.
 
 
 def figure_interventions(tables: Mapping[str, pa.Table]) -> Figure:
-    """One curve per intervention (label -> tidy table): probe accuracy at S=64, corner and border relative
-    similarity, anomaly relative norm; bootstrap intervals as bands where the tables have them."""
-    return figure_cross_model(tables, rows=INTERVENTION_ROWS, title="Padding interventions")
+    """One curve per intervention (label -> tidy table) in each registered metric's `across_interventions` rows
+    (the paper's: probe accuracy at S=64, corner and border relative similarity, anomaly relative norm); bootstrap
+    intervals as bands where the tables have them."""
+    return figure_cross_model(tables, rows=across_rows(interventions=True), title="Padding interventions")
 
 
 def save_figure(fig: Figure, out_dir: str | Path, stem: str) -> list[str]:

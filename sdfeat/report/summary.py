@@ -1,6 +1,6 @@
 """The Markdown side of the report: one `summary.md` section per store (model, random-weights and partial-store
-warnings, its Figure 2, the peak of each of the paper's series beside the published one, and a per-block table of
-the plotted values: the `MetricDef.columns` of every registered metric), and the file names the stores go by
+warnings, its Figure 2, the peak of each registered metric's `MetricDef.peaks` series beside the published one, and
+a per-block table of the plotted values: the `MetricDef.columns` of every registered metric), and the file names the stores go by
 (`figure2_<name>.png`)."""
 
 from __future__ import annotations
@@ -12,17 +12,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from sdfeat.metrics.catalog import ANOMALY_MEAN, METRICS, PROBE, RATIO, excluded_blocks
+from sdfeat.metrics.catalog import ANOMALY_MEAN, METRICS, excluded_blocks
 from sdfeat.metrics.results import partial_note
 from sdfeat.report.tables import block_axis, detected_none, select, weights_note
 
-PEAKS = (
-    ("largest anomaly relative norm", ANOMALY_MEAN),
-    ("largest corner relative similarity", RATIO["corner"]),
-    ("largest border relative similarity", RATIO["border"]),
-    ("best probe accuracy at S=8", PROBE[8]),
-    ("best probe accuracy at S=64", PROBE[64]),
-)
 
 
 def _fmt(value: float | None) -> str:
@@ -45,7 +38,7 @@ def model_section(name: str, store: str | Path, table: pa.Table, reference: pa.T
         lines += [f"> ⚠ Partial: these metrics were measured with `--allow-partial` and leave part of the store out: "
                   f"{partial_note(table)}.", ""]
     lines += [f"![Figure 2 — {name}]({figure}.png)", "", "Peaks:", ""]
-    for text, series in PEAKS:
+    for text, series in (peak for metric in METRICS.values() for peak in metric.peaks):
         exclude = excluded_blocks(series.metric)
         peak = _peak(select(table, series), exclude)
         missing = "detected none (pass --labels to `sdfeat metrics` to measure given anomalies)" \
