@@ -103,6 +103,28 @@ def test_two_actors_write_the_same_store_as_local(ray_cluster, reference: Path, 
 
 
 @pytest.mark.ray
+def test_a_relative_model_directory_is_loaded_where_the_driver_resolved_it(ray_cluster, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`model:` a pipeline directory named relative to the driver's working directory (the actors work elsewhere):
+    the actors load the path the driver resolved and write what `run_local` writes from that path."""
+    import torch
+
+    from sdfeat.models.loading import save_tiny_pipeline
+
+    pipe = save_tiny_pipeline(tmp_path / "pipe").resolve()
+    expected, threads = tmp_path / "expected", torch.get_num_threads()
+    try:
+        run_local(job_spec(expected, model=str(pipe)), progress=False, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "store"
+    summary = run_on_ray(job_spec(out, model="pipe"), workers=1, progress=False)
+    assert summary["ok"] == 16
+    assert_same_store(out, expected, same_spec=False)
+
+
+@pytest.mark.ray
 def test_actor_dying_mid_write_is_replaced_and_its_unit_redone(ray_cluster, reference: Path, tmp_path: Path) -> None:
     out = tmp_path / "store"
     summary = run_on_ray(job_spec(out), workers=2, progress=False, worker_class=DiesMidWrite,
