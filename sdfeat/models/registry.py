@@ -7,10 +7,11 @@ each family's `REGISTRY`), any hub id (`owner/name`), any local diffusers pipeli
 `resolve_model` resolves a name once into a `ModelRef`: its kind and source, the family (`sdfeat.models.families`)
 that runs it and its denoiser config; a job carries it down to the loader.
 
-Read by everything that needs a model's shape before (or without) loading it: `layout.job_layout` (and through it
-the planner and the store template), `checks` (block names before anything heavy), `costs` (FLOPs), `sdfeat
-blocks`, the metrics; `models` loads weights for these names, after `require_weights` (also run before a job
-writes anything) said they are here. Imports json, os and pathlib only (huggingface_hub only to read a hub
+Read by everything that needs a model's shape before (or without) loading it: `extract.job.prepare_job` (the job's
+`ModelRef`, and through its config the layout and the store template), `layout.job_layout` (the planner),
+`checks` (block names before anything heavy), `costs` (FLOPs), `sdfeat blocks`, the metrics; `models` loads the
+weights of a name or a `ModelRef`, after `require_weights` (also run before a job writes anything) said they are
+here. Imports json, os and pathlib only (huggingface_hub only to read a hub
 model's config or file index from the local cache).
 """
 
