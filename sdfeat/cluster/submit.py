@@ -192,10 +192,10 @@ def submit_job(spec_path: str | Path, address: str | None = None, workers: int |
                gpus_per_worker: float | None = None, overwrite: bool = False, *, unit_timeout: float | None = None,
                allow_version_change: bool = False, quiet: bool = False, **overrides: object) -> Submission:
     """Validate the spec locally, ship it with this package to the cluster at `address` (its Jobs API, e.g.
-    http://HEAD:8265, or its GCS address: `cluster.connect.jobs_api_url`) and start `sdfeat extract` there with the given
-    extract options (`build_entrypoint`); `overrides` change spec fields (e.g. output). Refused before submitting: a
-    spec that cannot run, an output holding another spec's store or written by another run. Returns the
-    submission."""
+    http://HEAD:8265, or its GCS address: `cluster.connect.jobs_api_url`) and start `sdfeat extract` there with the
+    given extract options (`build_entrypoint`); `overrides` change spec fields (e.g. output). Refused before
+    submitting: a spec that cannot run (a relative output, source or model directory included), an output holding
+    another spec's store or written by another run. Returns the submission."""
     from sdfeat.planning.checks import check_spec
 
     spec = load_spec(spec_path, **overrides)

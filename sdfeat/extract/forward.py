@@ -49,7 +49,8 @@ class UnitWork:
     buffers: dict[str, torch.Tensor]  # array path -> (rows, timestep, seed, *shape) host, compacted (see above)
     clock: StageClock
     rows: list[int] = field(default_factory=list)  # unit-relative row held by each compacted row, ascending
-    latents: list[tuple[list[str], int, Any, str]] = field(default_factory=list)  # new cache entries: (ids, margin, (B, 2C, h, w), memory format)
+    # new latent cache entries: (sample ids, margin, posterior parameters (B, 2C, h, w), memory format)
+    latents: list[tuple[list[str], int, Any, str]] = field(default_factory=list)
     fence: Fence | None = None
     end: UnitEnd | None = None        # the feeder's account of the unit (failures, host CPU), once all launched
     error: BaseException | None = None

@@ -1,7 +1,7 @@
 """The Markdown side of the report: one `summary.md` section per store (model, random-weights and partial-store
 warnings, its Figure 2, the peak of each registered metric's `MetricDef.peaks` series beside the published one, and
-a per-block table of the plotted values: the `MetricDef.columns` of every registered metric), and the file names the stores go by
-(`figure2_<name>.png`)."""
+a per-block table of the plotted values: the `MetricDef.columns` of every registered metric), and the file names
+the stores go by (`figure2_<name>.png`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import pyarrow as pa
 from sdfeat.metrics.catalog import ANOMALY_MEAN, METRICS, excluded_blocks
 from sdfeat.metrics.results import partial_note
 from sdfeat.report.tables import block_axis, detected_none, select, weights_note
-
 
 
 def _fmt(value: float | None) -> str:

@@ -308,7 +308,8 @@ def _pair(settings: Mapping[str, Any], key: str, default: tuple[int, int]) -> tu
     value = settings.get(key, default)
     if (not isinstance(value, (list, tuple)) or len(value) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
-        raise ArgumentError(f"field 'conditioning.{key}': expected two non-negative integers (height, width), got {value!r}")
+        raise ArgumentError(f"field 'conditioning.{key}': expected two non-negative integers (height, width), "
+                            f"got {value!r}")
     return int(value[0]), int(value[1])
 
 
